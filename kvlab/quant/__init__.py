@@ -21,7 +21,7 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(spec: "str | Quantizer") -> Quantizer:
+def get(spec: str | Quantizer) -> Quantizer:
     """Build a quantizer from a spec string such as ``"kivi:bits=2,group=32"``."""
     if isinstance(spec, Quantizer):
         return spec
@@ -32,7 +32,7 @@ def get(spec: "str | Quantizer") -> Quantizer:
 
 
 # importing the scheme modules registers them (one scheme, or one family, per file)
-from . import identity, uniform  # noqa: E402,F401
+from . import fp8, fpmant, ggml, identity, kivi, kvquant, signmag, uniform  # noqa: E402,F401
 
 __all__ = [
     "Packed",

@@ -154,13 +154,30 @@ class Quantizer:
         """Element-wise bound on |x - roundtrip(x)| (in the rotated basis when rotate=hadamard)."""
         raise NotImplementedError
 
-    def for_tensor(self, which: str) -> "Quantizer":
+    def for_tensor(self, which: str) -> Quantizer:
         """The quantizer to use for K (``"k"``) or V (``"v"``). Schemes that treat K and V differently
         (KIVI, KVQuant) declare a ``tensor`` field and get a copy with it set; others return self."""
         _check_choice(self.name, "tensor", which, ("k", "v"))
         if "tensor" in {f.name for f in dataclasses.fields(self)}:
             return dataclasses.replace(self, tensor=which)
         return self
+
+    def quantize_all(self, x: torch.Tensor) -> Packed:
+        """Quantize every token of x (B, H, T, D), ignoring fp16 windows and sinks: what a cache stores
+        for tokens as they leave its window. Schemes with windows or sinks override this."""
+        return self.quantize(x)
+
+    def concat(self, packs: list[Packed]) -> Packed | None:
+        """Join runs of consecutive tokens from :meth:`quantize_all` into one Packed, or None when the
+        layout cannot be joined (the caller keeps the runs apart). Default: per-token layouts, whose
+        tensors all hold their tokens on dim 2."""
+        if len(packs) == 1:
+            return packs[0]
+        if any(p.tensors[k].shape[2] != p.shape[2] for p in packs for k in p.tensors):
+            return None
+        tensors = {k: torch.cat([p.tensors[k] for p in packs], dim=2) for k in packs[0].tensors}
+        shape = (*packs[0].shape[:2], sum(p.shape[2] for p in packs), packs[0].shape[3])
+        return Packed(tensors, shape, packs[0].dtype)
 
     def fp16_tokens(self, L: int) -> torch.Tensor:
         """(L,) bool: tokens held unquantized (fp16 window, sinks) when the cache holds L tokens."""
@@ -169,8 +186,9 @@ class Quantizer:
     # ---- the interface ------------------------------------------------------------------------
     @property
     def spec(self) -> str:
-        """Canonical spec string: every field, in declaration order (stable, so it can key results)."""
-        names = [f.name for f in dataclasses.fields(self) if f.name != "rotate"] + ["rotate"]
+        """Canonical spec string: every init field, in declaration order (stable, so it can key results).
+        Fields declared with ``init=False`` (fitted state such as a calibrated codebook) are not part of it."""
+        names = [f.name for f in dataclasses.fields(self) if f.init and f.name != "rotate"] + ["rotate"]
         values = [getattr(self, n) for n in names]
         items = ",".join(f"{n}={str(v).lower() if isinstance(v, bool) else v}" for n, v in zip(names, values))
         return f"{self.name}:{items}" if items else self.name
@@ -211,8 +229,8 @@ class Quantizer:
         return self._bits(T, D) / (T * D)
 
     @classmethod
-    def from_kwargs(cls, kwargs: dict[str, str]) -> "Quantizer":
-        names = [f.name for f in dataclasses.fields(cls)]
+    def from_kwargs(cls, kwargs: dict[str, str]) -> Quantizer:
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
         unknown = sorted(set(kwargs) - set(names))
         if unknown:
             raise ValueError(

@@ -39,7 +39,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         k = 8 // bits
         pad = (-n) % k
         c = torch.nn.functional.pad(codes, (0, pad)) if pad else codes
-        c = c.reshape(*c.shape[:-1], -1, k).to(torch.int32)
+        c = c.reshape(*c.shape[:-1], c.shape[-1] // k, k).to(torch.int32)  # explicit: rows may be 0
         shifts = torch.arange(k, device=c.device, dtype=torch.int32) * bits
         return (c << shifts).sum(-1).to(torch.uint8)
     # generic bit stream: expand every code into its bits, then gather 8 bits per byte
@@ -48,7 +48,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-stream.shape[-1]) % 8
     if pad:
         stream = torch.nn.functional.pad(stream, (0, pad))
-    stream = stream.reshape(*stream.shape[:-1], -1, 8)
+    stream = stream.reshape(*stream.shape[:-1], stream.shape[-1] // 8, 8)
     weights = torch.arange(8, device=codes.device, dtype=torch.int32)
     return (stream << weights).sum(-1).to(torch.uint8)
 

@@ -34,7 +34,8 @@ def affine_params(x: torch.Tensor, dim, bits: int, sym: bool):
         return scale, None
     lo = x.amin(dim=dim, keepdim=True).half()
     hi = x.amax(dim=dim, keepdim=True)
-    scale = ((hi - lo.float()) / (2**bits - 1)).half()
+    # clamp: a nearly constant group's fp16 minimum can round above its maximum (no negative scales)
+    scale = ((hi - lo.float()).clamp(min=0) / (2**bits - 1)).half()
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     return scale, lo
 
@@ -58,12 +59,35 @@ def from_codes(codes, scale, lo, bits: int) -> torch.Tensor:
     return codes.float() * scale.float() + lo.float()
 
 
+def affine_bound(x, scale, lo, bits: int, rounding: str) -> torch.Tensor:
+    """Element-wise bound on ``|x - from_codes(to_codes(x))|`` for the stored (fp16) scale and minimum.
+
+    Half a step inside the representable range (a whole step when truncating), plus the distance to that
+    range outside it (clamping: an fp16 scale rounded down, a subnormal scale, an fp16 minimum rounded
+    above the true minimum), plus float32 arithmetic slack.
+    """
+    s = scale.float()
+    step = s * (0.5 if rounding == "nearest" else 1.0)
+    if lo is None:
+        top = (2 ** (bits - 1) - 1) * s
+        outside = (x.abs() - top).clamp(min=0)
+        slack = 1e-6 * (x.abs() + top)
+    else:
+        lo = lo.float()
+        top = lo + (2**bits - 1) * s
+        outside = (lo - x).clamp(min=0) + (x - top).clamp(min=0)
+        slack = 1e-6 * (x.abs() + lo.abs() + top.abs())
+    return step + outside + slack
+
+
 @register
 @dataclass
 class IntQuant(Quantizer):
     """Uniform integer quantization (see module docstring)."""
 
     name = "int"
+    choices = {"bits": BITS, "axis": ("token", "channel"), "sym": (True, False),
+               "rounding": ("nearest", "truncate")}
 
     bits: int = 8
     axis: str = "token"
@@ -133,6 +157,12 @@ class IntQuant(Quantizer):
             return y.reshape(B, H, T, D)
         return y if self.axis == "token" else y.transpose(-1, -2)
 
+    def concat(self, packs):
+        """Only per-token layouts join (tokens on dim 2); channel groups and global scales span a run."""
+        if len(packs) > 1 and (self.axis != "token" or self.group == "global"):
+            return None
+        return super().concat(packs)
+
     def _bits(self, T, D):
         meta = 16 if self.sym else 32
         if self.group == "global":
@@ -143,9 +173,8 @@ class IntQuant(Quantizer):
 
     def error_bound(self, x):
         xg = self._grouped(x.float())
-        scale, _ = affine_params(xg, -1, self.bits, self.sym)
-        step = scale.float() * (0.5 if self.rounding == "nearest" else 1.0)
-        bound = step.expand_as(xg).flatten(-2)
+        scale, lo = affine_params(xg, -1, self.bits, self.sym)
+        bound = affine_bound(xg, scale, lo, self.bits, self.rounding).flatten(-2)
         if self.group == "global":
             return bound[..., : x.shape[-1] * x.shape[-2]].reshape(x.shape)
         n = x.shape[-1] if self.axis == "token" else x.shape[-2]

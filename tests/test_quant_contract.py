@@ -242,4 +242,8 @@ def test_runs_join(spec, which, calibrated, x, cut):
     joined = q.concat(runs)
     if joined is not None:
         assert joined.shape == x.shape
-        assert torch.equal(q.dequantize(joined), torch.cat([q.dequantize(r) for r in runs], dim=-2))
+        y_joined, y_runs = q.dequantize(joined), torch.cat([q.dequantize(r) for r in runs], dim=-2)
+        if q.rotate == "none":
+            assert torch.equal(y_joined, y_runs)
+        else:  # the rotation back is a matmul, whose float rounding depends on the number of rows
+            assert torch.allclose(y_joined.float(), y_runs.float(), rtol=1e-5, atol=1e-6 * x.abs().max().item())

@@ -3,8 +3,10 @@
 Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache" (ICML 2024), reference code
 github.com/jy-yuan/KIVI (``models/llama_kivi.py``, ``quant/new_pack.py``).
 
-Quantization: asymmetric, round to nearest, an fp16 scale and an fp16 minimum per group
-(``scale = (max - min) / (2**bits - 1)``, ``code = round((x - min) / scale)``). K is quantized per
+Quantization: asymmetric, round to nearest, an fp16 scale and an fp16 minimum per group, as
+:func:`kvlab.quant.uniform.affine_params` computes them (``min`` rounded to fp16 first, then
+``scale = max(max - min, 0) / (2**bits - 1)`` rounded to fp16, a zero scale replaced by 1;
+``code = clamp(round((x - min) / scale), 0, 2**bits - 1)``, ``x_hat = code * scale + min``). K is quantized per
 channel, each group spanning ``group`` consecutive tokens of one channel; V per token, each group spanning
 ``group`` consecutive channels of one token's head_dim vector.
 
@@ -25,6 +27,9 @@ this layout), with Tq the number of quantized tokens:
 * V: ``codes`` uint8 (B, H, Tq, D*bits/8), packed along head_dim; ``scale``, ``min`` fp16
   (B, H, Tq, D/group);
 * both: ``fp16`` fp16 (B, H, T - Tq, D), the unquantized window.
+
+A cache that moves tokens out of its window calls :meth:`KIVI.quantize_all` on them (every token quantized,
+an empty ``fp16``) and :meth:`KIVI.concat` to append the run to the ones before, in the same layout.
 """
 
 from __future__ import annotations

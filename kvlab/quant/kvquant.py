@@ -5,8 +5,8 @@ Hooper et al., "KVQuant: Towards 10 Million Context Length LLM Inference with KV
 
 * K per channel, before RoPE (``prerope`` is True for K), V per token. Each vector (one channel of K over
   the tokens, one token of V over head_dim) is normalized to [-1, 1] by the fp16 midpoint ``zero`` and
-  half-range ``scale`` of its inliers. The paper calibrates the K ranges offline; here they are computed
-  from the tensor, so K is never causal.
+  half-range ``scale`` of its inliers (a constant vector gets ``scale = 0`` and decodes to ``zero``). The
+  paper calibrates the K ranges offline; here they are computed from the tensor, so K is never causal.
 * Non-uniform datatype: a codebook of ``2**bits`` fp16 levels in normalized space, fit by 1-D k-means
   (Lloyd, deterministic init at the quantiles ``(i + 1/2) / 2**bits``, at most 25 iterations) on the
   normalized inliers. The paper weights k-means by Fisher information; this is unweighted. ``calibrate(x)``
@@ -16,13 +16,15 @@ Hooper et al., "KVQuant: Towards 10 Million Context Length LLM Inference with KV
 * Dense-and-sparse: the ``ceil(outlier_frac * L)`` values of largest ``|x|`` in each vector of length L are
   kept in fp16 with their positions in the vector (uint8 when L <= 256, else int16, else int32), and
   excluded from the range and the codebook fit.
-* Attention sinks: the first ``sinks`` tokens are kept in fp16 (``fp16_tokens``) and not quantized.
+* Attention sinks: the first ``sinks`` tokens (default 0) are kept in fp16 (``fp16_tokens``) and not
+  quantized. Defaults: ``bits=3`` (the paper's headline), ``outlier_frac=0.01``.
 
 Storage, with Tq = T - min(sinks, T) quantized tokens and vectors (n, L) = (D, Tq) for K, (Tq, D) for V:
 ``codes`` uint8 (B, H, n, packed_len(L, bits)) packed along each vector; ``scale``, ``zero`` fp16 (B, H, n);
 ``out_val`` fp16 and ``out_idx`` (B, H, n, n_outliers); ``codebook`` fp16 (B, H, 2**bits) (a calibrated
 codebook is stored once per slice so that each slice decodes alone); ``fp16`` fp16 (B, H, min(sinks, T),
 D). With Tq = 0 only ``fp16`` is stored. Every one of these bytes is counted by ``bits_per_value``.
+``quantize_all`` (for a cache) quantizes sinks too; its runs keep their own ranges and do not ``concat``.
 """
 
 from __future__ import annotations

@@ -35,14 +35,47 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_ppl(a) -> int:
-    from .evaluate import baseline_ppl
+    from .evaluate import baseline_ppl, scheme_report
 
-    r = baseline_ppl(a.model, a.corpus, a.ctx, a.windows, a.data_dir)
-    if a.json:
-        print(json.dumps(r.to_dict()))
+    policy = a.policy or a.scheme
+    if policy is None:
+        if a.emulation != "prefill":
+            raise ValueError("--emulation needs --scheme or --policy")
+        d = baseline_ppl(a.model, a.corpus, a.ctx, a.windows, a.data_dir).to_dict()
     else:
-        print(f"{r.model} on {r.corpus}: PPL {r.ppl:.4f} (NLL {r.nll:.5f}) over {r.n_tokens_scored} tokens, "
-              f"{r.windows} windows x ctx {r.ctx}, tokens sha256 {r.tokens_sha256[:12]}")
+        if a.policy and a.scheme:
+            raise ValueError("give --scheme (one scheme everywhere) or --policy (a policy spec), not both")
+        d = scheme_report(a.model, a.corpus, a.ctx, a.windows, a.data_dir, policy, a.emulation)
+    if a.json:
+        print(json.dumps(d))
+        return 0
+    line = (f"{d['model']} on {d['corpus']}: PPL {d['ppl']:.4f} (NLL {d['nll']:.5f}) over "
+            f"{d['n_tokens_scored']} tokens, {d['windows']} windows x ctx {d['ctx']}")
+    if policy is not None:
+        lo, hi = d["delta_ppl_ci"]
+        line += (f"\n  {d['scheme']}: {d['bits_per_value']:.3f} bits/value, {d['bytes_per_token']:.0f} B/token; "
+                 f"delta PPL vs fp16 {d['delta_ppl']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], KL {d['kl']:.5f}")
+    print(line)
+    return 0
+
+
+def cmd_errors(a) -> int:
+    from .evaluate import error_table, load_windows
+    from .models import load_model
+
+    model, tok = load_model(a.model)
+    _, w = load_windows(tok, a.corpus, a.ctx, a.windows, a.data_dir)
+    df = error_table(model, w, a.policy or a.scheme, emulation=a.emulation)
+    df.insert(0, "scheme", a.policy or a.scheme)
+    print(df.to_json(orient="records") if a.json else df.to_string(index=False, float_format="%.5g"))
+    return 0
+
+
+def cmd_schemes(a) -> int:
+    from .quant.catalog import format_schemes, schemes_table
+
+    rows = schemes_table()
+    print(json.dumps(rows) if a.json else format_schemes(rows))
     return 0
 
 
@@ -57,6 +90,23 @@ def main(argv=None) -> int:
     p = sub.add_parser("ppl", help="perplexity of a model, optionally with a KV scheme")
     _common(p)
     p.set_defaults(fn=cmd_ppl)
+    for p in (p,):
+        p.add_argument("--scheme", default=None, help="a scheme spec for every layer, e.g. kivi:bits=2")
+        p.add_argument("--policy", default=None, help="a policy spec, e.g. 'kv=q4_0;keep_first=2'")
+        p.add_argument("--emulation", default="prefill", choices=("prefill", "static", "decode"),
+                       help="prefill: decode-exact in one pass; static: quantize all then prefill; "
+                            "decode: token by token through CompressedCache")
+    p = sub.add_parser("errors", help="per-layer/head tensor and attention-output errors of a scheme")
+    _common(p)
+    p.set_defaults(windows=2)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--scheme")
+    g.add_argument("--policy")
+    p.add_argument("--emulation", default="prefill", choices=("prefill", "static"))
+    p.set_defaults(fn=cmd_errors)
+    p = sub.add_parser("schemes", help="every scheme with its parameters and bits per value")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_schemes)
     p = sub.add_parser("study", help="the main job: run the study on the embedded defaults")
     _common(p)
     p.set_defaults(fn=cmd_study)

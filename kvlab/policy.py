@@ -72,7 +72,7 @@ class Policy:
     @property
     def spec(self) -> str:
         """Canonical spec string (keys sorted into a fixed order; stable, so it can key results)."""
-        items = [f"k={quant.get(self.k).spec}", f"v={quant.get(self.v).spec}"]
+        items = [f"k={self._quantizers['k'].spec}", f"v={self._quantizers['v'].spec}"]
         if self.keep_first or self.keep_last or self.keep_k_heads or self.keep_v_heads:
             items.append(f"keep={quant.get(self.keep).spec}")
         for name in ("keep_first", "keep_last"):

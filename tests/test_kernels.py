@@ -1,0 +1,481 @@
+"""Triton kernels against their pure-torch references (kvlab.kernels).
+
+Without CUDA the kernels run on the CPU through Triton's interpreter: TRITON_INTERPRET=1 must be set
+before triton (and so kvlab.kernels) is imported, hence the set-up at the top. With CUDA they run on the
+GPU for real. Every kernel is compared with its reference on fresh random inputs, outputs are poisoned
+first (NaN / 0xAB bytes) so that an unwritten element shows, and the quantizers must match byte for byte.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+    # kvlab.kernels decides interpreter-or-compiler when its kernels are decorated (at import); if an
+    # earlier test module imported it without the variable, import it again now that the variable is set
+    for name in sorted((m for m in sys.modules if m.startswith("kvlab.kernels.")), key=len):
+        importlib.reload(sys.modules[name])
+    if "kvlab.kernels" in sys.modules:
+        importlib.reload(sys.modules["kvlab.kernels"])
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import kvlab.kernels as K  # noqa: E402
+from kvlab.kernels._common import div_correct  # noqa: E402
+from kvlab.quant.packing import pack_bits  # noqa: E402
+
+DEV = torch.device("cuda" if CUDA else "cpu")
+# Triton's interpreter computes bf16 dots on raw bits (and casts to bf16 by truncation): bf16 runs on GPU only
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+def tol(dtype: torch.dtype) -> float:
+    """Allowed |kernel - reference| relative to max |reference|. Half types: dequantized K and V, the
+    probabilities and the output are each rounded once to the dtype (about eps/2 each), so 4 eps. fp32:
+    summation order over up to a few hundred tokens and exp2 vs exp; 2e-5 (about 170 eps)."""
+    return 2e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert torch.isfinite(out).all(), "the kernel left unwritten (NaN) or non-finite outputs"
+    err = (out.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item()
+    assert err <= tol(dtype) * max(scale, 1.0), f"max error {err:.3g} > {tol(dtype):.3g} x {scale:.3g}"
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def randn(*shape, g, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(device=DEV, dtype=dtype)
+
+
+def fresh_seed() -> int:
+    """A new seed per call (fresh inputs each run), printed by pytest on failure through the test id."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+# ---- KIVI cache with random content -------------------------------------------------------------------
+
+
+def random_kivi(B, H, D, bits, group, residual, cap, g, win_dtype=torch.float16):
+    """Random codes (every value reachable) and positive fp16 scales, in the cache layout."""
+    def codes(*shape):
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(DEV)
+
+    def scales(*shape):
+        return (torch.rand(*shape, generator=g) * 0.2 + 0.01).to(device=DEV, dtype=torch.float16)
+
+    return dict(
+        k_codes=codes(B, H, D, cap * bits // 8), k_scale=scales(B, H, cap // group, D),
+        k_min=randn(B, H, cap // group, D, g=g, dtype=torch.float16),
+        k_fp16=randn(B, H, residual, D, g=g, dtype=win_dtype),
+        v_codes=codes(B, H, cap, D * bits // 8), v_scale=scales(B, H, cap, D // group),
+        v_min=randn(B, H, cap, D // group, g=g, dtype=torch.float16),
+        v_fp16=randn(B, H, residual, D, g=g, dtype=win_dtype),
+    )
+
+
+def kivi_args(q, cache, lengths):
+    return (q, cache["k_codes"], cache["k_scale"], cache["k_min"], cache["k_fp16"], cache["v_codes"],
+            cache["v_scale"], cache["v_min"], cache["v_fp16"], lengths)
+
+
+LENGTHS = [37, 100, 300]  # not multiples of the block, group or residual; one batch of unequal sequences
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("nq", [1, 3])
+@pytest.mark.parametrize("gqa", [1, 4])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_decode_attention(bits, D, gqa, nq, dtype):
+    g = gen(fresh_seed())
+    B, H, group, residual, cap = len(LENGTHS), 2, 32, 64, 320
+    cache = random_kivi(B, H, D, bits, group, residual, cap, g)
+    q = randn(B, H * gqa, nq, D, g=g, dtype=dtype, scale=2.0)
+    lengths = torch.tensor(LENGTHS, dtype=torch.int32, device=DEV)
+    args = kivi_args(q, cache, lengths)
+    ref = K.kivi_decode_attention_ref(*args, bits=bits, group=group, residual=residual)
+    out = torch.full_like(q, float("nan"))
+    splits = None if nq == 1 else 1  # automatic (several splits here), and the single-split path
+    K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, out=out, num_splits=splits)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize(("group", "block_n", "residual", "D"), [(16, 64, 32, 64), (64, 32, 128, 64),
+                                                                (128, 64, 128, 128)])
+def test_kivi_decode_attention_group_vs_block(group, block_n, residual, D):
+    """Blocks spanning several K groups, and groups spanning several blocks; an fp32 window."""
+    g = gen(fresh_seed())
+    B, H, bits, cap = 2, 2, 4, 512
+    cache = random_kivi(B, H, D, bits, group, residual, cap, g, win_dtype=torch.float32)
+    q = randn(B, 2 * H, 1, D, g=g, dtype=torch.float16, scale=2.0)
+    lengths = torch.tensor([300, 401], dtype=torch.int32, device=DEV)
+    args = kivi_args(q, cache, lengths)
+    ref = K.kivi_decode_attention_ref(*args, bits=bits, group=group, residual=residual, sm_scale=0.2)
+    out = torch.full_like(q, float("nan"))
+    K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, sm_scale=0.2, out=out,
+                            block_n=block_n, num_splits=2)
+    assert_close(out, ref, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("nq", [1, 2])
+@pytest.mark.parametrize("gqa", [1, 4])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("fmts", [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "q4_0")], ids="-".join)
+def test_ggml_decode_attention(fmts, D, gqa, nq, dtype):
+    g = gen(fresh_seed())
+    B, H, cap = len(LENGTHS), 2, 320
+    x = {n: randn(B, H, cap, D, g=g) for n in "kv"}
+    bufs = {}
+    for n, fmt in zip("kv", fmts):
+        shapes = K.ggml_shapes(fmt, B, H, cap, D)
+        codes = torch.empty(shapes["codes"][0], dtype=shapes["codes"][1], device=DEV)
+        d = torch.empty(shapes["d"][0], dtype=torch.float16, device=DEV)
+        K.ggml_pack_ref(x[n], codes, d, 0, fmt=fmt)
+        bufs[n] = (codes, d)
+    q = randn(B, H * gqa, nq, D, g=g, dtype=dtype, scale=2.0)
+    lengths = torch.tensor(LENGTHS, dtype=torch.int32, device=DEV)
+    args = (q, *bufs["k"], *bufs["v"], lengths)
+    ref = K.ggml_decode_attention_ref(*args, k_fmt=fmts[0], v_fmt=fmts[1])
+    out = torch.full_like(q, float("nan"))
+    K.ggml_decode_attention(*args, k_fmt=fmts[0], v_fmt=fmts[1], out=out, num_splits=None if nq == 1 else 1)
+    assert_close(out, ref, dtype)
+
+
+# ---- quantize-and-pack on append: byte-identical to the references -------------------------------------
+
+
+def poisoned(*shapes_dtypes):
+    out = []
+    for shape, dtype in shapes_dtypes:
+        if dtype.is_floating_point:
+            out.append(torch.full(shape, float("nan"), dtype=dtype, device=DEV))
+        else:
+            out.append(torch.full(shape, 0xAB, dtype=torch.uint8, device=DEV).view(dtype))
+    return out
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_pack_k(bits, D, group):
+    g = gen(fresh_seed())
+    B, H, cap = 3, 2, 4 * group
+    shapes = [((B, H, D, cap * bits // 8), torch.uint8), ((B, H, cap // group, D), torch.float16),
+              ((B, H, cap // group, D), torch.float16)]
+    x = randn(B, H, 2 * group, D, g=g, dtype=torch.float16, scale=3.0)
+    offset = torch.tensor([group, -1, 2 * group], dtype=torch.int32, device=DEV)  # -1: sequence skipped
+    bufs, refs = poisoned(*shapes), poisoned(*shapes)
+    K.kivi_pack_k(x, *bufs, offset, bits=bits, group=group)
+    K.kivi_pack_k_ref(x, *refs, offset, bits=bits, group=group)
+    for a, r in zip(bufs, refs):
+        assert same_bytes(a, r)
+    # what was written is the whole appended region and nothing else
+    assert (bufs[0][0, :, :, group * bits // 8 : 3 * group * bits // 8] != 0xAB).any()
+    assert (bufs[0][1] == 0xAB).all() and (bufs[0][0, :, :, : group * bits // 8] == 0xAB).all()
+    assert not torch.isnan(bufs[1][0, :, 1:3]).any() and torch.isnan(bufs[1][1]).all()
+
+
+@pytest.mark.parametrize("Tn", [1, 5])
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_pack_v(bits, D, group, Tn):
+    g = gen(fresh_seed())
+    B, H, cap = 3, 2, 40
+    shapes = [((B, H, cap, D * bits // 8), torch.uint8), ((B, H, cap, D // group), torch.float16),
+              ((B, H, cap, D // group), torch.float16)]
+    x = randn(B, H, Tn, D, g=g, dtype=torch.float32, scale=3.0)
+    offset = torch.tensor([7, 30, -1], dtype=torch.int32, device=DEV)
+    bufs, refs = poisoned(*shapes), poisoned(*shapes)
+    K.kivi_pack_v(x, *bufs, offset, bits=bits, group=group)
+    K.kivi_pack_v_ref(x, *refs, offset, bits=bits, group=group)
+    for a, r in zip(bufs, refs):
+        assert same_bytes(a, r)
+    assert not torch.isnan(bufs[1][0, :, 7 : 7 + Tn]).any() and torch.isnan(bufs[1][2]).all()
+
+
+def test_kivi_pack_rounds_ties_to_even():
+    """(x - min) / scale = k + 0.5 exactly: round half to even, as torch.round and the torch quantizers."""
+    B, H, D, bits, group = 1, 1, 16, 4, 16
+    col = torch.tensor([0.0, 15.0, 2.5, 3.5, 4.5, 5.5] + [1.0] * 10)  # scale 1, min 0 in every channel
+    x = col[:, None].expand(group, D).reshape(B, H, group, D).contiguous().to(DEV)
+    codes, scale, zero = poisoned(((B, H, D, group * bits // 8), torch.uint8), ((B, H, 1, D), torch.float16),
+                                  ((B, H, 1, D), torch.float16))
+    K.kivi_pack_k(x, codes, scale, zero, 0, bits=bits, group=group)
+    expect = torch.tensor([0, 15, 2, 4, 4, 6] + [1] * 10, dtype=torch.uint8)
+    assert torch.equal(codes[0, 0, 0].cpu(), pack_bits(expect, bits))
+    assert (scale == 1).all() and (zero == 0).all()
+
+
+@pytest.mark.parametrize("Tn", [1, 6])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+def test_ggml_pack(fmt, D, Tn):
+    g = gen(fresh_seed())
+    B, H, cap = 3, 2, 12
+    shapes = K.ggml_shapes(fmt, B, H, cap, D)
+    x = randn(B, H, Tn, D, g=g, dtype=torch.float16, scale=3.0)
+    offset = torch.tensor([0, -1, 5], dtype=torch.int32, device=DEV)
+    bufs = poisoned(shapes["codes"], shapes["d"])
+    refs = poisoned(shapes["codes"], shapes["d"])
+    K.ggml_pack(x, *bufs, offset, fmt=fmt)
+    K.ggml_pack_ref(x, *refs, offset, fmt=fmt)
+    for a, r in zip(bufs, refs):
+        assert same_bytes(a, r)
+    assert not torch.isnan(bufs[1][0, :, :Tn]).any() and torch.isnan(bufs[1][1]).all()
+
+
+def test_ggml_pack_edge_cases():
+    """Ties of C roundf (half away from zero), +-max ties in q4_0 (the first wins), all-zero blocks."""
+    D = 64
+    rows = torch.zeros(4, D)
+    rows[0, :32] = torch.linspace(-127, 127, 32)
+    rows[0, 1], rows[0, 2], rows[0, 3] = 2.5, -2.5, 0.5  # amax 127: d = 1, x * id = x exactly
+    rows[0, 32:] = 0.0  # an all-zero block
+    rows[1, :32] = torch.linspace(-1, 1, 32)
+    rows[1, 0], rows[1, 5] = -4.0, 4.0  # -4 comes first: m = -4
+    rows[2, :32] = torch.linspace(-1, 1, 32)
+    rows[2, 0], rows[2, 5] = 4.0, -4.0  # +4 comes first: m = +4
+    rows[3] = torch.randn(D) * 1e-3
+    x = rows.reshape(1, 1, 4, D).to(DEV)
+    for fmt in ("q4_0", "q8_0"):
+        shapes = K.ggml_shapes(fmt, 1, 1, 4, D)
+        bufs, refs = poisoned(shapes["codes"], shapes["d"]), poisoned(shapes["codes"], shapes["d"])
+        K.ggml_pack(x, *bufs, 0, fmt=fmt)
+        K.ggml_pack_ref(x, *refs, 0, fmt=fmt)
+        for a, r in zip(bufs, refs):
+            assert same_bytes(a, r), fmt
+    q8, _ = poisoned(K.ggml_shapes("q8_0", 1, 1, 4, D)["codes"], K.ggml_shapes("q8_0", 1, 1, 4, D)["d"])
+    d8 = torch.empty(1, 1, 4, D // 32, dtype=torch.float16, device=DEV)
+    K.ggml_pack(x, q8, d8, 0, fmt="q8_0")
+    assert q8[0, 0, 0, 1:4].tolist() == [3, -3, 1]  # roundf(2.5) = 3, roundf(-2.5) = -3, roundf(0.5) = 1
+    q4, d4 = poisoned(*K.ggml_shapes("q4_0", 1, 1, 4, D).values())
+    K.ggml_pack(x, q4, d4, 0, fmt="q4_0")
+    assert d4[0, 0, 1, 0].item() == 0.5 and d4[0, 0, 2, 0].item() == -0.5  # d = m / -8
+    assert d4[0, 0, 0, 1].view(torch.int16).item() == -32768  # all zero: d = +0 / -8 = -0.0, as ggml
+    assert (q4[0, 0, 0, 16:] == 0x88).all()  # ... and every code 8
+
+
+def test_ggml_pack_ref_matches_gguf():
+    """The reference against gguf-py's numpy quantizers (bit-exact to ggml-quants.c by their own tests)."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    g = gen(fresh_seed())
+    D, T = 128, 16
+    x = torch.randn(1, 1, T, D, generator=g) * 2
+    for fmt, qtype in (("q4_0", gguf.GGMLQuantizationType.Q4_0), ("q8_0", gguf.GGMLQuantizationType.Q8_0)):
+        shapes = K.ggml_shapes(fmt, 1, 1, T, D)
+        codes = torch.empty(shapes["codes"][0], dtype=shapes["codes"][1])
+        d = torch.empty(shapes["d"][0], dtype=torch.float16)
+        K.ggml_pack_ref(x, codes, d, 0, fmt=fmt)
+        blocks = gguf.quants.quantize(x[0, 0].numpy().astype(np.float32), qtype).reshape(T, D // 32, -1)
+        ours = np.concatenate([d[0, 0].numpy().view(np.uint8).reshape(T, D // 32, 2),
+                               codes[0, 0].numpy().view(np.uint8).reshape(T, D // 32, -1)], axis=-1)
+        assert np.array_equal(blocks, ours), fmt
+
+
+# ---- the pieces together: a cache filled by appends, then decoded ---------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_streaming_cache(bits):
+    """A cache filled as a cache class would: prefill, then one token at a time under the streaming rule
+    (K appended a whole residual chunk at a time, V one token), per-sequence offsets (-1 = no append).
+    The fused attention equals attention over the dequantized cache, and the cache holds the tokens."""
+    g = gen(fresh_seed())
+    B, H, D, group, R, cap, steps = 2, 2, 64, 32, 64, 256, 4
+    prefill = [62, 126]  # both cross a residual boundary (64, 128) during the steps
+    shapes = dict(
+        k_codes=((B, H, D, cap * bits // 8), torch.uint8), k_scale=((B, H, cap // group, D), torch.float16),
+        k_min=((B, H, cap // group, D), torch.float16), k_fp16=((B, H, R, D), torch.float16),
+        v_codes=((B, H, cap, D * bits // 8), torch.uint8), v_scale=((B, H, cap, D // group), torch.float16),
+        v_min=((B, H, cap, D // group), torch.float16), v_fp16=((B, H, R, D), torch.float16))
+    cache = {n: torch.zeros(s, dtype=t, device=DEV) for n, (s, t) in shapes.items()}
+    T = max(prefill) + steps
+    k_all = randn(B, H, T, D, g=g, dtype=torch.float16)
+    v_all = randn(B, H, T, D, g=g, dtype=torch.float16)
+    pk = cache["k_codes"], cache["k_scale"], cache["k_min"]
+    pv = cache["v_codes"], cache["v_scale"], cache["v_min"]
+
+    def counts(L):
+        return L // R * R, max(0, L - R)
+
+    for b, L in enumerate(prefill):  # prefill one sequence at a time: offset -1 skips the other
+        nk, nv = counts(L)
+        off = torch.full((B,), -1, dtype=torch.int32, device=DEV)
+        off[b] = 0
+        K.kivi_pack_k(k_all[:, :, :nk].contiguous(), *pk, off, bits=bits, group=group)
+        K.kivi_pack_v(v_all[:, :, :nv].contiguous(), *pv, off, bits=bits, group=group)
+    lengths = list(prefill)
+    for _ in range(steps):  # decode: token L arrives in every sequence
+        for b, L in enumerate(lengths):
+            (nk0, nv0), (nk1, nv1) = counts(L), counts(L + 1)
+            for n0, n1, src, dst, fn in ((nk0, nk1, k_all, pk, K.kivi_pack_k),
+                                         (nv0, nv1, v_all, pv, K.kivi_pack_v)):
+                if n1 > n0:
+                    off = torch.full((B,), -1, dtype=torch.int32, device=DEV)
+                    off[b] = n0
+                    new = torch.zeros(B, H, n1 - n0, D, dtype=torch.float16, device=DEV)
+                    new[b] = src[b, :, n0:n1]
+                    fn(new, *dst, off, bits=bits, group=group)
+        lengths = [L + 1 for L in lengths]
+    for b, L in enumerate(lengths):  # the windows hold the tokens that are not quantized
+        nk, nv = counts(L)
+        cache["k_fp16"][b, :, : L - nk] = k_all[b, :, nk:L]
+        cache["v_fp16"][b, :, : L - nv] = v_all[b, :, nv:L]
+    lens_t = torch.tensor(lengths, dtype=torch.int32, device=DEV)
+    q = randn(B, 2 * H, 1, D, g=g, dtype=torch.float16)
+    args = kivi_args(q, cache, lens_t)
+    out = K.kivi_decode_attention(*args, bits=bits, group=group, residual=R, num_splits=2)
+    ref = K.kivi_decode_attention_ref(*args, bits=bits, group=group, residual=R)
+    assert_close(out, ref, torch.float16)
+    for b, L in enumerate(lengths):  # the layout means what it should: each value within half a step
+        nk, nv = counts(L)
+        k_hat = K.kivi_dequantize_k_ref(cache["k_codes"][b], cache["k_scale"][b], cache["k_min"][b], nk,
+                                        bits=bits, group=group)
+        v_hat = K.kivi_dequantize_v_ref(cache["v_codes"][b], cache["v_scale"][b], cache["v_min"][b], nv,
+                                        bits=bits, group=group)
+        k_step = cache["k_scale"][b, :, : nk // group].float().repeat_interleave(group, dim=1)
+        v_step = cache["v_scale"][b, :, :nv].float().repeat_interleave(group, dim=-1)
+        # half a step, plus the fp16 rounding of the minimum (and of the step) times up to 2**bits - 1
+        slack = 2.0**-10 * (k_all[b].float().abs().amax() * 2**bits)
+        assert ((k_hat - k_all[b, :, :nk].float()).abs() <= 0.5 * k_step + slack).all()
+        assert ((v_hat - v_all[b, :, :nv].float()).abs() <= 0.5 * v_step + slack).all()
+
+
+def test_merge_splits():
+    g = gen(fresh_seed())
+    o = randn(3, 5, 7, 64, g=g)
+    lse = randn(3, 5, 7, g=g, scale=4.0)
+    lse[0, 0, :3] = float("-inf")  # empty splits
+    out = torch.full((3, 5, 64), float("nan"), device=DEV)
+    K.merge_splits(o, lse, out)
+    assert_close(out, K.merge_splits_ref(o, lse, torch.empty_like(out)), torch.float32)
+
+
+def test_plan_splits():
+    """Splits cover the sequence, start on block boundaries, and fill one wave when occupancy is known."""
+    for bh, max_len, block_n, resident in [(64, 32768, 64, 4), (8, 4096, 64, None), (256, 300, 32, 2),
+                                           (3, 1, 64, 4)]:
+        splits, split_len = K.plan_splits(bh, max_len, block_n, DEV, None, resident)
+        assert split_len % block_n == 0 and splits * split_len >= max_len > (splits - 1) * split_len
+        assert bh * splits <= max(bh, K.splitk.num_sms(DEV) * (resident or 2))
+    assert K.plan_splits(4, 1000, 64, DEV, 3) == (3, 384)
+    with pytest.raises(ValueError, match="num_splits=0"):
+        K.plan_splits(4, 1000, 64, DEV, 0)
+
+
+@triton.jit
+def _div_kernel(y_ptr, s_ptr, out_ptr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    y = tl.load(y_ptr + i)
+    s = tl.load(s_ptr + i).to(tl.float32)
+    tl.store(out_ptr + i, div_correct(y, s, tl.math.div_rn(1.0, s)))
+
+
+def test_div_correct_is_ieee_division():
+    """The reciprocal-and-one-FMA quotient of the KIVI packers equals IEEE division (torch's ``/``)."""
+    g = gen(fresh_seed())
+    n = 1 << (20 if CUDA else 14)
+    s = (torch.rand(n, generator=g) * 2.0 ** torch.randint(-14, 8, (n,), generator=g)).half().clamp_min(2**-14)
+    y = torch.randn(n, generator=g) * 2.0 ** torch.randint(-6, 10, (n,), generator=g)
+    y, s = y.to(DEV), s.to(DEV)
+    out = torch.full_like(y, float("nan"))
+    _div_kernel[(n // 1024,)](y, s, out, BLOCK=1024, enable_fp_fusion=False)
+    assert torch.equal(out, y / s.float())
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_value_error():
+    g = gen(0)
+    B, H, D, bits, group, residual, cap = 2, 2, 64, 4, 32, 64, 128
+    cache = random_kivi(B, H, D, bits, group, residual, cap, g)
+    q = randn(B, H, 1, D, g=g, dtype=torch.float16)
+    lengths = torch.tensor([10, 100], dtype=torch.int32, device=DEV)
+    kw = dict(bits=bits, group=group, residual=residual)
+    fn = K.kivi_decode_attention
+
+    def bad(**changes):
+        c = {**cache, **{k: v for k, v in changes.items() if k in cache}}
+        return kivi_args(changes.get("q", q), c, changes.get("lengths", lengths))
+
+    with pytest.raises(ValueError, match="bits=3"):
+        fn(*bad(), **{**kw, "bits": 3})
+    with pytest.raises(ValueError, match="dtype int32"):
+        fn(*bad(q=q.to(torch.int32)), **kw)
+    with pytest.raises(ValueError, match="contiguous"):
+        fn(*bad(q=q.transpose(0, 1).contiguous().transpose(0, 1)), **kw)
+    with pytest.raises(ValueError, match="k_scale has shape"):
+        fn(*bad(k_scale=cache["k_scale"][:, :, :2].contiguous()), **kw)
+    with pytest.raises(ValueError, match="lengths has dtype int64"):
+        fn(*bad(lengths=lengths.long()), **kw)
+    with pytest.raises(ValueError, match="Hq must be a positive multiple"):
+        fn(*bad(q=randn(B, 3, 1, D, g=g, dtype=torch.float16)), **kw)
+    with pytest.raises(ValueError, match="residual=48"):
+        fn(*bad(), **{**kw, "residual": 48})
+    with pytest.raises(ValueError, match="group=24"):
+        K.kivi_decode_attention_ref(*bad(), **{**kw, "group": 24})
+    with pytest.raises(ValueError, match="bits=8"):
+        K.kivi_pack_k(q, cache["k_codes"], cache["k_scale"], cache["k_min"], 0, bits=8, group=group)
+    with pytest.raises(ValueError, match="multiple of group"):
+        K.kivi_pack_k(randn(B, H, 20, D, g=g), cache["k_codes"], cache["k_scale"], cache["k_min"], 0,
+                      bits=bits, group=group)
+    with pytest.raises(ValueError, match="offset=16"):
+        K.kivi_pack_k(randn(B, H, 32, D, g=g), cache["k_codes"], cache["k_scale"], cache["k_min"], 16,
+                      bits=bits, group=group)
+    with pytest.raises(ValueError, match="v_codes has dtype int8"):
+        K.kivi_pack_v(q, cache["v_codes"].view(torch.int8), cache["v_scale"], cache["v_min"], 0, bits=bits,
+                      group=group)
+    shapes = K.ggml_shapes("q8_0", B, H, 8, D)
+    c8 = torch.empty(shapes["codes"][0], dtype=torch.int8, device=DEV)
+    d8 = torch.empty(shapes["d"][0], dtype=torch.float16, device=DEV)
+    with pytest.raises(ValueError, match="fmt='q5_0'"):
+        K.ggml_pack(q, c8, d8, 0, fmt="q5_0")
+    with pytest.raises(ValueError, match="codes has dtype int8"):
+        K.ggml_pack(q, c8, d8, 0, fmt="q4_0")
+    with pytest.raises(ValueError, match="k_d has shape"):
+        K.ggml_decode_attention(q, c8, d8[:, :, :4].contiguous(), c8, d8, lengths)
+    if CUDA:
+        with pytest.raises(ValueError, match="on cpu"):
+            fn(*kivi_args(q.cpu(), {k: v.cpu() for k, v in cache.items()}, lengths.cpu()), **kw)
+
+
+# ---- on the GPU only -------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_llama3_geometry_gpu(bits):
+    """Llama-3-8B heads (32 query, 8 kv, head_dim 128), long unequal sequences, default planning."""
+    g = gen(fresh_seed())
+    B, H, D, group, residual, cap = 2, 8, 128, 32, 128, 8192
+    cache = random_kivi(B, H, D, bits, group, residual, cap, g)
+    q = randn(B, 32, 1, D, g=g, dtype=torch.float16, scale=2.0)
+    lengths = torch.tensor([8191, 5000], dtype=torch.int32, device=DEV)
+    args = kivi_args(q, cache, lengths)
+    ref = K.kivi_decode_attention_ref(*args, bits=bits, group=group, residual=residual)
+    out = torch.full_like(q, float("nan"))
+    K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, out=out, max_len=8191)
+    assert_close(out, ref, torch.float16)
+    assert K.available()

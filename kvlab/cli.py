@@ -80,8 +80,30 @@ def cmd_schemes(a) -> int:
 
 
 def cmd_study(a) -> int:
-    print("kvlab study: baseline perplexity of the embedded model", file=sys.stderr)
-    return cmd_ppl(a)
+    import os
+    import time
+
+    from .runner import run_notebooks
+
+    params = {"smoke": a.smoke}
+    if a.smoke:  # smoke figures and tables must not overwrite the rendered findings
+        base = os.path.abspath(a.out)
+        params.update(fig_dir=f"{base}/figures", results_dir=f"{base}/results", out_dir=f"{base}/metrics")
+    data_dir = a.data_dir or os.environ.get("KVLAB_DATA_DIR") or None
+    if data_dir:
+        params["data_dir"] = os.path.abspath(data_dir)
+    if a.model:
+        params["model"] = a.model
+    for key in ("corpus", "ctx", "windows"):
+        if getattr(a, key) is not None:
+            params[key] = getattr(a, key)
+    t0 = time.perf_counter()
+    paths = run_notebooks(a.only, out_dir=None if a.inplace else a.out, parameters=params)
+    print(f"kvlab study: {len(paths)} notebooks executed in {time.perf_counter() - t0:.0f} s:")
+    for p in paths:
+        print(f"  {p}")
+    print("  figures: figures/*.png")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -90,12 +112,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("ppl", help="perplexity of a model, optionally with a KV scheme")
     _common(p)
     p.set_defaults(fn=cmd_ppl)
-    for p in (p,):
-        p.add_argument("--scheme", default=None, help="a scheme spec for every layer, e.g. kivi:bits=2")
-        p.add_argument("--policy", default=None, help="a policy spec, e.g. 'kv=q4_0;keep_first=2'")
-        p.add_argument("--emulation", default="prefill", choices=("prefill", "static", "decode"),
-                       help="prefill: decode-exact in one pass; static: quantize all then prefill; "
-                            "decode: token by token through CompressedCache")
+    p.add_argument("--scheme", default=None, help="a scheme spec for every layer, e.g. kivi:bits=2")
+    p.add_argument("--policy", default=None, help="a policy spec, e.g. 'kv=q4_0;keep_first=2'")
+    p.add_argument("--emulation", default="prefill", choices=("prefill", "static", "decode"),
+                   help="prefill: decode-exact in one pass; static: quantize all then prefill; "
+                        "decode: token by token through CompressedCache")
     p = sub.add_parser("errors", help="per-layer/head tensor and attention-output errors of a scheme")
     _common(p)
     p.set_defaults(windows=2)
@@ -107,8 +128,16 @@ def main(argv=None) -> int:
     p = sub.add_parser("schemes", help="every scheme with its parameters and bits per value")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_schemes)
-    p = sub.add_parser("study", help="the main job: run the study on the embedded defaults")
-    _common(p)
+    p = sub.add_parser("study", help="execute the study notebooks headless (papermill)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--corpus", default=None, help="override every notebook's corpus parameter")
+    p.add_argument("--data-dir", default=None, help="folder holding wikitext-2-v1/ (default: $KVLAB_DATA_DIR)")
+    p.add_argument("--ctx", type=_positive("ctx"), default=None)
+    p.add_argument("--windows", type=_positive("windows"), default=None)
+    p.add_argument("--smoke", action="store_true", help="a few windows and layers: minutes, not a finding")
+    p.add_argument("--only", nargs="*", default=None, help="notebook numbers or names, e.g. 01 03")
+    p.add_argument("--out", default="data/executed", help="where executed notebooks go (default data/executed)")
+    p.add_argument("--inplace", action="store_true", help="overwrite notebooks/ (renders the committed findings)")
     p.set_defaults(fn=cmd_study)
     a = parser.parse_args(argv)
     try:

@@ -52,8 +52,7 @@ def run_notebooks(names=None, out_dir: str | Path | None = None, parameters: dic
     out.mkdir(parents=True, exist_ok=True)
     done = []
     for nb in notebooks(names):
-        declared = pm.inspect_notebook(str(nb))
-        params = {k: v for k, v in (parameters or {}).items() if k in declared}
+        params = dict(parameters or {})
         target = out / nb.name
         t0 = time.perf_counter()
         print(f"kvlab study: executing {nb.name} {params or ''}", file=sys.stderr, flush=True)

@@ -203,16 +203,22 @@ def sweep(results, copy_bw):
     configs = [dict(block_n=bn, num_warps=4, num_stages=st, max_regs=mr)
                for bn, st, mr in ((64, 2, 128), (64, 3, 128), (64, 2, None), (128, 3, 128), (32, 2, 128))]
     for name, (run, nbytes) in contenders.items():
+        base = run().float()  # the defaults: every tuning must compute the same function
         for tune in configs:
             try:
+                err = rel_err(run(**tune), base)
                 t = bench(functools.partial(run, **tune))
             except Exception as e:  # a config the compiler rejects (e.g. shared memory): skip it
                 log(f"sweep {name} {tune}: failed: {type(e).__name__}: {str(e)[:160]}")
                 continue
+            if not err < 1e-2:
+                log(f"sweep {name} {tune}: output differs from the defaults' (rel err {err:.3g}): not used")
+                continue
             frac = nbytes / (t * 1e-6) / copy_bw
-            results["sweep"].append(dict(kernel=name, B=B, T=T, us=t, bw_frac=frac, **tune))
+            results["sweep"].append(dict(kernel=name, B=B, T=T, us=t, bw_frac=frac, relerr_vs_default=err, **tune))
             log(f"sweep {name:10s} " + " ".join(f"{k}={v}" for k, v in tune.items())
-                + f": {t:8.1f} us  {frac:5.1%} of copy bw  resident={resident_of(run.func, tune)}")
+                + f": {t:8.1f} us  {frac:5.1%} of copy bw  err vs defaults {err:.1e}"
+                + f"  resident={resident_of(run.func, tune)}")
             if name not in best or t < best[name][0]:
                 best[name] = (t, tune)
     return {n: tune for n, (t, tune) in best.items()}

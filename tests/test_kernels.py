@@ -479,3 +479,42 @@ def test_kivi_llama3_geometry_gpu(bits):
     K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, out=out, max_len=8191)
     assert_close(out, ref, torch.float16)
     assert K.available()
+
+
+# ---- the benchmark report (kvlab.kernels.report: what notebook 05 renders) -----------------------------
+
+
+def _fake_results(path):
+    import json
+
+    grid = []
+    for B, T in [(8, 4096), (8, 32768)]:
+        g = {"B": B, "T": T, "sdpa_us": 100.0, "sdpa_bw": 0.9, "sdpa_graph_us": 90.0}
+        for i, k in enumerate(("kivi-int4", "kivi-int2", "q4_0", "q8_0")):
+            us = 20.0 + 10 * i
+            g.update({f"{k}_us": us, f"{k}_speedup": 100.0 / us, f"{k}_bw": 0.2 * (i + 1),
+                      f"{k}_relerr_vs_fp16": 0.1, f"{k}_graph_us": us - 1, f"{k}_graph_speedup": 90.0 / (us - 1),
+                      f"{k}_graph_bw": 0.2 * (i + 1)})
+        grid.append(g)
+    path.write_text(json.dumps({"device": "FakeGPU", "triton": "0", "copy_bw": 3e12, "grid": grid}))
+    return path
+
+
+def test_report_tables_and_goals(tmp_path):
+    from kvlab.kernels import report
+
+    df = report.load_results(_fake_results(tmp_path / "r.json"))
+    assert df.attrs["device"] == "FakeGPU"
+    assert set(df.kernel) == {"sdpa", *report.KERNELS} and set(df.timing) == {"eager", "graph"}
+    t = report.speedup_table(df)
+    assert list(t.index) == [(8, 4096), (8, 32768)]
+    assert t.loc[(8, 32768), "kivi-int4 x"] == pytest.approx(5.0)
+    assert t.loc[(8, 32768), "kivi-int2 bw"] == pytest.approx(0.4)
+    goals = report.goal_check(df).set_index("goal")
+    assert goals.loc["kivi-int4 speedup over fp16 SDPA", "met"]            # 5.0 >= 3.2
+    assert not goals.loc["kivi-int2 speedup over fp16 SDPA", "met"]        # 3.33 < 5
+    assert not goals.loc["kivi-int4 fraction of copy bandwidth", "met"]    # 0.2 < 0.85
+    text = report.verdict_markdown(df, report.goal_check(df))
+    assert "FakeGPU" in text and "Goals met: 1 of 4" in text
+    fig = report.plot_speedups(df)
+    assert len(fig.axes) == 1 and len(fig.axes[0].lines) >= len(report.KERNELS)

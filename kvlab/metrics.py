@@ -35,9 +35,10 @@ def cosine(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 def kl_div(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) of probability vectors along the last dim, in nats. (..., N) -> (...)."""
-    p, q = p.double(), q.double()
-    terms = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-300)) - torch.log(q.clamp_min(1e-300))), 0.0)
-    return terms.sum(-1).clamp_min(0)
+    if p.dtype != torch.float64:  # attention maps are large: float32 with xlogy (0 log 0 = 0) is plenty
+        p, q = p.float(), q.float()
+    tiny = torch.finfo(p.dtype).tiny
+    return (torch.xlogy(p, p) - torch.xlogy(p, q.clamp_min(tiny))).sum(-1).clamp_min(0)
 
 
 def logits_kl(logits_ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

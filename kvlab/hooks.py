@@ -13,13 +13,18 @@ Schemes without a window (llama.cpp blocks, int per token) read every token, the
 included, back quantized, as llama.cpp does. ``emulation="static"`` instead lets every query see the
 cache as it stands after the whole window ("quantize everything, then prefill"). Token positions are
 assumed to start at 0 in every row (right padding only).
+
+Where a layer reads mixed versions, attention runs blockwise through SDPA (``_attend``); the eager
+per-(query, key) form ``_attend_reference`` is what it is tested against, and what ``measure`` uses.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .cache import stored_input
@@ -61,7 +66,9 @@ class _State:
     capture_layers: frozenset = frozenset()
     capture_names: tuple = ()
     rows: list | None = None  # per-layer/head error rows, filled by measure()
-    _rules: dict = field(default_factory=dict)
+    _rules: dict = field(default_factory=dict)  # (spec, n_keys, emulation) -> _rule's matrix
+    _selections: dict = field(default_factory=dict)  # _selection's key -> _Selection
+    _plans: dict = field(default_factory=dict)  # (k key, v key, dtype, device) -> _build_plan's blocks
 
 
 @contextmanager
@@ -170,6 +177,32 @@ def _rule(state: _State, q, n_keys: int) -> torch.Tensor:
     return state._rules[key]
 
 
+def _causal(n_query: int, n_keys: int) -> torch.Tensor:
+    """(Tq, Tk) bool: query i (token n_keys - n_query + i) sees key s."""
+    return torch.ones(n_query, n_keys, dtype=torch.bool).tril(n_keys - n_query)
+
+
+class _Selection(NamedTuple):
+    version: torch.Tensor  # (Tq, Tk) uint8: the version of key s that query i reads; 0 above the diagonal
+    plain: bool  # every query reads every key it sees at version 1 (as the scheme stores it)
+
+
+def _selection(state: _State, q, aged: bool, n_query: int, n_keys: int) -> tuple:
+    """Key into ``state._selections`` of the version choice of one kv head under quantizer ``q``;
+    ``aged``: the recency policy demotes this head's old tokens to version 2."""
+    key = (q.spec, aged, n_query, n_keys)
+    if key not in state._selections:
+        quantized = _rule(state, q, n_keys)[n_keys - n_query :]  # (Tq, Tk)
+        version = quantized.to(torch.uint8)
+        if aged:
+            t = torch.arange(n_keys - n_query, n_keys).unsqueeze(1)
+            s = torch.arange(n_keys).unsqueeze(0)
+            version[quantized & (s <= t - state.policy.recent)] = 2
+        plain = bool((version[_causal(n_query, n_keys)] == 1).all())
+        state._selections[key] = _Selection(version, plain)
+    return key
+
+
 def _roundtrip(q, x, which, state, cos_sin):
     x = stored_input(q, x)  # what the cache would receive: fp16 values, as CompressedCache stores them
     if which == "k" and q.prerope:
@@ -179,40 +212,46 @@ def _roundtrip(q, x, which, state, cos_sin):
 
 
 def _versions(state: _State, layer: int, which: str, x: torch.Tensor, n_query: int, cos_sin):
-    """x (B, Hkv, Tk, D) -> (versions list of (B, Hkv, Tk, D), sel (Hkv, Tq, Tk) long or None)."""
+    """x (B, Hkv, Tk, D) -> (versions, keys): versions [fp16 cast, as stored, (as re-stored by old)],
+    each (B, Hkv, Tk, D); keys, one per kv head, index ``state._selections``."""
     policy, n_heads, n_keys = state.policy, x.shape[1], x.shape[2]
     quantizers = [policy.quantizer(layer, h, which, state.n_layers) for h in range(n_heads)]
-    old = policy.old_quantizer(which)
-    xq = torch.empty_like(x)
     groups: dict[str, list[int]] = {}
     for h, q in enumerate(quantizers):
         groups.setdefault(q.spec, []).append(h)
-    for heads in groups.values():
-        q = quantizers[heads[0]]
-        xq[:, heads] = _roundtrip(q, x[:, heads], which, state, cos_sin).to(x.dtype)
-    rows = slice(n_keys - n_query, n_keys)
-    sel = torch.stack([_rule(state, q, n_keys)[rows] for q in quantizers]).long()  # (Hkv, Tq, Tk)
+    if len(groups) == 1:
+        xq = _roundtrip(quantizers[0], x, which, state, cos_sin).to(x.dtype)
+    else:
+        xq = torch.empty_like(x)
+        for heads in groups.values():
+            xq[:, heads] = _roundtrip(quantizers[heads[0]], x[:, heads], which, state, cos_sin).to(x.dtype)
     versions = [x.to(torch.float16).to(x.dtype), xq]
-    if old is not None:
+    old = policy.old_quantizer(which)
+    aged = [old is not None and not policy.kept(layer, h, which, state.n_layers) for h in range(n_heads)]
+    if any(aged):
+        main = [h for h in range(n_heads) if aged[h]]
         xo = xq.clone()
-        main = [h for h in range(n_heads) if not policy.kept(layer, h, which, state.n_layers)]
-        if main:
-            xo[:, main] = _roundtrip(old, xq[:, main], which, state, cos_sin).to(x.dtype)
-        t = torch.arange(n_keys - n_query, n_keys).unsqueeze(1)
-        s = torch.arange(n_keys).unsqueeze(0)
-        aged = (s <= t - policy.recent) & (sel == 1)
-        aged[[h for h in range(n_heads) if h not in main]] = False
-        sel = torch.where(aged, torch.full_like(sel, 2), sel)
+        xo[:, main] = _roundtrip(old, xq[:, main], which, state, cos_sin).to(x.dtype)
         versions.append(xo)
-    causal = torch.ones(n_query, n_keys, dtype=torch.bool).tril(n_keys - n_query)
-    if old is None and bool((sel == 1)[:, causal].all()):
-        return [xq], None  # every key read quantized: plain attention over the quantized tensor
-    return versions, sel
+    keys = tuple(_selection(state, q, a, n_query, n_keys) for q, a in zip(quantizers, aged))
+    return versions, keys
 
 
-def _attend(query, k_versions, k_sel, v_versions, v_sel, attention_mask, scaling):
-    """Attention where each (query, key) pair picks its K and V version. Returns out (B, Hq, Tq, D),
-    probs (B, Hq, Tq, Tk)."""
+def _plain(state: _State, keys) -> bool:
+    return all(state._selections[k].plain for k in keys)
+
+
+def _reference_inputs(state: _State, versions, keys):
+    """(versions, sel (Hkv, Tq, Tk) or None) for :func:`_attend_reference`; None: every key read as stored."""
+    if _plain(state, keys):
+        return [versions[1]], None
+    return versions, torch.stack([state._selections[k].version for k in keys]).to(versions[0].device)
+
+
+def _attend_reference(query, k_versions, k_sel, v_versions, v_sel, attention_mask, scaling):
+    """Straightforward attention where each (query, key) pair picks its K and V version (``sel`` None:
+    version 0 everywhere). query (B, Hq, Tq, D), versions (B, Hkv, Tk, D), sel (Hkv, Tq, Tk). Returns
+    out (B, Hq, Tq, D), probs (B, Hq, Tq, Tk)."""
     B, Hq, Tq, _ = query.shape
     Hkv, Tk = k_versions[0].shape[1], k_versions[0].shape[2]
     n_rep = Hq // Hkv
@@ -225,8 +264,7 @@ def _attend(query, k_versions, k_sel, v_versions, v_sel, attention_mask, scaling
         s = torch.matmul(query, rep(kv).transpose(-1, -2)) * scaling
         scores = s if scores is None else torch.where((k_sel == i).repeat_interleave(n_rep, 0), s, scores)
     if attention_mask is None:
-        causal = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(Tk - Tq)
-        scores = scores.masked_fill(~causal, float("-inf"))
+        scores = scores.masked_fill(~_causal(Tq, Tk).to(query.device), float("-inf"))
     elif attention_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attention_mask[..., :Tk], float("-inf"))
     else:
@@ -238,6 +276,114 @@ def _attend(query, k_versions, k_sel, v_versions, v_sel, attention_mask, scaling
         o = torch.matmul(p, rep(vv))
         out = o if out is None else out + o
     return out, probs
+
+
+# Blockwise evaluation. A block of consecutive queries attends, in one SDPA call, to the concatenation of
+# one key range per (K version, V version) combination it reads; an additive mask leaves each (query,
+# key) pair exactly one visible copy, so the result equals the reference up to float rounding. Block
+# boundaries minimise the SDPA work (rows x columns) plus a per-call overhead, by dynamic programming.
+_BLOCK_OVERHEAD = 4096  # cost of one SDPA call, in (query, key) pairs
+_MAX_BLOCK = 256  # queries per block, at most
+
+
+def _hidden(dtype) -> float:  # additive-mask value of a hidden pair; finite, so that two add up safely
+    return torch.finfo(dtype).min / 2
+
+
+@dataclass
+class _Block:
+    rows: slice  # query rows
+    segments: list  # (k version, v version, first key, end key)
+    mask: torch.Tensor  # (rows, columns) additive: 0 where the column is the copy the query reads
+    cols: torch.Tensor  # (columns,) long: the key each column holds
+
+
+def _split_rows(lo: np.ndarray, hi: np.ndarray) -> list[tuple[int, int]]:
+    """lo, hi (combinations, Tq): key range [lo, hi) each query reads in each combination (lo >= hi:
+    none). Returns the blocks [(first row, end row)] of least total rows x columns + overhead."""
+    n = lo.shape[1]
+    best = np.full(n + 1, np.inf)
+    best[0], start = 0.0, np.zeros(n + 1, dtype=np.int64)
+    for i in range(n):
+        end = min(n, i + _MAX_BLOCK)
+        width = np.zeros(end - i)
+        for c in range(lo.shape[0]):
+            width += np.maximum(np.maximum.accumulate(hi[c, i:end]) - np.minimum.accumulate(lo[c, i:end]), 0)
+        cost = best[i] + np.arange(1, end - i + 1) * width + _BLOCK_OVERHEAD
+        better = cost < best[i + 1 : end + 1]
+        best[i + 1 : end + 1][better] = cost[better]
+        start[i + 1 : end + 1][better] = i
+    blocks, j = [], n
+    while j > 0:
+        blocks.append((int(start[j]), j))
+        j = int(start[j])
+    return blocks[::-1]
+
+
+def _build_plan(k_version: torch.Tensor, v_version: torch.Tensor, dtype) -> list[_Block]:
+    """Blocks for one kv head group: k_version, v_version (Tq, Tk) uint8 from ``_Selection``."""
+    n_query, n_keys = k_version.shape
+    code = (k_version * 3 + v_version).masked_fill_(~_causal(n_query, n_keys), 255)  # (Tq, Tk) combination
+    combos, lo, hi = [], [], []  # per combination read somewhere: (Tq,) key range [lo, hi) of each query
+    for c in range(9):
+        present = code == c
+        rows = present.any(1)
+        if rows.any():
+            present = present.to(torch.uint8)  # argmax: the first maximum
+            combos.append(c)
+            lo.append(present.argmax(1).masked_fill_(~rows, n_keys))
+            hi.append((n_keys - present.flip(1).argmax(1)).masked_fill_(~rows, 0))
+    lo, hi = torch.stack(lo).numpy(), torch.stack(hi).numpy()
+    plan = []
+    for a, b in _split_rows(lo, hi):
+        segments, visible, cols = [], [], []
+        for ci, c in enumerate(combos):
+            first, end = int(lo[ci, a:b].min()), int(hi[ci, a:b].max())
+            if first < end:
+                segments.append((c // 3, c % 3, first, end))
+                visible.append(code[a:b, first:end] == c)
+                cols.append(torch.arange(first, end))
+        mask = torch.zeros(b - a, sum(len(c) for c in cols), dtype=dtype)
+        mask.masked_fill_(~torch.cat(visible, dim=1), _hidden(dtype))
+        plan.append(_Block(slice(a, b), segments, mask, torch.cat(cols)))
+    return plan
+
+
+def _attend(state: _State, query, k_versions, k_keys, v_versions, v_keys, attention_mask, scaling):
+    """Attention where each (query, key) pair reads the K and V versions its selection names, blockwise
+    through SDPA. query (B, Hq, Tq, D), versions (B, Hkv, Tk, D). Returns out (B, Tq, Hq, D)."""
+    B, Hq, Tq, _ = query.shape
+    Hkv, Tk = k_versions[0].shape[1], k_versions[0].shape[2]
+    n_rep = Hq // Hkv
+    out = query.new_empty(B, Tq, Hq, v_versions[0].shape[-1])
+    if attention_mask is not None:  # (B or 1, 1, Tq, >= Tk), made additive
+        am = attention_mask[..., :Tk]
+        if am.dtype == torch.bool:
+            am = torch.zeros(am.shape, dtype=query.dtype, device=am.device).masked_fill_(
+                ~am, _hidden(query.dtype))
+    groups: dict[tuple, list[int]] = {}  # kv heads that read alike share the blocks
+    for h, key in enumerate(zip(k_keys, v_keys)):
+        groups.setdefault(key, []).append(h)
+    for (k_key, v_key), heads in groups.items():
+        plan_key = (k_key, v_key, query.dtype, query.device)
+        if plan_key not in state._plans:
+            k_sel, v_sel = state._selections[k_key].version, state._selections[v_key].version
+            plan = _build_plan(k_sel, v_sel, query.dtype)
+            for blk in plan:
+                blk.mask, blk.cols = blk.mask.to(query.device), blk.cols.to(query.device)
+            state._plans[plan_key] = plan
+        if len(heads) == Hkv:
+            kv_heads, q_heads = slice(None), slice(None)
+        else:
+            kv_heads, q_heads = heads, [h * n_rep + r for h in heads for r in range(n_rep)]
+        for blk in state._plans[plan_key]:
+            k = torch.cat([k_versions[i][:, kv_heads, a:b] for i, _, a, b in blk.segments], dim=2)
+            v = torch.cat([v_versions[j][:, kv_heads, a:b] for _, j, a, b in blk.segments], dim=2)
+            mask = blk.mask if attention_mask is None else blk.mask + am[..., blk.rows, :][..., blk.cols]
+            o = torch.nn.functional.scaled_dot_product_attention(
+                query[:, q_heads, blk.rows], k, v, attn_mask=mask, scale=scaling, enable_gqa=n_rep > 1)
+            out[:, blk.rows, q_heads] = o.transpose(1, 2)
+    return out
 
 
 def _store_captures(state, layer, query, key, value, cos_sin):
@@ -307,14 +453,15 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         if layer in state.capture_layers:
             _store_captures(state, layer, query, key, value, cos_sin)
         return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
-    kv, ks = _versions(state, layer, "k", key, n_query, cos_sin)
-    vv, vs = _versions(state, layer, "v", value, n_query, cos_sin)
+    kv, k_keys = _versions(state, layer, "k", key, n_query, cos_sin)
+    vv, v_keys = _versions(state, layer, "v", value, n_query, cos_sin)
     if state.rows is not None:
-        out_ref, p_ref = _attend(query, [key], None, [value], None, attention_mask, scaling)
-        out_q, p_q = _attend(query, kv, ks, vv, vs, attention_mask, scaling)
+        kv, ks = _reference_inputs(state, kv, k_keys)
+        vv, vs = _reference_inputs(state, vv, v_keys)
+        out_ref, p_ref = _attend_reference(query, [key], None, [value], None, attention_mask, scaling)
+        out_q, p_q = _attend_reference(query, kv, ks, vv, vs, attention_mask, scaling)
         _error_rows(state, layer, key, value, kv, ks, vv, vs, out_ref, p_ref, out_q, p_q)
         return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
-    if ks is None and vs is None:
-        return _sdpa(module, query, kv[0], vv[0], attention_mask, dropout=dropout, scaling=scaling, **kw)
-    out, _ = _attend(query, kv, ks, vv, vs, attention_mask, scaling)
-    return out.transpose(1, 2).contiguous(), None
+    if _plain(state, k_keys) and _plain(state, v_keys):  # every key read as stored: plain attention
+        return _sdpa(module, query, kv[1], vv[1], attention_mask, dropout=dropout, scaling=scaling, **kw)
+    return _attend(state, query, kv, k_keys, vv, v_keys, attention_mask, scaling), None

@@ -208,3 +208,47 @@ def test_paired_bootstrap_ci():
     assert paired_delta_ci(a, a, seed=0) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="equal-length"):
         paired_delta_ci(a, b[:3])
+
+
+def _rope(B, T, D):
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, D, 2) / D)
+    emb = torch.cat([angle, angle], dim=-1).expand(B, T, D)
+    return emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize("spec, emulation", [
+    ("kivi:bits=2,group=32,residual=128", "prefill"),
+    ("kivi:bits=2,group=16,residual=32", "static"),
+    ("k=kivi:bits=2,group=16,residual=32;v=q4_0", "prefill"),
+    ("kv=kivi:bits=2,group=16,residual=32;keep_heads=1.1", "prefill"),
+    ("kv=int:bits=8;recent=24;old=int:bits=2", "prefill"),
+    ("kv=kivi:bits=4,group=16,residual=32;recent=40;old=int:bits=2;keep_k_heads=1.0", "prefill"),
+    ("kvquant:bits=3,sinks=4", "prefill"),
+])
+@pytest.mark.parametrize("n_rep, padded", [(1, False), (3, False), (3, True)])
+def test_blockwise_attention_equals_reference(spec, emulation, n_rep, padded):
+    # the blockwise SDPA path against the straightforward per-(query, key) selection, on random tensors
+    # (float64: only summation order differs), with GQA, per-head and recency policies, and queries
+    # that are only the last tokens of the keys under a padding mask
+    gen = torch.Generator().manual_seed(0)
+    B, Hkv, Tk, D = 2, 2, 300, 32
+    Tq = Tk - 37 if padded else Tk
+    state = hooks._State(None, 3, parse_policy(spec), emulation)
+    cos, sin = _rope(B, Tk, D)
+    for layer in range(3):
+        q = torch.randn(B, Hkv * n_rep, Tq, D, generator=gen, dtype=torch.float64)
+        k = torch.randn(B, Hkv, Tk, D, generator=gen, dtype=torch.float64)
+        v = torch.randn(B, Hkv, Tk, D, generator=gen, dtype=torch.float64)
+        mask = None
+        if padded:  # row 1 is padded after 250 tokens
+            mask = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq).expand(B, 1, Tq, Tk).clone()
+            mask[1, :, :, 250:] = False
+            if layer == 2:  # the additive form
+                mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, -torch.inf)
+        kv, k_keys = hooks._versions(state, layer, "k", k, Tq, lambda: (cos, sin))
+        vv, v_keys = hooks._versions(state, layer, "v", v, Tq, lambda: (cos, sin))
+        assert not (hooks._plain(state, k_keys) and hooks._plain(state, v_keys))
+        fast = hooks._attend(state, q, kv, k_keys, vv, v_keys, mask, D**-0.5)  # (B, Tq, Hq, D)
+        ref, _ = hooks._attend_reference(q, *hooks._reference_inputs(state, kv, k_keys),
+                                         *hooks._reference_inputs(state, vv, v_keys), mask, D**-0.5)
+        torch.testing.assert_close(fast, ref.transpose(1, 2), rtol=1e-10, atol=1e-12)

@@ -92,9 +92,8 @@ def evaluate_policy(model, windows, policy, emulation: str = "prefill", kl: bool
 
     from . import hooks
     from .cache import CompressedCache
-    from .ppl import nll_per_window
-
     from .policy import parse_policy
+    from .ppl import nll_per_window
 
     if emulation not in ("prefill", "static", "decode"):
         raise ValueError(f"emulation={emulation!r} is not allowed; allowed: prefill, static, decode")

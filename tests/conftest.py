@@ -7,6 +7,14 @@ from pathlib import Path
 
 import pytest
 
+# Triton picks interpreter-or-compiler when a kernel is decorated, i.e. when kvlab.kernels is first
+# imported, which any test module may do (the cache, the quantizers). Without CUDA the kernels can only
+# run through the interpreter, so the variable is set here, before any test module is collected.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -15,7 +15,10 @@ DynamicCache's.
 The second table is the cache's own accounting (``CompressedCache.nbytes()``) vs an fp16 cache for the
 model's whole geometry at several lengths, from synthetic K/V written through the cache API.
 
-    python benchmarks/bench_cache.py [--prompt 512] [--new 128] [--repeats 3] [--threads N] [--json]
+"decode tok/s" is wall clock; "CPU tok/s" counts this thread's CPU time only, so that other jobs on a
+shared machine do not blur the comparison.
+
+    python benchmarks/bench_cache.py [--prompt 512] [--new 128] [--repeats 3] [--threads 1] [--json]
 """
 
 from __future__ import annotations
@@ -76,13 +79,14 @@ def held_bytes(cache) -> int:
 
 
 class _Clock(LogitsProcessor):
-    """Timestamps each generation step (called once per step, after the model's forward)."""
+    """Timestamps each generation step (called once per step, after the model's forward): wall clock, and
+    this thread's CPU time (which other jobs on the machine do not inflate)."""
 
     def __init__(self):
-        self.stamps: list[float] = []
+        self.stamps: list[tuple[float, float]] = []
 
     def __call__(self, input_ids, scores):
-        self.stamps.append(time.perf_counter())
+        self.stamps.append((time.perf_counter(), time.thread_time()))
         return scores
 
 
@@ -95,9 +99,12 @@ def generate_once(model, ids, make_cache, new: int) -> dict:
         out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                              logits_processor=LogitsProcessorList([clock]), **{cache_kwarg(model): cache})
         t1 = time.perf_counter()
-    s = clock.stamps
-    return {"prefill_s": s[0] - t0, "decode_s_per_token": (s[-1] - s[0]) / (len(s) - 1), "total_s": t1 - t0,
-            "bytes": held_bytes(cache), "tokens": out[0, ids.shape[1]:].tolist()}
+    (w0, c0), (w1, c1) = clock.stamps[0], clock.stamps[-1]
+    steps = len(clock.stamps) - 1
+    return {"prefill_s": w0 - t0, "decode_s_per_token": (w1 - w0) / steps, "decode_cpu_s_per_token": (c1 - c0) / steps,
+            "total_s": t1 - t0, "bytes": held_bytes(cache),
+            "reserved": cache.nbytes()["reserved"] if isinstance(cache, CompressedCache) else 0,
+            "tokens": out[0, ids.shape[1]:].tolist()}
 
 
 def run_generate(model, ids, new: int, repeats: int) -> list[dict]:
@@ -117,15 +124,19 @@ def run_generate(model, ids, new: int, repeats: int) -> list[dict]:
             rows.append({"cache": label, "error": rs[0]["error"]})
             continue
         dec = statistics.median(r["decode_s_per_token"] for r in ok)
+        cpu = statistics.median(r["decode_cpu_s_per_token"] for r in ok)
         rows.append({"cache": label, "prefill_s": statistics.median(r["prefill_s"] for r in ok),
-                     "decode_tok_s": 1 / dec, "e2e_tok_s": new / statistics.median(r["total_s"] for r in ok),
-                     "bytes": ok[0]["bytes"], "tokens": ok[0]["tokens"], "repeats": len(ok)})
+                     "decode_tok_s": 1 / dec, "decode_cpu_tok_s": 1 / cpu,
+                     "e2e_tok_s": new / statistics.median(r["total_s"] for r in ok),
+                     "bytes": ok[0]["bytes"], "reserved": ok[0]["reserved"], "tokens": ok[0]["tokens"],
+                     "repeats": len(ok)})
     base = rows[0]
     fp16_bytes = base["bytes"] * 2 / base_element_size(model)
     for r in rows:
         if "error" in r:
             continue
         r["decode_vs_dyn"] = r["decode_tok_s"] / base["decode_tok_s"]
+        r["decode_cpu_vs_dyn"] = r["decode_cpu_tok_s"] / base["decode_cpu_tok_s"]
         r["e2e_vs_dyn"] = r["e2e_tok_s"] / base["e2e_tok_s"]
         r["bytes_vs_dyn"] = base["bytes"] / r["bytes"]
         r["bytes_vs_fp16"] = fp16_bytes / r["bytes"]
@@ -160,7 +171,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default); on 2 "
+                    "shared, loaded cores, 2 threads made decoding ~30x slower, hence 1")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args()
     if args.threads:
@@ -177,15 +189,18 @@ def main() -> None:
         return
     print(f"greedy generate, embedded model ({model.dtype}), prompt {args.prompt} + {args.new} new tokens, "
           f"CPU, {torch.get_num_threads()} threads, median of {args.repeats} interleaved runs")
-    print(f"{'cache':<30}{'prefill s':>10}{'decode tok/s':>13}{'x dyn':>7}{'e2e tok/s':>10}{'x dyn':>7}"
-          f"{'KiB held':>10}{'x dyn':>7}{'x fp16':>7}{'same':>6}")
+    print(f"{'cache':<30}{'prefill s':>10}{'decode tok/s':>13}{'x dyn':>7}{'CPU tok/s':>10}{'x dyn':>7}"
+          f"{'e2e tok/s':>10}{'x dyn':>7}{'KiB held':>10}{'x dyn':>7}{'x fp16':>7}{'same':>6}")
     for r in rows:
         if "error" in r:
             print(f"{r['cache']:<30}  did not run: {r['error']}")
             continue
         print(f"{r['cache']:<30}{r['prefill_s']:>10.2f}{r['decode_tok_s']:>13.2f}{r['decode_vs_dyn']:>7.2f}"
+              f"{r['decode_cpu_tok_s']:>10.2f}{r['decode_cpu_vs_dyn']:>7.2f}"
               f"{r['e2e_tok_s']:>10.2f}{r['e2e_vs_dyn']:>7.2f}{r['bytes'] / 1024:>10.0f}"
               f"{r['bytes_vs_dyn']:>7.2f}{r['bytes_vs_fp16']:>7.2f}{r['same_tokens']:>6}")
+    room = ", ".join(f"{r['cache'].split()[-1]} {r['reserved'] / 1024:.0f}" for r in rows if r.get("reserved"))
+    print(f"(CompressedCache also holds room for later runs, not in 'KiB held': {room} KiB)")
     print(f"\nCompressedCache.nbytes() vs an fp16 cache, whole model ({model.config.num_hidden_layers} layers x "
           f"{model.config.num_key_value_heads} kv heads x head_dim {model.config.head_dim}), synthetic K/V")
     print(f"{'tokens':>7}{'fp16 KiB':>11}{'kivi-2 KiB':>12}{'x fp16':>8}{'q4_0 KiB':>10}{'x fp16':>8}")

@@ -122,6 +122,8 @@ def read_packed(q: Quantizer, packed: Packed, out: torch.Tensor) -> None:
     """Write ``q.dequantize(packed)`` into ``out`` (B, H, T, D), a view of any float dtype, without
     building the dequantized tensor first where the scheme has a fast path here."""
     reader = _reader(q)
+    if reader is _read_kivi and packed.tensors["fp16"].shape[-2]:  # a run with its own window: not from a cache
+        reader = None
     if reader is None:
         out.copy_(q.dequantize(packed))
         return
@@ -228,6 +230,12 @@ class _Runs:
         self._joined = None
 
 
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when it is a view holding on to a storage over twice its size (a window sliced out of
+    a long prefill), so that the bytes held are the bytes counted."""
+    return t.clone() if t.untyped_storage().nbytes() > 2 * t.numel() * t.element_size() else t
+
+
 class _Stream:
     """K or V of some kv heads of one layer under one quantizer."""
 
@@ -265,8 +273,8 @@ class _Stream:
         have_sinks = 0 if self.sinks is None else self.sinks.shape[2]
         if n_sinks > have_sinks:  # sinks fill first, from the oldest window tokens
             take = n_sinks - have_sinks
-            head, self.window = self.window[:, :, :take], self.window[:, :, take:]
-            self.sinks = head if self.sinks is None else torch.cat([self.sinks, head], dim=2)
+            head, self.window = self.window[:, :, :take], _compact(self.window[:, :, take:])
+            self.sinks = _compact(head) if self.sinks is None else torch.cat([self.sinks, head], dim=2)
         if n_q < self.n_quantized:
             raise ValueError(f"{self.q.spec}: quantized tokens went from {self.n_quantized} to {n_q}")
         if n_q == self.n_quantized:
@@ -275,7 +283,7 @@ class _Stream:
         if take == self.window.shape[2]:
             chunk, self.window = self.window, None
         else:
-            chunk, self.window = self.window[:, :, :take], self.window[:, :, take:]
+            chunk, self.window = self.window[:, :, :take], _compact(self.window[:, :, take:])
         self.n_quantized = n_q
         return chunk
 
@@ -346,12 +354,11 @@ class CompressedLayer(DynamicLayer):
 
     def _update_one(self, which: str, x: torch.Tensor) -> torch.Tensor:  # x (B, H, t, D)
         B, H, _, D = x.shape
-        out = torch.empty(B, H, self.cumulative_length, D, dtype=x.dtype, device=x.device)
         streams = self.streams[which]
         if len(streams) == 1 and len(streams[0].heads) == H:  # one scheme for every head
             streams[0].update(x)
-            streams[0].read_into(out)
-            return out
+            return self._read_one(which, x)
+        out = torch.empty(B, H, self.cumulative_length, D, dtype=x.dtype, device=x.device)
         for s in streams:
             lo, hi = s.heads[0], s.heads[-1] + 1
             if s.heads == list(range(lo, hi)):  # a run of heads: views, no gather / scatter
@@ -389,6 +396,7 @@ class CompressedLayer(DynamicLayer):
             s.runs.append(Packed({n: t[rows] for n, t in run.tensors.items()}, (B, *run.shape[1:]), run.dtype))
 
     def _read_one(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, L, D) from the one stream of ``which`` (K or V), shaped and typed like ``x``."""
         out = torch.empty(x.shape[0], x.shape[1], self.cumulative_length, x.shape[3], dtype=x.dtype, device=x.device)
         self.streams[which][0].read_into(out)
         return out

@@ -1,4 +1,4 @@
-"""Command line: ``python -m kvlab {ppl,schemes,errors,study} ...``."""
+"""Command line: ``python -m kvlab {ppl,errors,sweep,schemes,study} ...``."""
 
 from __future__ import annotations
 
@@ -71,6 +71,30 @@ def cmd_errors(a) -> int:
     return 0
 
 
+def cmd_sweep(a) -> int:
+    from .study import summarize
+    from .sweep import sweep
+
+    kinds = ("ppl", "errors") if a.errors else ("ppl",)
+    tables = sweep(a.configs, model_name=a.model, corpus=a.corpus, data_dir=a.data_dir, ctx=a.ctx,
+                   windows=a.windows, out=a.out, kinds=kinds, emulation=a.emulation,
+                   error_windows=a.error_windows, shard=a.shard, progress=not a.json)
+    ppl = tables.get("ppl")
+    ppl = ppl if ppl is None else ppl[(ppl["tokens_sha256"] == ppl.attrs["tokens_sha256"]) & (ppl["emulation"] == a.emulation)
+              & ppl["config"].isin({"fp16", *a.configs})]
+    if ppl is None or not (ppl["config"] == "fp16").any():
+        print(f"kvlab sweep: this shard's configs are under {a.out}; the summary needs fp16's rows (shard 0): "
+              "run the same command without --shard once every shard is done")
+        return 0
+    summary = summarize(ppl, seed=a.seed)
+    cols = ["config", "bits_per_value", "bytes_per_token_4096", "ppl", "delta_ppl", "ci_lo", "ci_hi", "kl", "windows"]
+    if a.json:
+        print(summary[cols].to_json(orient="records"))
+    else:
+        print(summary[cols].to_string(index=False, float_format="%.5g"))
+    return 0
+
+
 def cmd_schemes(a) -> int:
     from .quant.catalog import format_schemes, schemes_table
 
@@ -125,6 +149,17 @@ def main(argv=None) -> int:
     g.add_argument("--policy")
     p.add_argument("--emulation", default="prefill", choices=("prefill", "static"))
     p.set_defaults(fn=cmd_errors)
+    p = sub.add_parser("sweep", help="a resumable grid of schemes/policies: per-window NLL and KL (and errors) "
+                       "under --out, then a summary table with delta PPL vs fp16 and its 95%% CI")
+    _common(p)
+    p.add_argument("configs", nargs="+", help="scheme or policy specs; fp16 is always added")
+    p.add_argument("--out", default="data/results", help="results folder (default data/results)")
+    p.add_argument("--errors", action="store_true", help="also the per-layer/head error tables")
+    p.add_argument("--error-windows", type=_positive("error-windows"), default=2)
+    p.add_argument("--emulation", default="prefill", choices=("prefill", "static", "decode"))
+    p.add_argument("--shard", default=None, help="'i/n': run every n-th config from i (job arrays, GPUs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap CIs")
+    p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("schemes", help="every scheme with its parameters and bits per value")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_schemes)

@@ -38,6 +38,7 @@ def parse_shard(shard) -> tuple[int, int]:
     """``"i/n"`` or ``(i, n)`` -> (i, n) with 0 <= i < n."""
     if shard is None:
         return 0, 1
+    given = shard
     if isinstance(shard, str):
         a, sep, b = shard.partition("/")
         if not sep or not a.strip().isdigit() or not b.strip().isdigit():
@@ -45,7 +46,7 @@ def parse_shard(shard) -> tuple[int, int]:
         shard = (int(a), int(b))
     i, n = shard
     if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
-        raise ValueError(f"shard={shard!r} is not allowed; allowed: (i, n) with n >= 1 and 0 <= i < n")
+        raise ValueError(f"shard={given!r} is not allowed; allowed: 'i/n' or (i, n) with n >= 1 and 0 <= i < n")
     return i, n
 
 
@@ -130,4 +131,7 @@ def sweep(configs, model=None, tokenizer=None, model_name: str | None = None, co
                 for j, (k, v) in enumerate({"key": key, **meta, "tokens_sha256": err_hash}.items()):
                     df.insert(j, k, v)
                 _write_csv(df, path)
-    return merge(out, kinds)
+    tables = merge(out, kinds)
+    for df in tables.values():  # which rows this call's inputs produced (the folder may hold other runs)
+        df.attrs.update(tokens_sha256=tok_hash, error_tokens_sha256=err_hash)
+    return tables

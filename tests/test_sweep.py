@@ -96,3 +96,30 @@ def test_bad_config_fails_before_any_work(model, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="unknown scheme 'nope'"):
         sweep(["q4_0", "nope"], model=model, tokenizer=tokenizer, out=tmp_path, progress=False, **ARGS)
     assert not (tmp_path / "ppl").exists()
+
+
+def test_cli_sweep_summary_and_resume(tmp_path, capsys):
+    """``python -m kvlab sweep``: the summary covers exactly this call's configs on this call's windows
+    (other runs in the same folder are left out), and a re-run recomputes nothing."""
+    import json
+
+    from kvlab.cli import main
+
+    argv = ["sweep", "q4_0", "int:bits=4", "--corpus", "pydoc", "--ctx", "48", "--windows", "3",
+            "--out", str(tmp_path), "--json"]
+    main(["sweep", "q8_0", "--corpus", "pydoc", "--ctx", "40", "--windows", "2", "--out", str(tmp_path), "--json"])
+    capsys.readouterr()
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert sorted(r["config"] for r in rows) == ["fp16", "int:bits=4", "q4_0"]
+    assert all(r["windows"] == 3 for r in rows)
+    fp16 = next(r for r in rows if r["config"] == "fp16")
+    assert fp16["delta_ppl"] == 0 and 0 <= fp16["kl"] < 1e-4  # fp16 rounding only
+    assert all(r["ci_lo"] <= r["delta_ppl"] <= r["ci_hi"] for r in rows)
+    files = {f: f.stat().st_mtime_ns for f in (tmp_path / "ppl").glob("*.csv")}
+    assert len(files) == 5  # fp16 twice (two window sets), q8_0, q4_0, int:bits=4
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == rows
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "ppl").glob("*.csv")} == files
+    assert main([*argv, "--shard", "3/2"]) == 2
+    assert "shard='3/2' is not allowed" in capsys.readouterr().err

@@ -80,8 +80,6 @@ def cmd_sweep(a) -> int:
                    windows=a.windows, out=a.out, kinds=kinds, emulation=a.emulation,
                    error_windows=a.error_windows, shard=a.shard, progress=not a.json)
     ppl = tables.get("ppl")
-    ppl = ppl if ppl is None else ppl[(ppl["tokens_sha256"] == ppl.attrs["tokens_sha256"]) & (ppl["emulation"] == a.emulation)
-              & ppl["config"].isin({"fp16", *a.configs})]
     if ppl is None or not (ppl["config"] == "fp16").any():
         print(f"kvlab sweep: this shard's configs are under {a.out}; the summary needs fp16's rows (shard 0): "
               "run the same command without --shard once every shard is done")

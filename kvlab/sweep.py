@@ -82,7 +82,9 @@ def sweep(configs, model=None, tokenizer=None, model_name: str | None = None, co
           data_dir: str | None = None, ctx: int = 512, windows: int = 24, out: str | Path = "data/results",
           kinds=("ppl",), emulation: str = "prefill", error_windows: int = 2, shard=None,
           progress: bool = True) -> dict[str, pd.DataFrame]:
-    """Run every policy spec in ``configs`` and return the merged tidy tables {"ppl": df, "errors": df}.
+    """Run every policy spec in ``configs`` and return their tidy tables {"ppl": df, "errors": df}: the rows
+    of this call's configs (this shard's) on this call's windows. ``out/ppl.csv`` and ``out/errors.csv``
+    are rewritten with every finished config in ``out``, earlier runs on other inputs included.
 
     The ``fp16`` scheme is always added (delta PPL is measured against it on the same windows).
     ``error_windows``: windows used for the per-layer/head error tables (the first ones).
@@ -105,6 +107,7 @@ def sweep(configs, model=None, tokenizer=None, model_name: str | None = None, co
     err_hash = tokens_sha256(w_err)
     out = Path(out)
     todo = [(i, s, p) for i, (s, p) in enumerate(zip(specs, policies)) if i % n_shard == i_shard]
+    keys = {kind: [] for kind in kinds}
     bar = tqdm(todo, desc="configs", disable=not progress)
     for _, spec, pol in bar:
         bar.set_postfix_str(spec[:40])
@@ -115,6 +118,7 @@ def sweep(configs, model=None, tokenizer=None, model_name: str | None = None, co
         if "ppl" in kinds:
             key = config_key("ppl", pol.spec, emulation, model_id, tok_hash)
             path = out / "ppl" / f"{key}.csv"
+            keys["ppl"].append(key)
             if not path.exists():
                 r = evaluate_policy(model, w, pol, emulation=emulation, kl=True, progress=progress)
                 rows = pd.DataFrame({"key": key, **meta, "tokens_sha256": tok_hash,
@@ -125,13 +129,15 @@ def sweep(configs, model=None, tokenizer=None, model_name: str | None = None, co
             key = config_key("errors", pol.spec, emulation if emulation != "decode" else "prefill", model_id,
                              err_hash)
             path = out / "errors" / f"{key}.csv"
+            keys["errors"].append(key)
             if not path.exists():
                 df = error_table(model, w_err, pol, emulation="static" if emulation == "static" else "prefill",
                                  progress=progress)
                 for j, (k, v) in enumerate({"key": key, **meta, "tokens_sha256": err_hash}.items()):
                     df.insert(j, k, v)
                 _write_csv(df, path)
-    tables = merge(out, kinds)
-    for df in tables.values():  # which rows this call's inputs produced (the folder may hold other runs)
-        df.attrs.update(tokens_sha256=tok_hash, error_tokens_sha256=err_hash)
+    tables = {}
+    for kind, df in merge(out, kinds).items():  # the folder may hold other runs: keep this call's rows
+        tables[kind] = df[df["key"].isin(keys[kind])].reset_index(drop=True)
+        tables[kind].attrs.update(tokens_sha256=tok_hash, error_tokens_sha256=err_hash)
     return tables

@@ -261,16 +261,64 @@ def thesis_verdict(summary: pd.DataFrame, matched: pd.DataFrame, front: pd.DataF
             f"{n - rival - chall} are inconclusive."]
     text.append(f"The best sign+magnitude variant is `{best.config}` at {best.bits_per_value:.2f} bits/value "
                 f"with delta PPL {_fmt_ci(best)} (PPL {best.ppl:.2f}).")
+    base = summary.loc[summary["config"] == "fp16", "ppl"]
+    fp16_ppl = float(base.iloc[0]) if len(base) else math.nan
+    wins = matched[matched["verdict"] == "challenger better"]
+    if len(wins):
+        by_ppl = summary.set_index("config")["ppl"]
+        losers = ", ".join(f"`{r}` (PPL {by_ppl[r]:.1f}, {by_ppl[r] / fp16_ppl:.1f}x fp16's)"
+                           for r in dict.fromkeys(wins["rival"]))
+        text.append(f"Sign+magnitude wins only against {losers}.")
+    lowest = summary["bits_per_value"].min()
     text.append("Sign+magnitude configs on the bits-vs-PPL Pareto front: "
-                + (", ".join(f"`{c}`" for c in on_front) if on_front else "**none**") + ".")
-    if rival > chall and not on_front:
-        text.append("**The data support the thesis**: at equal bits, sign+magnitude falls short.")
+                + (", ".join(f"`{c}`" + (" (only as the lowest-bits point measured: nothing else was run at "
+                                           f"{lowest:.2f} bits or fewer)" if
+                                           summary.set_index("config").at[c, "bits_per_value"] == lowest else "")
+                             for c in on_front) if on_front else "**none**") + ".")
+    kivi = summary.loc[summary["family"] == "kivi", "config"]
+    if len(kivi) and not matched["rival"].isin(kivi).any():
+        text.append("No KIVI config fell within 1 bit of a sign+magnitude config at this context length (its "
+                    "fp16 window counts in its bits): compare them on the Pareto plot.")
+    degenerate = set(on_front) <= set(summary.loc[summary["bits_per_value"] == lowest, "config"])
+    if rival and not chall and (not on_front or degenerate):
+        text.append("**The data support the thesis**: at equal bits, sign+magnitude falls short of every rival "
+                    "it could be compared with.")
     elif chall > rival:
         text.append("**The data contradict the thesis** on this model: sign+magnitude wins more matched "
                     "comparisons than it loses.")
+    elif rival > chall and (not on_front or degenerate):
+        text.append(f"**The data mostly support the thesis**: sign+magnitude loses {rival} of {n} matched "
+                    f"comparisons; its {chall} wins are against the rivals named above.")
     else:
         text.append("**The data only partly support the thesis**: see the table for where it fails.")
     return "\n\n".join(text)
+
+
+def cosine_twins(table: pd.DataFrame, family_name: str = "signmag", proxy: str = "k_cos") -> pd.DataFrame:
+    """For each config of ``family_name``, the config of another family (fp16/bf16 excluded) whose ``proxy``
+    is nearest, with both delta PPLs: does the same tensor fidelity buy the same perplexity?"""
+    own = table[table["family"] == family_name]
+    others = table[~table["family"].isin([family_name, "fp16", "bf16"])]
+    rows = []
+    for r in own.to_dict("records") if len(others) else []:
+        t = others.loc[(others[proxy] - r[proxy]).abs().idxmin()]
+        rows.append({"config": r["config"], proxy: r[proxy], "delta_ppl": r["delta_ppl"],
+                     "twin": t["config"], f"twin {proxy}": t[proxy], "twin delta_ppl": t["delta_ppl"],
+                     "twin worse": bool(t["ci_lo"] > r["ci_hi"]), "twin better": bool(t["ci_hi"] < r["ci_lo"])})
+    return pd.DataFrame(rows)
+
+
+def twins_verdict(twins: pd.DataFrame, proxy: str = "k_cos") -> str:
+    """Markdown: how often a cosine twin from another family does better or worse on perplexity."""
+    if twins.empty:
+        return "No config to compare."
+    better, worse = int(twins["twin better"].sum()), int(twins["twin worse"].sum())
+    ratio = (twins["delta_ppl"] / twins["twin delta_ppl"]).median()
+    return (f"Paired by nearest {proxy} with a config of another family, the other config has the lower delta "
+            f"PPL (CIs apart) in **{better}** of {len(twins)} pairs and the higher in **{worse}**; the median ratio "
+            f"of delta PPLs (this family / twin) is **{ratio:.1f}x**. "
+            + ("So at equal tensor cosine this family costs more perplexity: the cosine over-rates it."
+               if better > worse else "So the cosine does not over-rate this family here."))
 
 
 def correlation_verdict(corr: pd.DataFrame, discordant: pd.DataFrame) -> str:

@@ -119,6 +119,16 @@ def cmd_study(a) -> int:
     for key in ("corpus", "ctx", "windows"):
         if getattr(a, key) is not None:
             params[key] = getattr(a, key)
+    if a.inplace and not a.smoke and a.corpus is None:
+        # the committed notebooks are the findings: never re-render them on the pydoc fallback by accident
+        from .corpus import load_corpus
+
+        try:
+            load_corpus("wikitext-2-v1", data_dir=data_dir)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--inplace renders the committed findings on WikiText-2, which is not "
+                                    f"reachable ({e}); give --data-dir (or KVLAB_DATA_DIR), or name another "
+                                    f"corpus with --corpus to render on it deliberately") from None
     t0 = time.perf_counter()
     paths = run_notebooks(a.only, out_dir=None if a.inplace else a.out, parameters=params)
     print(f"kvlab study: {len(paths)} notebooks executed in {time.perf_counter() - t0:.0f} s:")

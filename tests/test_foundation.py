@@ -188,3 +188,16 @@ def test_cli_ppl_json_is_deterministic(data_dir):
 def test_cli_bad_inputs(args, match):
     r = subprocess.run([sys.executable, "-m", "kvlab", "ppl", *args], capture_output=True, text=True)
     assert r.returncode == 2 and match in r.stderr
+
+
+def test_cli_study_inplace_refuses_the_pydoc_fallback(monkeypatch, tmp_path, capsys):
+    """Re-rendering the committed findings without WikiText-2 reachable is refused before any notebook runs
+    (an explicit --corpus still renders on purpose)."""
+    from kvlab.cli import main
+
+    monkeypatch.delenv("KVLAB_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert main(["study", "--inplace", "--only", "05", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--inplace renders the committed findings on WikiText-2" in err and str(tmp_path) in err

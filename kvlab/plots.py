@@ -78,6 +78,21 @@ def error_heatmaps(errors: pd.DataFrame, configs: list[str], metrics=("k_nmse", 
     return fig
 
 
+def _symlog_y(ax, lo, hi, linthresh: float = 0.05) -> None:
+    """Symlog y limited to the data (``lo``/``hi``: CI bounds), ticks at 0 and +-powers of ten only."""
+    from matplotlib.ticker import FuncFormatter, NullLocator
+
+    ax.set_yscale("symlog", linthresh=linthresh)
+    lo, hi = float(min(lo)), float(max(hi))
+    bottom = lo * 1.6 if lo < 0 else -linthresh / 2
+    top = hi * 1.6 if hi > 0 else linthresh
+    ax.set_ylim(bottom, top)
+    ticks = [0.0] + [s * 10.0**k for k in range(-1, 7) for s in (1, -1)]
+    ax.set_yticks(sorted(t for t in ticks if bottom <= t <= top))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
 def proxy_scatter(table: pd.DataFrame, proxies: list[str], target: str = "delta_ppl"):
     """Each proxy (log x) against delta PPL with its 95% CI, coloured by scheme family."""
     n = len(proxies)
@@ -91,14 +106,14 @@ def proxy_scatter(table: pd.DataFrame, proxies: list[str], target: str = "delta_
             ax.errorbar(g[p].clip(lower=1e-12), g[target], yerr=[g[target] - g["ci_lo"], g["ci_hi"] - g[target]],
                         fmt="o", ms=5, capsize=2, color=palette[fam], label=fam)
         ax.set_xscale("log")
-        ax.set_yscale("symlog", linthresh=0.05)
+        _symlog_y(ax, table["ci_lo"], table["ci_hi"])
         ax.set_xlabel(p)
         ax.set_ylabel("delta PPL vs fp16")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=min(6, len(labels)), fontsize=8,
-               bbox_to_anchor=(0.5, 1.04))
+               bbox_to_anchor=(0.5, 1.08))
     fig.tight_layout()
     return fig
 
@@ -116,7 +131,7 @@ def pareto_plot(summary: pd.DataFrame, front: pd.DataFrame, label_families=()):
                 ax.annotate(r.config, (r.bits_per_value, r.delta_ppl), fontsize=7, xytext=(4, 2),
                             textcoords="offset points")
     ax.plot(front["bits_per_value"], front["delta_ppl"], "k--", lw=1, label="Pareto front")
-    ax.set_yscale("symlog", linthresh=0.05)
+    _symlog_y(ax, summary["ci_lo"], summary["ci_hi"])
     ax.set_xlabel("bits per value (metadata and fp16 windows included)")
     ax.set_ylabel("delta PPL vs fp16 (95% CI)")
     ax.legend(fontsize=8, ncol=2)

@@ -38,13 +38,7 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
     return int(same.sum()), int(same.cumprod(0).sum())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared, loaded cores, 2 threads made greedy decoding ~30x slower here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

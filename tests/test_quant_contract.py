@@ -85,13 +85,7 @@ FAMILIES = {  # error must not grow as bits grow, in this order
 _CALIB_X = torch.randn(1, 2, 96, 64, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one intra-op thread is faster, and does not stall on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make(spec: str, which: str, calibrated: bool) -> kq.Quantizer:

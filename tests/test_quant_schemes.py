@@ -19,13 +19,7 @@ from kvlab.quant.catalog import format_schemes, schemes_table
 GGML_NAMES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one intra-op thread is faster, and does not stall on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---- bits per value, by hand ----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import triton.language as tl
 from ..quant.packing import unpack_bits
 from ._common import FLOATS, check_arg, check_choice, check_devices, check_pow2, check_rank, next_pow2
 from ._common import torch_to_tl as _torch_to_tl
+from .kivi_quant import check_k_cache, check_v_cache
 from .splitk import split_decode
 
 LOG2E = 1.4426950408889634
@@ -299,12 +300,7 @@ def _check(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, 
     H = k_codes.shape[1]
     if H < 1 or Hq % H:
         raise ValueError(f"q has Hq={Hq} heads and k_codes H={H} kv heads; Hq must be a positive multiple of H")
-    capk = k_codes.shape[-1] * 8 // bits
-    check_arg("k_codes", k_codes, (torch.uint8,), (B, H, D, k_codes.shape[-1]), "(B, H, D, capk * bits / 8)")
-    if capk % group:
-        raise ValueError(f"k_codes holds capk={capk} tokens, not a multiple of group={group}")
-    check_arg("k_scale", k_scale, (torch.float16,), (B, H, capk // group, D), "(B, H, capk / group, D)")
-    check_arg("k_min", k_min, (torch.float16,), (B, H, capk // group, D), "(B, H, capk / group, D)")
+    check_k_cache(k_codes, k_scale, k_min, B, H, D, bits, group)
     if not isinstance(residual, int) or residual < group or residual % group:
         raise ValueError(f"residual={residual!r} is not allowed; allowed: a positive multiple of group={group}")
     if NQ > residual:
@@ -315,10 +311,7 @@ def _check(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, 
         raise ValueError(f"k_fp16 window holds RK={k_fp16.shape[2]} tokens; allowed: RK >= max(1, residual - 1)"
                          f" = {max(1, residual - 1)}")
     check_rank("v_codes", v_codes, 4, "(B, H, capv, D * bits / 8)")
-    capv = v_codes.shape[2]
-    check_arg("v_codes", v_codes, (torch.uint8,), (B, H, capv, D * bits // 8), "(B, H, capv, D * bits / 8)")
-    check_arg("v_scale", v_scale, (torch.float16,), (B, H, capv, D // group), "(B, H, capv, D / group)")
-    check_arg("v_min", v_min, (torch.float16,), (B, H, capv, D // group), "(B, H, capv, D / group)")
+    check_v_cache(v_codes, v_scale, v_min, B, H, D, bits, group)
     check_rank("v_fp16", v_fp16, 4, "(B, H, RV, D)")
     check_arg("v_fp16", v_fp16, FLOATS, (B, H, v_fp16.shape[2], D), "(B, H, RV, D)")
     if v_fp16.shape[2] < residual:

@@ -100,6 +100,26 @@ def _kivi_pack_k_kernel(
     tl.store(min_ptr + s_off, lo, mask=wm)
 
 
+def check_k_cache(k_codes, k_scale, k_min, B, H, D, bits, group) -> int:
+    """Shapes and dtypes of a packed K cache (``k_codes`` already of rank 4); returns its capacity in tokens."""
+    cap = k_codes.shape[-1] * 8 // bits
+    check_arg("k_codes", k_codes, (torch.uint8,), (B, H, D, k_codes.shape[-1]), "(B, H, D, cap * bits / 8)")
+    if cap % group:
+        raise ValueError(f"k_codes holds cap={cap} tokens, not a multiple of group={group}")
+    check_arg("k_scale", k_scale, (torch.float16,), (B, H, cap // group, D), "(B, H, cap / group, D)")
+    check_arg("k_min", k_min, (torch.float16,), (B, H, cap // group, D), "(B, H, cap / group, D)")
+    return cap
+
+
+def check_v_cache(v_codes, v_scale, v_min, B, H, D, bits, group) -> int:
+    """Shapes and dtypes of a packed V cache (``v_codes`` already of rank 4); returns its capacity in tokens."""
+    cap = v_codes.shape[2]
+    check_arg("v_codes", v_codes, (torch.uint8,), (B, H, cap, D * bits // 8), "(B, H, cap, D * bits / 8)")
+    check_arg("v_scale", v_scale, (torch.float16,), (B, H, cap, D // group), "(B, H, cap, D / group)")
+    check_arg("v_min", v_min, (torch.float16,), (B, H, cap, D // group), "(B, H, cap, D / group)")
+    return cap
+
+
 def _check_k(k_new, k_codes, k_scale, k_min, offset, bits, group):
     check_choice("bits", bits, BITS)
     check_rank("k_new", k_new, 4, "(B, H, Tn, D)")
@@ -110,12 +130,7 @@ def _check_k(k_new, k_codes, k_scale, k_min, offset, bits, group):
     if Tn % group:
         raise ValueError(f"k_new holds Tn={Tn} tokens; K is appended in whole groups: a multiple of group={group}")
     check_rank("k_codes", k_codes, 4, "(B, H, D, cap * bits / 8)")
-    cap = k_codes.shape[-1] * 8 // bits
-    check_arg("k_codes", k_codes, (torch.uint8,), (B, H, D, k_codes.shape[-1]), "(B, H, D, cap * bits / 8)")
-    if cap % group:
-        raise ValueError(f"k_codes holds cap={cap} tokens, not a multiple of group={group}")
-    check_arg("k_scale", k_scale, (torch.float16,), (B, H, cap // group, D), "(B, H, cap / group, D)")
-    check_arg("k_min", k_min, (torch.float16,), (B, H, cap // group, D), "(B, H, cap / group, D)")
+    cap = check_k_cache(k_codes, k_scale, k_min, B, H, D, bits, group)
     if isinstance(offset, int) and offset % group:
         raise ValueError(f"offset={offset} is not a multiple of group={group}; K groups start at such offsets")
     return B, H, Tn, D, cap, offsets_tensor(offset, B, k_new.device)
@@ -228,10 +243,7 @@ def _check_v(v_new, v_codes, v_scale, v_min, offset, bits, group):
     check_pow2("head_dim D", D, 16, 256)
     check_pow2("group", group, 8 // bits, D)
     check_rank("v_codes", v_codes, 4, "(B, H, cap, D * bits / 8)")
-    cap = v_codes.shape[2]
-    check_arg("v_codes", v_codes, (torch.uint8,), (B, H, cap, D * bits // 8), "(B, H, cap, D * bits / 8)")
-    check_arg("v_scale", v_scale, (torch.float16,), (B, H, cap, D // group), "(B, H, cap, D / group)")
-    check_arg("v_min", v_min, (torch.float16,), (B, H, cap, D // group), "(B, H, cap, D / group)")
+    cap = check_v_cache(v_codes, v_scale, v_min, B, H, D, bits, group)
     return B, H, Tn, D, cap, offsets_tensor(offset, B, v_new.device)
 
 

@@ -24,6 +24,9 @@ Attention reads the dequantized tensors, computed on every step from the packed 
 the returned (B, H, L, D) tensor; for ``q4_0``/``q4_1``/``q8_0``, ``kivi`` and the float casts this
 decoding is done here in fewer passes, with the same float32 operations as the scheme's
 ``dequantize`` (bit-identical results, tested), and every other scheme goes through its ``dequantize``.
+On CPU, for ``q4_0``/``q4_1``/``q8_0`` and 2/4-bit ``kivi`` (no rotation), both quantizing the new tokens
+and decoding a run are one call each into compiled kernels (:mod:`kvlab.cpu_kernels`, bit-identical to the
+torch code, which stays the fallback: ``KVLAB_CPU_KERNELS=0`` or no C++ compiler).
 
 Refused up front with a ValueError (they would be silently wrong): models with sliding-window or chunked
 attention layers, recency policies (``recent=``/``old=``), schemes that are not causal (their stored
@@ -38,7 +41,7 @@ import inspect
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from . import quant
+from . import cpu_kernels, quant
 from .policy import Policy, parse_policy
 from .quant import Packed, Quantizer
 
@@ -77,6 +80,9 @@ def _read_cast(q, t, shape, out):  # fp16 / bf16 / none: the stored values, conv
 
 
 def _read_ggml(q, t, shape, out):  # q4_0 / q4_1 / q8_0: d * (q - 2**(b-1)), or d * q + m
+    if out.dtype == torch.float32 and cpu_kernels.usable(out):
+        cpu_kernels.ops().ggml_read(t["codes"], t["scale"], t.get("min"), q.nbits, out)
+        return
     B, H, T, D = shape
     o = out.view(B, H, T, D // 32, 32)
     if q.nbits == 8:
@@ -93,6 +99,9 @@ def _read_ggml(q, t, shape, out):  # q4_0 / q4_1 / q8_0: d * (q - 2**(b-1)), or 
 
 
 def _read_kivi(q, t, shape, out):  # codes * scale + min, K grouped along tokens, V along head_dim
+    if out.dtype == torch.float32 and cpu_kernels.usable(out):
+        cpu_kernels.ops().kivi_read(t["codes"], t["scale"], t["min"], q.bits, q.group, q.tensor == "k", out)
+        return
     B, H, T, D = shape
     g, k = q.group, 8 // q.bits
     if q.tensor == "k":  # codes (B, H, D, T*bits/8) packed along tokens; scale, min (B, H, T/g, D)
@@ -133,6 +142,31 @@ def read_packed(q: Quantizer, packed: Packed, out: torch.Tensor) -> None:
     tmp = torch.empty(out.shape, dtype=torch.float32, device=out.device)  # the schemes decode in float32
     reader(q, packed.tensors, packed.shape, tmp)
     out.copy_(tmp)
+
+
+def _quantize_cpu(q: Quantizer, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """``q.quantize_all(x).tensors`` from the compiled CPU kernels (bit-identical) for q4_0 / q4_1 / q8_0 and
+    KIVI 2/4-bit on CPU; None where they do not apply (other schemes, rotations, shapes the scheme refuses,
+    non-finite values: the scheme's own code then raises its error)."""
+    if q.rotate != "none" or x.dim() != 4 or x.dtype not in (torch.float16, torch.float32) or not x.numel():
+        return None
+    B, H, T, D = x.shape
+    if q.name in ("q4_0", "q4_1", "q8_0") and D % 32 == 0:
+        if not cpu_kernels.usable(x):
+            return None
+        out = cpu_kernels.ops().ggml_quantize(x, q.nbits, q.asym)
+        names = ("codes", "scale", "min")
+    elif q.name == "kivi" and q.bits in (2, 4) and (T % q.group == 0 if q.tensor == "k" else D % q.group == 0):
+        if (T if q.tensor == "k" else D) % (8 // q.bits) or not cpu_kernels.usable(x):
+            return None
+        out = cpu_kernels.ops().kivi_quantize(x, q.bits, q.group, q.tensor == "k")
+        names = ("codes", "scale", "min")
+        if out:
+            out = [*out, x.new_empty(B, H, 0, D, dtype=torch.float16)]
+            names = (*names, "fp16")
+    else:
+        return None
+    return dict(zip(names, out)) if out else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,6 +323,9 @@ class _Stream:
 
     def quantize(self, chunk: torch.Tensor) -> Packed:
         """The scheme's storage of ``chunk`` (fp16 values, as admitted), decoding to the model's dtype."""
+        fast = _quantize_cpu(self.q, chunk)
+        if fast is not None:
+            return Packed(fast, tuple(chunk.shape), self.dtype)
         return dataclasses.replace(self.q.quantize_all(chunk), dtype=self.dtype)
 
     def update(self, x: torch.Tensor) -> None:  # x (B, h, t, D) in the model's dtype

@@ -83,6 +83,9 @@ def _read_ggml(q, t, shape, out):  # q4_0 / q4_1 / q8_0: d * (q - 2**(b-1)), or 
     if out.dtype == torch.float32 and cpu_kernels.usable(out):
         cpu_kernels.ops().ggml_read(t["codes"], t["scale"], t.get("min"), q.nbits, out)
         return
+    if out.device.type != "cpu":  # CUDA has no integer ops into float ``out=``: the scheme's own decoding
+        out.copy_(q._dequantize(t, shape))
+        return
     B, H, T, D = shape
     o = out.view(B, H, T, D // 32, 32)
     if q.nbits == 8:
@@ -101,6 +104,9 @@ def _read_ggml(q, t, shape, out):  # q4_0 / q4_1 / q8_0: d * (q - 2**(b-1)), or 
 def _read_kivi(q, t, shape, out):  # codes * scale + min, K grouped along tokens, V along head_dim
     if out.dtype == torch.float32 and cpu_kernels.usable(out):
         cpu_kernels.ops().kivi_read(t["codes"], t["scale"], t["min"], q.bits, q.group, q.tensor == "k", out)
+        return
+    if out.device.type != "cpu":  # as in _read_ggml
+        out.copy_(q._dequantize(t, shape))
         return
     B, H, T, D = shape
     g, k = q.group, 8 // q.bits
@@ -507,9 +513,15 @@ class CompressedCache(Cache):
     ``config`` (the model's config) lets the cache check the model up front (layer count for
     ``keep_last``, listed heads, no sliding-window layers); without it, policies that need the layer
     count are refused. Shapes: ``update`` takes and returns K/V as (B, kv heads, T, D).
+
+    ``fused=True`` (CUDA): layers whose heads share one scheme the Triton kernels serve (``kivi`` 2/4-bit,
+    ``q4_0``/``q8_0``) are stored in the kernels' packed layout and attended by the fused decode kernel
+    (:mod:`kvlab.fused_cache`); other layers stay as here. Needs the model's attention implementation set
+    to ``"kvlab_fused"`` first (``kvlab.fused_cache.use_fused_attention(model)``); ``max_len`` preallocates
+    that many tokens (else the buffers grow).
     """
 
-    def __init__(self, policy, config=None):
+    def __init__(self, policy, config=None, *, fused: bool = False, max_len: int | None = None):
         self.policy = parse_policy(policy)
         if self.policy.recent:
             raise ValueError(f"CompressedCache: recency policies (recent={self.policy.recent}, old=...) are not "
@@ -533,12 +545,37 @@ class CompressedCache(Cache):
             raise ValueError("CompressedCache: a policy with keep_last needs the model's layer count; pass "
                              "config=model.config")
         self._splits: dict = {}
+        self.fused, self.max_len = bool(fused), max_len
+        if self.fused:
+            from .fused_cache import NAME, check_fused_config
+
+            check_fused_config(config, "CompressedCache(fused=True)")
+            self._fused_name = NAME
         super().__init__(layers=[])
 
+    def _new_layer(self, idx: int, n_heads: int):
+        """Layer ``idx``: with ``fused``, a :mod:`kvlab.fused_cache` layer (packed for the Triton kernels) where
+        the policy gives every head of the layer one scheme the kernels serve; else a CompressedLayer (whose
+        full K/V the fused attention function hands to SDPA)."""
+        if self.fused:
+            from .fused_cache import fused_layer
+
+            n = self.n_layers or 10**9
+            ks = {self.policy.quantizer(idx, h, "k", n).spec for h in range(n_heads)}
+            vs = {self.policy.quantizer(idx, h, "v", n).spec for h in range(n_heads)}
+            if len(ks) == 1 and len(vs) == 1:
+                try:
+                    return fused_layer(self.policy.quantizer(idx, 0, "k", n), self.policy.quantizer(idx, 0, "v", n),
+                                       self.max_len)
+                except ValueError:  # a scheme the kernels do not serve (fp16 layers of keep_first, ...)
+                    pass
+        return CompressedLayer(self.policy, idx, self.n_layers or 10**9, self._splits)
+
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        """Store new K/V (B, kv heads, t, D) of layer ``layer_idx``; return all of it (B, kv heads, L, D)."""
+        """Store new K/V (B, kv heads, t, D) of layer ``layer_idx``; return all of it (B, kv heads, L, D), or
+        with ``fused`` for a fused layer the new tokens only, tagged for the fused attention function."""
         while len(self.layers) <= layer_idx:
-            self.layers.append(CompressedLayer(self.policy, len(self.layers), self.n_layers or 10**9, self._splits))
+            self.layers.append(self._new_layer(len(self.layers), key_states.shape[1]))
         return self.layers[layer_idx].update(key_states, value_states)
 
     def nbytes(self) -> dict[str, int]:

@@ -67,6 +67,7 @@ def run(model, kw: str, ids: torch.Tensor, cache, steps: int, warmup: int) -> di
         for _ in range(warmup):
             tok = model(input_ids=tok, logits_to_keep=1, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
         torch.cuda.synchronize()
+        stats0 = torch.cuda.memory_stats()
         t2 = time.perf_counter()
         out = []
         for _ in range(steps):
@@ -74,9 +75,12 @@ def run(model, kw: str, ids: torch.Tensor, cache, steps: int, warmup: int) -> di
             out.append(tok)
         torch.cuda.synchronize()
         t3 = time.perf_counter()
+        stats1 = torch.cuda.memory_stats()
     held, room = cache_bytes(cache)
+    # device allocations (cudaMalloc) and allocator retries (cudaFree of cached blocks) during the timed steps
+    allocs = {k: stats1.get(k, 0) - stats0.get(k, 0) for k in ("num_device_alloc", "num_alloc_retries")}
     return {"prefill_s": t1 - t0, "step_ms": (t3 - t2) / steps * 1e3, "tok_s": ids.shape[0] * steps / (t3 - t2),
-            "bytes": held, "reserved": room, "tokens": torch.cat(out, dim=1).cpu()}
+            "bytes": held, "reserved": room, "tokens": torch.cat(out, dim=1).cpu(), **allocs}
 
 
 def main(argv=None) -> int:
@@ -154,7 +158,8 @@ def main(argv=None) -> int:
                 gc.collect()
                 torch.cuda.empty_cache()
             rows.append({"T": T, "cache": label, **r})
-            print(f"T={T} {label}: {r['step_ms']:.2f} ms/step", flush=True)
+            print(f"T={T} {label}: {r['step_ms']:.2f} ms/step, {r['num_device_alloc']} cudaMalloc and "
+                  f"{r['num_alloc_retries']} allocator retries in the timed steps", flush=True)
 
     dev = torch.cuda.get_device_name()
     lines = [f"bench_fused_cache on {dev}; torch {torch.__version__}, triton {triton.__version__}, "

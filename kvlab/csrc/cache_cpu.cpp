@@ -325,14 +325,13 @@ void kivi_read_rows(const View<uint8_t>& C, const View<at::Half>& S, const View<
   constexpr int PER = 8 / BITS, MASK = (1 << BITS) - 1;
   const int64_t group = GROUP ? GROUP : group_arg;
   std::vector<float> sf(D), mf(D);
-  if (is_k) {  // per group of tokens: codes to a (token, channel) byte tile, then one float pass per token
-    std::vector<uint8_t> tile(group * D);
-    uint8_t* __restrict__ q = tile.data();
+  if (is_k) {  // per group of tokens: the group's code bytes transposed to (byte column, channel), then
+               // for each token one vectorizable pass over the channels (shift, mask, scale, add)
+    std::vector<uint8_t> cols(group / PER * D);
     for (int64_t g = 0; g < T / group; ++g) {
       for (int64_t d = 0; d < D; ++d) {
         const uint8_t* __restrict__ c = C.row(b, h, d) + g * group / PER;
-        for (int64_t j = 0; j < group / PER; ++j)
-          for (int i = 0; i < PER; ++i) q[(j * PER + i) * D + d] = (c[j] >> (BITS * i)) & MASK;
+        for (int64_t j = 0; j < group / PER; ++j) cols[j * D + d] = c[j];
       }
       const at::Half* s = S.row(b, h, g);
       const at::Half* m = M.row(b, h, g);
@@ -340,10 +339,14 @@ void kivi_read_rows(const View<uint8_t>& C, const View<at::Half>& S, const View<
         sf[d] = static_cast<float>(s[d]);
         mf[d] = static_cast<float>(m[d]);
       }
-      for (int64_t i = 0; i < group; ++i) {
-        float* __restrict__ o = O.row(b, h, g * group + i);
-        const uint8_t* __restrict__ qi = q + i * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<float>(qi[d]) * sf[d] + mf[d];
+      const float* __restrict__ sp = sf.data();
+      const float* __restrict__ mp = mf.data();
+      for (int64_t j = 0; j < group / PER; ++j) {
+        const uint8_t* __restrict__ cj = cols.data() + j * D;
+        for (int i = 0; i < PER; ++i) {
+          float* __restrict__ o = O.row(b, h, g * group + j * PER + i);
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<float>((cj[d] >> (BITS * i)) & MASK) * sp[d] + mp[d];
+        }
       }
     }
   } else {  // per token: codes to bytes, then one float pass per group of channels

@@ -4,7 +4,8 @@ The embedded model (fp32) reads a ``--prompt``-token pydoc prompt and generates 
 with each cache: transformers' ``DynamicCache`` (the baseline: fp32 K/V, as the model runs in fp32),
 transformers' ``QuantizedCache`` with the ``quanto`` and ``hqq`` backends at 4 and 2 bits (group 64,
 residual 128; note that it attends the prefill with the unquantized K/V and quantizes it only for later
-steps), and ``CompressedCache`` with ``q4_0``, ``kivi-4`` and ``kivi-2``. Every variant runs once per
+steps), and ``CompressedCache`` with ``q4_0``, ``kivi-4`` and ``kivi-2`` (through its compiled CPU kernels;
+``KVLAB_CPU_KERNELS=0`` measures its torch-ops fallback). Every variant runs once per
 repeat, interleaved, so drifting machine load hits them alike; the medians are printed with their ratios
 to ``DynamicCache`` measured in the same run. A logits processor timestamps every step, which splits the
 prefill from the per-token decode. Bytes are those held at the end (prompt + new tokens), counted from
@@ -33,6 +34,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, QuantizedCache
 
 import kvlab
+from kvlab import cpu_kernels
 from kvlab.cache import CompressedCache, cache_kwarg
 from kvlab.evaluate import load_windows
 
@@ -201,6 +203,9 @@ def main() -> None:
               f"{r['bytes_vs_dyn']:>7.2f}{r['bytes_vs_fp16']:>7.2f}{r['same_tokens']:>6}")
     room = ", ".join(f"{r['cache'].split()[-1]} {r['reserved'] / 1024:.0f}" for r in rows if r.get("reserved"))
     print(f"(CompressedCache also holds room for later runs, not in 'KiB held': {room} KiB)")
+    print("(CompressedCache quantized and decoded through "
+          + ("its compiled CPU kernels, kvlab.cpu_kernels)" if cpu_kernels.ops() is not None
+             else "torch ops: the compiled CPU kernels were unavailable or KVLAB_CPU_KERNELS=0)"))
     print(f"\nCompressedCache.nbytes() vs an fp16 cache, whole model ({model.config.num_hidden_layers} layers x "
           f"{model.config.num_key_value_heads} kv heads x head_dim {model.config.head_dim}), synthetic K/V")
     print(f"{'tokens':>7}{'fp16 KiB':>11}{'kivi-2 KiB':>12}{'x fp16':>8}{'q4_0 KiB':>10}{'x fp16':>8}")

@@ -512,3 +512,24 @@ def test_report_tables_and_goals(tmp_path):
     assert "FakeGPU" in text and "Goals met: 1 of 4" in text
     fig = report.plot_speedups(df)
     assert len(fig.axes) == 1 and len(fig.axes[0].lines) >= len(report.KERNELS)
+
+
+def test_fused_cache_table(tmp_path):
+    import json
+
+    from kvlab.kernels import report
+
+    rows = [{"T": 4096, "cache": c, "step_ms": ms, "tok_s": 8 * 1000 / ms, "bytes": b}
+            for c, ms, b in [("DynamicCache", 40.0, 2**30), ("StaticCache", 4.0, 2**30),
+                             ("CompressedCache kivi-2", 12.0, 2**28), ("FusedCache kivi-2", 8.0, 2**28)]]
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps({"device": "FakeGPU", "args": {"batch": 8, "layers": 4, "steps": 64}, "rows": rows}))
+    t = report.fused_cache_table(path)
+    assert t.attrs["device"] == "FakeGPU" and t.attrs["batch"] == 8
+    assert t.loc[(4096, "FusedCache kivi-2"), "x unfused"] == pytest.approx(1.5)
+    assert t.loc[(4096, "FusedCache kivi-2"), "x StaticCache"] == pytest.approx(0.5)
+    assert t.loc[(4096, "CompressedCache kivi-2"), "cache MiB"] == pytest.approx(256)
+    assert t["x unfused"].isna().sum() == 3
+    path.write_text(json.dumps({"rows": [], "failed": {"FusedCache kivi-2": "boom"}}))
+    with pytest.raises(ValueError, match="no rows"):
+        report.fused_cache_table(path)

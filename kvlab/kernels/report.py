@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["GOALS", "KERNELS", "goal_check", "load_results", "plot_speedups", "speedup_table", "verdict_markdown"]
+__all__ = ["GOALS", "KERNELS", "fused_cache_table", "goal_check", "load_results", "plot_speedups", "speedup_table",
+           "verdict_markdown"]
 
 KERNELS = ("kivi-int4", "kivi-int2", "q4_0", "q8_0")
 # the project's goals at the reference point (B=8, T=32k): speedup over fp16 SDPA, and fraction of copy bandwidth
@@ -127,3 +128,30 @@ def plot_speedups(df: pd.DataFrame, timing: str = "eager"):
                  fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def fused_cache_table(path: str | Path) -> pd.DataFrame:
+    """The saved ``benchmarks/bench_fused_cache.py`` run (greedy decoding through whole caches) as one row per
+    (T, cache): ``ms/step``, ``tok/s``, ``cache MiB`` (bytes held), and the step time's ratio to HF's fp16
+    ``StaticCache`` and to the unfused ``CompressedCache`` of the same scheme at the same T (> 1: faster).
+    ``df.attrs`` holds ``device``, ``batch``, ``layers``, ``steps`` and ``failed`` (caches that did not run)."""
+    raw = json.loads(Path(path).read_text())
+    df = pd.DataFrame(raw["rows"])
+    if df.empty:
+        raise ValueError(f"{path}: the benchmark saved no rows (failed: {raw.get('failed')})")
+    steps = df.set_index(["T", "cache"])["step_ms"]
+
+    def ratio(row, other):
+        key = (row["T"], other)
+        return steps[key] / row["step_ms"] if key in steps.index else float("nan")
+
+    out = pd.DataFrame({
+        "T": df["T"], "cache": df["cache"], "ms/step": df["step_ms"], "tok/s": df["tok_s"],
+        "cache MiB": df["bytes"] / 2**20,
+        "x StaticCache": [ratio(r, "StaticCache") for _, r in df.iterrows()],
+        "x unfused": [ratio(r, r["cache"].replace("FusedCache", "CompressedCache"))
+                      if r["cache"].startswith("FusedCache") else float("nan") for _, r in df.iterrows()],
+    }).set_index(["T", "cache"])
+    out.attrs.update({"device": raw.get("device"), "failed": raw.get("failed", {}),
+                      **{k: raw.get("args", {}).get(k) for k in ("batch", "layers", "steps")}})
+    return out

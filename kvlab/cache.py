@@ -368,7 +368,32 @@ class _Stream:
         self.runs.map_batch(fn)
 
 
-class CompressedLayer(DynamicLayer):
+class PackedBatchOps:
+    """The batch operations of generate() (beam search reordering, repeats, selection) for a cache layer
+    whose stored tensors ``_map_batch(fn)`` rewrites along their batch dim; its packed storage stays where it
+    is (no offloading). Mixed into CompressedLayer and the fused layers of :mod:`kvlab.fused_cache`."""
+
+    def _map_batch(self, fn) -> None:
+        raise NotImplementedError
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: reorder the batch of every stored tensor (codes and scales included)."""
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+
+class CompressedLayer(PackedBatchOps, DynamicLayer):
     """One attention layer's compressed K/V."""
 
     is_croppable = False
@@ -450,26 +475,10 @@ class CompressedLayer(DynamicLayer):
     def reset(self) -> None:
         self.streams, self.cumulative_length, self.is_initialized = {}, 0, False
 
-    def offload(self):  # the packed streams stay where they are
-        pass
-
-    def prefetch(self):
-        pass
-
     def _map_batch(self, fn) -> None:
         for streams in self.streams.values():
             for s in streams:
                 s.map_batch(fn)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: reorder the batch of every stored tensor (codes and scales included)."""
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     def nbytes(self) -> dict[str, int]:
         out = {"codes": 0, "metadata": 0, "fp16": 0, "reserved": 0}
@@ -479,6 +488,17 @@ class CompressedLayer(DynamicLayer):
                     out[k] += v
                 out["reserved"] += s.runs.reserved()
         return out
+
+
+def layers_nbytes(layers) -> dict[str, int]:
+    """Sum of the layers' ``nbytes()`` (codes, metadata, fp16, reserved), plus ``total`` (held bytes:
+    codes + metadata + fp16; ``reserved`` room is not held data)."""
+    out = {"codes": 0, "metadata": 0, "fp16": 0, "reserved": 0}
+    for layer in layers:
+        for k, v in layer.nbytes().items():
+            out[k] += v
+    out["total"] = out["codes"] + out["metadata"] + out["fp16"]
+    return out
 
 
 def _layer_types(text_config) -> list[str]:
@@ -582,9 +602,4 @@ class CompressedCache(Cache):
         """Bytes held: ``codes`` (packed codes), ``metadata`` (scales, minima, outliers), ``fp16``
         (values held unquantized: fp16 windows and sinks; every value of the fp16/bf16/none casts),
         ``total`` (their sum) and ``reserved`` (allocated room for later runs, not in ``total``)."""
-        out = {"codes": 0, "metadata": 0, "fp16": 0, "reserved": 0}
-        for layer in self.layers:
-            for k, v in layer.nbytes().items():
-                out[k] += v
-        out["total"] = out["codes"] + out["metadata"] + out["fp16"]
-        return out
+        return layers_nbytes(self.layers)

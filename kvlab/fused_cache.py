@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .cache import PackedBatchOps, layers_nbytes
 from .kernels import (
     ggml_decode_attention,
     ggml_dequantize_ref,
@@ -90,7 +91,7 @@ def _sdpa(module, query, key, value, attention_mask, scaling, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
 
 
-class FusedLayer(DynamicLayer):
+class FusedLayer(PackedBatchOps, DynamicLayer):
     """One attention layer's K/V in a kernel layout. Subclasses implement ``_allocate`` (buffers for B
     sequences), ``_append`` (new fp16 tokens), ``_decode`` (the fused kernel), ``_dequantize`` (the whole
     layer, float32) and ``_used_bytes``; the base does the bookkeeping, the tag, the dispatch between
@@ -200,27 +201,11 @@ class FusedLayer(DynamicLayer):
     def reset(self) -> None:
         self.bufs, self.cumulative_length, self.is_initialized, self._unread = {}, 0, False, False
 
-    def offload(self):  # the packed buffers stay where they are
-        pass
-
-    def prefetch(self):
-        pass
-
     def _map_batch(self, fn) -> None:
         self.bufs = {name: fn(t).contiguous() for name, t in self.bufs.items()}
         B = next(iter(self.bufs.values())).shape[0]
         self.shape = (B, *self.shape[1:])
         self.lengths = torch.full((B,), self.cumulative_length, dtype=torch.int32, device=self.device)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: reorder the batch of every stored tensor (codes and scales included)."""
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held: ``codes``, ``metadata`` (scales, minima), ``fp16`` (the fp16 windows) and
@@ -532,9 +517,4 @@ class FusedCache(Cache):
     def nbytes(self) -> dict[str, int]:
         """As :meth:`kvlab.CompressedCache.nbytes`: ``codes``, ``metadata``, ``fp16``, ``total`` (their sum)
         and ``reserved`` (allocated room beyond the stored tokens, not in ``total``)."""
-        out = {"codes": 0, "metadata": 0, "fp16": 0, "reserved": 0}
-        for layer in self.layers:
-            for k, v in layer.nbytes().items():
-                out[k] += v
-        out["total"] = out["codes"] + out["metadata"] + out["fp16"]
-        return out
+        return layers_nbytes(self.layers)

@@ -92,11 +92,16 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--out", default=None, help="also write the table here (and the numbers to OUT.json)")
+    p.add_argument("--cudnn-sdpa", action="store_true",
+                   help="leave PyTorch's cuDNN SDPA backend on (off by default: it builds an execution plan for "
+                        "every new KV length, ~40-60 ms each, so whichever cache first meets a length pays it)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_fused_cache: needs a CUDA device (the fused kernels); skipped")
         return 0
 
+    if not args.cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     import transformers
     import triton
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
@@ -168,7 +173,8 @@ def main(argv=None) -> int:
              f"q heads, {cfg.num_key_value_heads} kv heads, head_dim {cfg.head_dim}, MLP {cfg.intermediate_size}, "
              f"vocab {cfg.vocab_size}, fp16 ({weights / 2**30:.2f} GiB of weights); batch {args.batch}, "
              f"{args.warmup} untimed + {args.steps} timed greedy steps after the prompt",
-             f"device-to-device copy bandwidth measured in this run: {bw / 1e9:.0f} GB/s",
+             f"device-to-device copy bandwidth measured in this run: {bw / 1e9:.0f} GB/s; cuDNN SDPA backend "
+             f"{'on' if args.cudnn_sdpa else 'off (flash / memory-efficient SDPA)'}",
              *(f"FAILED {k}: {v}" for k, v in failed.items()), ""]
     head = (f"{'T':>6} {'cache':<24} {'prefill s':>9} {'ms/step':>8} {'tok/s':>8} {'x Dyn':>6} {'cache MiB':>10} "
             f"{'x Dyn':>6} {'room MiB':>9} {'eff GB/s':>9} {'of copy':>7} {'same':>9}")

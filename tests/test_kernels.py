@@ -528,6 +528,7 @@ def test_fused_cache_table(tmp_path):
     assert t.attrs["device"] == "FakeGPU" and t.attrs["batch"] == 8
     assert t.loc[(4096, "FusedCache kivi-2"), "x unfused"] == pytest.approx(1.5)
     assert t.loc[(4096, "FusedCache kivi-2"), "x StaticCache"] == pytest.approx(0.5)
+    assert t.loc[(4096, "FusedCache kivi-2"), "x DynamicCache"] == pytest.approx(5.0)
     assert t.loc[(4096, "CompressedCache kivi-2"), "cache MiB"] == pytest.approx(256)
     assert t["x unfused"].isna().sum() == 3
     path.write_text(json.dumps({"rows": [], "failed": {"FusedCache kivi-2": "boom"}}))

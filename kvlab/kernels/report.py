@@ -133,7 +133,8 @@ def plot_speedups(df: pd.DataFrame, timing: str = "eager"):
 def fused_cache_table(path: str | Path) -> pd.DataFrame:
     """The saved ``benchmarks/bench_fused_cache.py`` run (greedy decoding through whole caches) as one row per
     (T, cache): ``ms/step``, ``tok/s``, ``cache MiB`` (bytes held), and the step time's ratio to HF's fp16
-    ``StaticCache`` and to the unfused ``CompressedCache`` of the same scheme at the same T (> 1: faster).
+    ``DynamicCache`` and ``StaticCache`` and to the unfused ``CompressedCache`` of the same scheme at the same
+    T (> 1: faster).
     ``df.attrs`` holds ``device``, ``batch``, ``layers``, ``steps`` and ``failed`` (caches that did not run)."""
     raw = json.loads(Path(path).read_text())
     df = pd.DataFrame(raw["rows"])
@@ -148,6 +149,7 @@ def fused_cache_table(path: str | Path) -> pd.DataFrame:
     out = pd.DataFrame({
         "T": df["T"], "cache": df["cache"], "ms/step": df["step_ms"], "tok/s": df["tok_s"],
         "cache MiB": df["bytes"] / 2**20,
+        "x DynamicCache": [ratio(r, "DynamicCache") for _, r in df.iterrows()],
         "x StaticCache": [ratio(r, "StaticCache") for _, r in df.iterrows()],
         "x unfused": [ratio(r, r["cache"].replace("FusedCache", "CompressedCache"))
                       if r["cache"].startswith("FusedCache") else float("nan") for _, r in df.iterrows()],

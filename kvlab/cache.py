@@ -83,9 +83,6 @@ def _read_ggml(q, t, shape, out):  # q4_0 / q4_1 / q8_0: d * (q - 2**(b-1)), or 
     if out.dtype == torch.float32 and cpu_kernels.usable(out):
         cpu_kernels.ops().ggml_read(t["codes"], t["scale"], t.get("min"), q.nbits, out)
         return
-    if out.device.type != "cpu":  # CUDA has no integer ops into float ``out=``: the scheme's own decoding
-        out.copy_(q._dequantize(t, shape))
-        return
     B, H, T, D = shape
     o = out.view(B, H, T, D // 32, 32)
     if q.nbits == 8:
@@ -105,9 +102,6 @@ def _read_kivi(q, t, shape, out):  # codes * scale + min, K grouped along tokens
     if out.dtype == torch.float32 and cpu_kernels.usable(out):
         cpu_kernels.ops().kivi_read(t["codes"], t["scale"], t["min"], q.bits, q.group, q.tensor == "k", out)
         return
-    if out.device.type != "cpu":  # as in _read_ggml
-        out.copy_(q._dequantize(t, shape))
-        return
     B, H, T, D = shape
     g, k = q.group, 8 // q.bits
     if q.tensor == "k":  # codes (B, H, D, T*bits/8) packed along tokens; scale, min (B, H, T/g, D)
@@ -121,7 +115,8 @@ def _read_kivi(q, t, shape, out):  # codes * scale + min, K grouped along tokens
 
 def _reader(q: Quantizer):
     """A function ``(q, tensors, shape, out)`` that writes the dequantized run into the float32 ``out``,
-    bit-identical to ``q.dequantize``; None where only ``q.dequantize`` knows how."""
+    bit-identical to ``q.dequantize``; None where only ``q.dequantize`` knows how. Except ``_read_cast``
+    they run on CPU only (integer ops written into float ``out=`` tensors, which CUDA refuses)."""
     if q.rotate != "none":
         return None
     if q.name in ("fp16", "bf16", "none"):
@@ -138,6 +133,8 @@ def read_packed(q: Quantizer, packed: Packed, out: torch.Tensor) -> None:
     building the dequantized tensor first where the scheme has a fast path here."""
     reader = _reader(q)
     if reader is _read_kivi and packed.tensors["fp16"].shape[-2]:  # a run with its own window: not from a cache
+        reader = None
+    if reader is not _read_cast and out.device.type != "cpu":
         reader = None
     if reader is None:
         out.copy_(q.dequantize(packed))
@@ -567,20 +564,19 @@ class CompressedCache(Cache):
         self._splits: dict = {}
         self.fused, self.max_len = bool(fused), max_len
         if self.fused:
-            from .fused_cache import NAME, check_fused_config
+            from .fused_cache import check_fused_config
 
-            check_fused_config(config, "CompressedCache(fused=True)")
-            self._fused_name = NAME
+            check_fused_config(config, type(self).__name__)
         super().__init__(layers=[])
 
     def _new_layer(self, idx: int, n_heads: int):
         """Layer ``idx``: with ``fused``, a :mod:`kvlab.fused_cache` layer (packed for the Triton kernels) where
         the policy gives every head of the layer one scheme the kernels serve; else a CompressedLayer (whose
         full K/V the fused attention function hands to SDPA)."""
+        n = self.n_layers or 10**9
         if self.fused:
             from .fused_cache import fused_layer
 
-            n = self.n_layers or 10**9
             ks = {self.policy.quantizer(idx, h, "k", n).spec for h in range(n_heads)}
             vs = {self.policy.quantizer(idx, h, "v", n).spec for h in range(n_heads)}
             if len(ks) == 1 and len(vs) == 1:
@@ -589,7 +585,7 @@ class CompressedCache(Cache):
                                        self.max_len)
                 except ValueError:  # a scheme the kernels do not serve (fp16 layers of keep_first, ...)
                     pass
-        return CompressedLayer(self.policy, idx, self.n_layers or 10**9, self._splits)
+        return CompressedLayer(self.policy, idx, n, self._splits)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """Store new K/V (B, kv heads, t, D) of layer ``layer_idx``; return all of it (B, kv heads, L, D), or

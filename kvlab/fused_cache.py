@@ -40,9 +40,9 @@ CUDA device, or CPU tensors with ``TRITON_INTERPRET=1`` set before triton is imp
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import DynamicLayer
 
-from .cache import PackedBatchOps, layers_nbytes
+from .cache import CompressedCache, PackedBatchOps
 from .kernels import (
     ggml_decode_attention,
     ggml_dequantize_ref,
@@ -56,7 +56,6 @@ from .kernels import (
     kivi_pack_v,
 )
 from .kernels._common import FLOATS, check_pow2
-from .policy import parse_policy
 from .quant import Quantizer
 
 __all__ = ["NAME", "FusedCache", "FusedGgmlLayer", "FusedKiviLayer", "FusedLayer", "fused_attention", "fused_layer",
@@ -466,29 +465,19 @@ def _head_dim(text) -> int:
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
-class FusedCache(Cache):
-    """A transformers cache holding every layer's K/V packed for the fused kernels (see the module
-    docstring). ``policy``: one scheme for K and V of every layer and head (``"kivi:bits=4"``,
-    ``"kivi:bits=2,group=32,residual=128"``, ``"q4_0"``, ``"k=q8_0;v=q4_0"``); ``config``: the model's
-    config, whose attention implementation must be ``"kvlab_fused"`` (:func:`use_fused_attention`);
-    ``max_len``: tokens to preallocate for (prompt + new tokens), else buffers grow as needed.
+class FusedCache(CompressedCache):
+    """A CompressedCache whose every layer is packed for the fused kernels (see the module docstring), refusing
+    up front what ``CompressedCache(fused=True)`` would leave unfused. ``policy``: one scheme for K and V of
+    every layer and head (``"kivi:bits=4"``, ``"kivi:bits=2,group=32,residual=128"``, ``"q4_0"``,
+    ``"k=q8_0;v=q4_0"``); ``config``: the model's config, whose attention implementation must be
+    ``"kvlab_fused"`` (:func:`use_fused_attention`); ``max_len``: tokens to preallocate for (prompt + new
+    tokens), else buffers grow as needed.
     """
 
     def __init__(self, policy, config, max_len: int | None = None):
-        check_fused_config(config, "FusedCache")
+        super().__init__(policy, config, fused=True, max_len=max_len)  # the model, policy and device checks
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        types = list(getattr(text, "layer_types", None) or [])
-        if not types and getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True):
-            types = ["sliding_attention"]
-        if any(t != "full_attention" for t in types):
-            raise ValueError(f"FusedCache supports models whose layers all use full attention; this one has "
-                             f"{sorted(set(types) - {'full_attention'})} layers")
-        self.policy = parse_policy(policy)
         n_layers, n_heads = text.num_hidden_layers, text.num_key_value_heads
-        self.policy.check_model(n_layers, n_heads)
-        if self.policy.recent:
-            raise ValueError("FusedCache: recency policies (recent=, old=) are not supported; allowed: one scheme "
-                             "for every layer and head")
         self.k, self.v = (self.policy.quantizer(0, 0, w, n_layers) for w in "kv")
         for w in "kv":
             specs = {self.policy.quantizer(layer, h, w, n_layers).spec for layer in range(n_layers)
@@ -497,7 +486,6 @@ class FusedCache(Cache):
                 raise ValueError(f"FusedCache: the policy uses {len(specs)} schemes for {w.upper()} "
                                  f"({', '.join(sorted(specs))}); allowed: one scheme for every layer and head "
                                  "(kvlab.CompressedCache stores mixed policies)")
-        self.max_len = max_len
         layer = fused_layer(self.k, self.v, max_len)  # validates the pair and max_len
         if isinstance(layer, FusedKiviLayer):
             D = _head_dim(text)
@@ -506,15 +494,6 @@ class FusedCache(Cache):
                 raise ValueError(f"FusedCache: kivi group={layer.group} does not divide head_dim={D}")
         else:
             check_pow2("head_dim", _head_dim(text), 32, 256)
-        super().__init__(layers=[])
 
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        """Store new K/V (B, kv heads, t, D) of layer ``layer_idx``; return them tagged for the fused attention."""
-        while len(self.layers) <= layer_idx:
-            self.layers.append(fused_layer(self.k, self.v, self.max_len))
-        return self.layers[layer_idx].update(key_states, value_states)
-
-    def nbytes(self) -> dict[str, int]:
-        """As :meth:`kvlab.CompressedCache.nbytes`: ``codes``, ``metadata``, ``fp16``, ``total`` (their sum)
-        and ``reserved`` (allocated room beyond the stored tokens, not in ``total``)."""
-        return layers_nbytes(self.layers)
+    def _new_layer(self, idx: int, n_heads: int) -> FusedLayer:
+        return fused_layer(self.k, self.v, self.max_len)

@@ -29,13 +29,6 @@ void check_rows(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
 }
 
-template <typename T>
-inline T* row(const at::Tensor& t, int64_t b, int64_t h, int64_t i) {
-  return t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1) + i * t.stride(2);
-}
-
-inline float half_to_float(at::Half h) { return static_cast<float>(h); }
-
 // Raw pointer and strides of a rank-4 tensor, read once (Tensor accessors are not free inside loops).
 template <typename T>
 struct View {
@@ -46,37 +39,47 @@ struct View {
   T* row(int64_t b, int64_t h, int64_t i) const { return p + b * s0 + h * s1 + i * s2; }
 };
 
-// Load one row of D values (fp16 or float32) as float32.
-inline void load_row(const at::Tensor& x, int64_t b, int64_t h, int64_t t, float* dst) {
-  const int64_t D = x.size(3);
-  if (x.scalar_type() == at::kFloat) {
-    const float* src = row<float>(x, b, h, t);
-    for (int64_t j = 0; j < D; ++j) dst[j] = src[j];
-  } else {
-    const at::Half* src = row<at::Half>(x, b, h, t);
-    for (int64_t j = 0; j < D; ++j) dst[j] = half_to_float(src[j]);
-  }
-}
-
 void check_input(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "x must have rank 4 (B, H, T, D), got ", x.dim());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf, "x must be float32 or float16, got ",
               x.scalar_type());
-  TORCH_CHECK(x.stride(3) == 1, "x must be contiguous along its last dim");
+  check_rows(x, "x", x.scalar_type());
 }
 
-bool all_finite(const at::Tensor& x) {
-  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
-  std::vector<float> buf(D);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t t = 0; t < T; ++t) {
-        load_row(x, b, h, t, buf.data());
-        for (int64_t j = 0; j < D; ++j)
-          if (!std::isfinite(buf[j])) return false;
-      }
-  return true;
-}
+// The rows of an input x (B, H, T, D) of fp16 or float32, read as float32.
+struct InputRows {
+  bool is_float;
+  int64_t B, H, T, D;
+  View<float> f;
+  View<at::Half> h;
+  explicit InputRows(const at::Tensor& x)
+      : is_float(x.scalar_type() == at::kFloat), B(x.size(0)), H(x.size(1)), T(x.size(2)), D(x.size(3)) {
+    if (is_float)
+      f = View<float>(x);
+    else
+      h = View<at::Half>(x);
+  }
+  void load(int64_t b, int64_t hh, int64_t t, float* dst) const {
+    if (is_float) {
+      const float* src = f.row(b, hh, t);
+      for (int64_t j = 0; j < D; ++j) dst[j] = src[j];
+    } else {
+      const at::Half* src = h.row(b, hh, t);
+      for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<float>(src[j]);
+    }
+  }
+  bool all_finite() const {
+    std::vector<float> buf(D);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t hh = 0; hh < H; ++hh)
+        for (int64_t t = 0; t < T; ++t) {
+          load(b, hh, t, buf.data());
+          for (int64_t j = 0; j < D; ++j)
+            if (!std::isfinite(buf[j])) return false;
+        }
+    return true;
+  }
+};
 
 }  // namespace
 
@@ -88,23 +91,27 @@ std::vector<at::Tensor> ggml_quantize(const at::Tensor& x, int64_t nbits, bool a
   check_input(x);
   TORCH_CHECK(nbits == 4 || nbits == 8, "nbits must be 4 or 8, got ", nbits);
   TORCH_CHECK(!(asym && nbits == 8), "q8 has no asymmetric format");
-  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
+  const InputRows X(x);
+  const int64_t B = X.B, H = X.H, T = X.T, D = X.D;
   TORCH_CHECK(D % BLOCK == 0, "head_dim ", D, " is not a multiple of ", BLOCK);
-  if (!all_finite(x)) return {};
+  if (!X.all_finite()) return {};
   const int64_t nb = D / BLOCK;
   auto u8 = at::TensorOptions().dtype(at::kByte);
   auto f16 = at::TensorOptions().dtype(at::kHalf);
   at::Tensor codes = at::empty({B, H, T, nbits == 8 ? D : D / 2}, u8);
   at::Tensor scale = at::empty({B, H, T, nb}, f16);
   at::Tensor mins = asym ? at::empty({B, H, T, nb}, f16) : at::Tensor();
+  const View<uint8_t> C(codes);
+  const View<at::Half> S(scale);
+  const View<at::Half> M = asym ? View<at::Half>(mins) : View<at::Half>();
   at::parallel_for(0, B * H * T, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> xs(D);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / (H * T), h = (r / T) % H, t = r % T;
-      load_row(x, b, h, t, xs.data());
-      uint8_t* c = row<uint8_t>(codes, b, h, t);
-      at::Half* s = row<at::Half>(scale, b, h, t);
-      at::Half* m = asym ? row<at::Half>(mins, b, h, t) : nullptr;
+      X.load(b, h, t, xs.data());
+      uint8_t* c = C.row(b, h, t);
+      at::Half* s = S.row(b, h, t);
+      at::Half* m = asym ? M.row(b, h, t) : nullptr;
       for (int64_t k = 0; k < nb; ++k) {
         const float* v = xs.data() + k * BLOCK;
         float q[BLOCK];
@@ -220,12 +227,12 @@ inline void affine(const float* v, int64_t n, int64_t stride, float qmax, at::Ha
     hi = x > hi ? x : hi;
   }
   const at::Half lo_h(lo);
-  *lo16 = half_to_float(lo_h);
+  *lo16 = static_cast<float>(lo_h);
   float diff = hi - *lo16;
   diff = diff < 0.0f ? 0.0f : diff;
   at::Half s_h(diff / qmax);
-  if (half_to_float(s_h) == 0.0f) s_h = at::Half(1.0f);
-  *s = half_to_float(s_h);
+  if (static_cast<float>(s_h) == 0.0f) s_h = at::Half(1.0f);
+  *s = static_cast<float>(s_h);
   *s_out = s_h;
   *m_out = lo_h;
 }
@@ -241,7 +248,8 @@ inline int code_of(float x, float lo, float s, float qmax) {
 std::vector<at::Tensor> kivi_quantize(const at::Tensor& x, int64_t bits, int64_t group, bool is_k) {
   check_input(x);
   TORCH_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4, got ", bits);
-  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3), per = 8 / bits;
+  const InputRows X(x);
+  const int64_t B = X.B, H = X.H, T = X.T, D = X.D, per = 8 / bits;
   const float qmax = static_cast<float>((1 << bits) - 1);
   TORCH_CHECK(group >= 1, "group must be positive");
   if (is_k) {
@@ -249,7 +257,7 @@ std::vector<at::Tensor> kivi_quantize(const at::Tensor& x, int64_t bits, int64_t
   } else {
     TORCH_CHECK(D % group == 0 && D % per == 0, "V: D=", D, " is not a multiple of group=", group);
   }
-  if (!all_finite(x)) return {};
+  if (!X.all_finite()) return {};
   auto u8 = at::TensorOptions().dtype(at::kByte);
   auto f16 = at::TensorOptions().dtype(at::kHalf);
   at::Tensor codes, scale, mins;
@@ -262,19 +270,21 @@ std::vector<at::Tensor> kivi_quantize(const at::Tensor& x, int64_t bits, int64_t
     scale = at::empty({B, H, T, D / group}, f16);
     mins = at::empty({B, H, T, D / group}, f16);
   }
+  const View<uint8_t> C(codes);
+  const View<at::Half> S(scale), M(mins);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> xs(group * D);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / H, h = r % H;
       if (is_k) {
         for (int64_t g = 0; g < T / group; ++g) {
-          for (int64_t i = 0; i < group; ++i) load_row(x, b, h, g * group + i, xs.data() + i * D);
-          at::Half* so = row<at::Half>(scale, b, h, g);
-          at::Half* mo = row<at::Half>(mins, b, h, g);
+          for (int64_t i = 0; i < group; ++i) X.load(b, h, g * group + i, xs.data() + i * D);
+          at::Half* so = S.row(b, h, g);
+          at::Half* mo = M.row(b, h, g);
           for (int64_t d = 0; d < D; ++d) {
             float s, lo;
             affine(xs.data() + d, group, D, qmax, so + d, mo + d, &s, &lo);
-            uint8_t* c = row<uint8_t>(codes, b, h, d);
+            uint8_t* c = C.row(b, h, d);
             for (int64_t i = 0; i < group; ++i) {
               const int64_t t = g * group + i;
               c[t / per] |= static_cast<uint8_t>(code_of(xs[i * D + d], lo, s, qmax) << (bits * (t % per)));
@@ -283,10 +293,10 @@ std::vector<at::Tensor> kivi_quantize(const at::Tensor& x, int64_t bits, int64_t
         }
       } else {
         for (int64_t t = 0; t < T; ++t) {
-          load_row(x, b, h, t, xs.data());
-          at::Half* so = row<at::Half>(scale, b, h, t);
-          at::Half* mo = row<at::Half>(mins, b, h, t);
-          uint8_t* c = row<uint8_t>(codes, b, h, t);
+          X.load(b, h, t, xs.data());
+          at::Half* so = S.row(b, h, t);
+          at::Half* mo = M.row(b, h, t);
+          uint8_t* c = C.row(b, h, t);
           for (int64_t g = 0; g < D / group; ++g) {
             float s, lo;
             affine(xs.data() + g * group, group, 1, qmax, so + g, mo + g, &s, &lo);

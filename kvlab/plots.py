@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
 import pandas as pd
 import seaborn as sns
 
-__all__ = ["channel_magnitudes", "error_heatmaps", "pareto_plot", "proxy_scatter", "stats_by_layer",
-           "value_histograms"]
+__all__ = ["channel_magnitudes", "error_heatmaps", "lossless_by_codec", "lossless_by_layer", "mixed_ratio_vs_ppl",
+           "pareto_plot", "proxy_scatter", "stats_by_layer", "value_histograms"]
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -136,4 +137,59 @@ def pareto_plot(summary: pd.DataFrame, front: pd.DataFrame, label_families=()):
     ax.set_ylabel("delta PPL vs fp16 (95% CI)")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
+    return fig
+
+
+# ---- notebook 06: lossless coding ---------------------------------------------------------------
+_LOSSLESS_TENSORS = ["k_pre", "k_post", "v"]
+
+
+def lossless_by_layer(table: pd.DataFrame, codecs: list[str]):
+    """Lossless ratio per layer (log axis), one panel per tensor, a line per codec of ``codecs``, with the
+    order-0 entropy bound of the byte planes dashed. ``table``: :func:`kvlab.lossless.ratio_table`."""
+    grid = sns.relplot(data=table[table.codec.isin(codecs)], x="layer", y="ratio", hue="codec",
+                       col="tensor", col_order=_LOSSLESS_TENSORS, kind="line", marker="o", height=3.4, aspect=1.1)
+    for ax, name in zip(grid.axes.flat, _LOSSLESS_TENSORS):
+        bound = table[(table.tensor == name) & (table.codec == "bytes+zstd")]
+        (line,) = ax.plot(bound.layer, bound.entropy_ratio, "k--", lw=1, label="order-0 bound, byte planes")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(mticker.FixedLocator([1, 1.1, 1.2, 1.3, 1.5, 2, 3, 4, 5]))
+        ax.yaxis.set_major_formatter(mticker.FormatStrFormatter("%.1f"))
+        ax.yaxis.set_minor_formatter(mticker.NullFormatter())
+    grid.axes.flat[0].legend(handles=[line], loc="upper right", fontsize=8)
+    grid.set_axis_labels("layer", "lossless ratio (log)")
+    grid.figure.suptitle("Lossless ratio per layer (every container byte counted)", y=1.03)
+    return grid.figure
+
+
+def lossless_by_codec(summary: pd.DataFrame, codecs: list[str]):
+    """Pooled ratio per codec of ``codecs`` and tensor (bars) against the order-0 bound of the same planes
+    (dashes). ``summary``: :func:`kvlab.lossless.summarize`."""
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    data = summary[summary.codec.isin(codecs)]
+    sns.barplot(data=data, x="codec", y="ratio", hue="tensor", order=codecs, hue_order=_LOSSLESS_TENSORS, ax=ax)
+    sns.stripplot(data=data, x="codec", y="entropy_ratio", hue="tensor", order=codecs,
+                  hue_order=_LOSSLESS_TENSORS, dodge=True, marker="_", s=18, linewidth=2, color="k",
+                  palette="dark:k", legend=False, ax=ax)
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set(ylabel="pooled ratio (bars) / order-0 bound (dashes)", xlabel="",
+           ylim=(0.9, 1.05 * summary[["ratio", "entropy_ratio"]].max().max()))
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1), title="tensor")
+    ax.tick_params(axis="x", rotation=30)
+    ax.set_title("Pooled over layers: measured zstd ratio vs the order-0 entropy bound of the same planes")
+    return fig
+
+
+def mixed_ratio_vs_ppl(res: pd.DataFrame, title: str):
+    """Compression ratio vs delta PPL (95% CI bars) of the mixed lossless/lossy policies of
+    :func:`kvlab.lossless.evaluate_policies`, each point labelled with its policy."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    sns.scatterplot(data=res, x="ratio", y="delta_ppl", hue="policy", s=70, ax=ax, legend=False)
+    ax.errorbar(res.ratio, res.delta_ppl, yerr=[res.delta_ppl - res.ci_lo, res.ci_hi - res.delta_ppl], fmt="none",
+                ecolor="grey", capsize=3)
+    for row in res.itertuples():
+        ax.annotate(row.policy.replace(";keep=fp16", ""), (row.ratio, row.delta_ppl), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(xlabel="compression ratio vs fp16 (every stored byte)", ylabel="delta PPL vs fp16 (95% CI)", title=title)
     return fig

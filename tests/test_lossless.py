@@ -295,3 +295,40 @@ def test_evaluate_policies_in_model(tiny_model, tiny_dump):
     assert res.iloc[1].bits_per_value < base.bits_per_value or base.ratio < 1.6
     assert (res.ci_lo <= res.delta_ppl + 1e-12).all() and (res.delta_ppl <= res.ci_hi + 1e-12).all()
     assert res.iloc[2].ppl != base.ppl  # a 6-bit float does change the model
+
+
+def test_notebook_06_report_and_figures(tiny_model, tiny_dump):
+    """kvlab.lossless_report and the 06 figures on real tables of the tiny dump: the numbers in the text and
+    the metrics are those of the tables."""
+    import matplotlib.pyplot as plt
+
+    import kvlab.lossless_report as LR
+    from kvlab import plots
+
+    table = L.ratio_table(tiny_dump)
+    summary, summary_deep = L.summarize(table), L.summarize(table[table.layer > 0])
+    planes = L.plane_table(tiny_dump, codecs=["bytes+zstd", "fields+zstd"])
+    best = LR.best_codecs(summary)
+    for t in LR.TENSORS:
+        assert best[t].ratio == summary[summary.tensor == t].ratio.max()
+    text = LR.findings_markdown(table, summary, summary_deep, planes)
+    zstd_v = summary[(summary.tensor == "v") & (summary.codec == "zstd")].ratio.item()
+    assert f"V {zstd_v:.3f}x" in text and f"`{best['k_post'].codec}` {best['k_post'].ratio:.3f}x" in text
+    assert "of 3 layers" in text  # sub+bytes+zstd vs bytes+zstd counted over the 3 dumped layers
+
+    windows = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
+    res = L.evaluate_policies(tiny_model, windows, ["fpmant:mantissa=4"], L.layer_ratios(table))
+    mixed = LR.mixed_markdown(res, 2, 16, 16)
+    assert f"`fpmant:mantissa=4`: {res.ratio[1]:.3f}x" in mixed and f"perplexity {res.ppl[0]:.4f}" in mixed
+    m = LR.metrics(table, summary, summary_deep, res)
+    assert m["layers"] == [0, 1, 2] and m["fp16_ppl"] == res.ppl[0]
+    assert m["ratio"]["v"]["zstd"] == zstd_v and m["best_codec"]["v"]["codec"] == best["v"].codec
+    assert m["mixed"]["fpmant:mantissa=4"]["delta_ppl"] == res.delta_ppl[1]
+
+    figs = [plots.lossless_by_layer(table, ["zstd", "bytes+zstd"]),
+            plots.lossless_by_codec(summary, [c for c in L.CODECS if c != "store"]),
+            plots.mixed_ratio_vs_ppl(res, "t")]
+    assert [len(f.axes) for f in figs] == [3, 1, 1]
+    assert figs[0].axes[0].get_yscale() == "log" and len(figs[2].axes[0].texts) == 2
+    for f in figs:
+        plt.close(f)

@@ -85,14 +85,23 @@ def kivi_args(q, cache, lengths):
 
 
 LENGTHS = [37, 100, 300]  # not multiples of the block, group or residual; one batch of unequal sequences
+# KIVI attention backends: the Triton kernel everywhere, the CUDA C++ one (kvlab/csrc) on a GPU
+BACKENDS = ["triton"] + (["cuda"] if CUDA else [])
 
 
+def cuda_serves(backend, dtype):
+    if backend == "cuda" and dtype != torch.float16:
+        pytest.skip("the CUDA kernel takes fp16 queries")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("nq", [1, 3])
 @pytest.mark.parametrize("gqa", [1, 4])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("bits", [2, 4])
-def test_kivi_decode_attention(bits, D, gqa, nq, dtype):
+def test_kivi_decode_attention(bits, D, gqa, nq, dtype, backend):
+    cuda_serves(backend, dtype)
     g = gen(fresh_seed())
     B, H, group, residual, cap = len(LENGTHS), 2, 32, 64, 320
     cache = random_kivi(B, H, D, bits, group, residual, cap, g)
@@ -102,13 +111,15 @@ def test_kivi_decode_attention(bits, D, gqa, nq, dtype):
     ref = K.kivi_decode_attention_ref(*args, bits=bits, group=group, residual=residual)
     out = torch.full_like(q, float("nan"))
     splits = None if nq == 1 else 1  # automatic (several splits here), and the single-split path
-    K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, out=out, num_splits=splits)
+    K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, out=out, num_splits=splits,
+                            backend=backend)
     assert_close(out, ref, dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("group", "block_n", "residual", "D"), [(16, 64, 32, 64), (64, 32, 128, 64),
                                                                 (128, 64, 128, 128)])
-def test_kivi_decode_attention_group_vs_block(group, block_n, residual, D):
+def test_kivi_decode_attention_group_vs_block(group, block_n, residual, D, backend):
     """Blocks spanning several K groups, and groups spanning several blocks; an fp32 window."""
     g = gen(fresh_seed())
     B, H, bits, cap = 2, 2, 4, 512
@@ -119,8 +130,23 @@ def test_kivi_decode_attention_group_vs_block(group, block_n, residual, D):
     ref = K.kivi_decode_attention_ref(*args, bits=bits, group=group, residual=residual, sm_scale=0.2)
     out = torch.full_like(q, float("nan"))
     K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, sm_scale=0.2, out=out,
-                            block_n=block_n, num_splits=2)
+                            block_n=block_n, num_splits=2, backend=backend)
     assert_close(out, ref, torch.float16)
+
+
+def test_kivi_cuda_backend_refuses_with_the_reason():
+    """backend='cuda' names why it cannot serve a call; 'auto' falls back to Triton for the same call."""
+    g = gen(0)
+    cache = random_kivi(1, 1, 64, 4, 32, 32, 64, g)
+    q = randn(1, 1, 1, 64, g=g, dtype=torch.float32)
+    args = kivi_args(q, cache, torch.tensor([50], dtype=torch.int32, device=DEV))
+    why = "not on a CUDA device" if not CUDA else "takes float16"
+    with pytest.raises(ValueError, match=why):
+        K.kivi_decode_attention(*args, bits=4, group=32, residual=32, backend="cuda")
+    out = K.kivi_decode_attention(*args, bits=4, group=32, residual=32, backend="auto")
+    assert_close(out, K.kivi_decode_attention_ref(*args, bits=4, group=32, residual=32), torch.float32)
+    with pytest.raises(ValueError, match="backend"):
+        K.kivi_decode_attention(*args, bits=4, group=32, residual=32, backend="cutlass")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
@@ -473,6 +499,33 @@ def test_kivi_llama3_geometry_gpu(bits):
     K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, out=out, max_len=8191)
     assert_close(out, ref, torch.float16)
     assert K.available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize(("gqa", "nq"), [(4, 1), (8, 1), (4, 4), (1, 2)])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_cuda_long_sequences_gpu(bits, D, gqa, nq, splits):
+    """The CUDA kernel's main (mma) path over many blocks, warps and splits: long unequal sequences, up to
+    16 query rows per kv head (two mma column tiles), against the reference; also equal to Triton's kernel."""
+    g = gen(fresh_seed())
+    B, H, group, residual, cap = 3, 2, 32, 128, 4096
+    cache = random_kivi(B, H, D, bits, group, residual, cap, g)
+    q = randn(B, H * gqa, nq, D, g=g, dtype=torch.float16, scale=2.0)
+    lengths = torch.tensor([4096, 1000, 129], dtype=torch.int32, device=DEV)
+    args = kivi_args(q, cache, lengths)
+    ref = K.kivi_decode_attention_ref(*args, bits=bits, group=group, residual=residual)
+    out = torch.full_like(q, float("nan"))
+    K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, out=out, num_splits=splits,
+                            backend="cuda")
+    assert_close(out, ref, torch.float16)
+    tri = K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, backend="triton")
+    assert_close(out, tri, torch.float16)
+    again = K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, num_splits=splits,
+                                    backend="cuda")
+    assert torch.equal(out, again), "the CUDA kernel is not deterministic"
 
 
 # ---- the benchmark report (kvlab.kernels.report: what notebook 05 renders) -----------------------------

@@ -32,6 +32,7 @@ import triton.language as tl
 from ..quant.packing import unpack_bits
 from ._common import FLOATS, check_arg, check_choice, check_devices, check_pow2, check_rank, next_pow2
 from ._common import torch_to_tl as _torch_to_tl
+from . import kivi_cuda
 from .kivi_quant import check_k_cache, check_v_cache
 from .splitk import split_decode
 
@@ -326,24 +327,45 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
                           bits: int, group: int, residual: int, sm_scale: float | None = None,
                           out: torch.Tensor | None = None, max_len: int | None = None,
                           num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
-                          num_stages: int | None = 2, max_regs: int | None = 128) -> torch.Tensor:
+                          num_stages: int | None = 2, max_regs: int | None = 128,
+                          backend: str = "auto") -> torch.Tensor:
     """Attention of ``q`` (B, Hq, n, D) over a KIVI cache, returned in q's dtype as (B, Hq, n, D).
 
     Cache tensors as in the module docstring; ``lengths`` (B,) int32 on the same device. ``sm_scale``
     defaults to ``D ** -0.5``. ``max_len`` (a bound on ``lengths``, e.g. the cache class's host-side
-    counter) avoids reading ``lengths`` back to the host to plan the splits. Tuning: ``num_splits``
-    (None: one full wave of programs), ``block_n`` (tokens per block, a power of two), ``num_warps``,
-    ``num_stages``, ``max_regs`` (a register cap per thread: 128 lets 4 programs of 4 warps share an SM).
-    The defaults are the fastest of a sweep on an H100 (benchmarks/KERNEL_NOTES.md).
+    counter) avoids reading ``lengths`` back to the host to plan the splits.
+
+    ``backend``: ``"cuda"`` the CUDA C++ kernel (:mod:`.kivi_cuda`; fp16, head_dim 64/128, <= 16 query
+    rows per kv head, compiled on first use), ``"triton"`` the Triton kernel of this module, ``"auto"``
+    (default) the CUDA kernel where it can serve the call and was built, else Triton. ``"cuda"`` raises
+    ValueError saying why when it cannot.
+
+    Tuning: ``num_splits`` (None: one full wave of programs; both backends), and for Triton only
+    ``block_n`` (tokens per block, a power of two), ``num_warps``, ``num_stages``, ``max_regs`` (a register
+    cap per thread: 128 lets 4 programs of 4 warps share an SM). The defaults are the fastest of a sweep on
+    an H100 (benchmarks/KERNEL_NOTES.md).
     """
     B, Hq, NQ, D, H = _check(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths,
                              bits, group, residual, out)
+    check_choice("backend", backend, ("auto", "cuda", "triton"))
     check_pow2("block_n", block_n, 32, 256)
     check_devices(dict(q=q, k_codes=k_codes, k_scale=k_scale, k_min=k_min, k_fp16=k_fp16, v_codes=v_codes,
                        v_scale=v_scale, v_min=v_min, v_fp16=v_fp16, lengths=lengths))
     if max_len is None:
         max_len = int(lengths.max())
     out = torch.empty_like(q) if out is None else out
+    qk_scale = (D**-0.5 if sm_scale is None else sm_scale) * LOG2E
+    if backend != "triton":
+        cache = (q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths)
+        why = kivi_cuda.unsupported(*cache, bits, group, residual)
+        if why is None and kivi_cuda.ops() is None:
+            why = "the CUDA extension is not available (disabled by KVLAB_CUDA_KERNELS=0, or it failed to build)"
+        if why is None:
+            return kivi_cuda.kivi_decode_attention_cuda(*cache, bits=bits, group=group, residual=residual,
+                                                        qk_scale=qk_scale, out=out, max_len=max_len,
+                                                        num_splits=num_splits)
+        if backend == "cuda":
+            raise ValueError(f"backend='cuda' cannot serve this call: {why}; allowed: backend='triton' or 'auto'")
     strides = {}
     for prefix, t in (("sq", q), ("skc", k_codes), ("sks", k_scale), ("skw", k_fp16), ("svc", v_codes),
                       ("svs", v_scale), ("svw", v_fp16)):
@@ -351,7 +373,7 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
         strides.update({f"{prefix}_{n}": st for n, st in zip(names, t.stride()[:3])})
     args = dict(q_ptr=q, kc_ptr=k_codes, kcw_ptr=k_codes.view(torch.int32), ks_ptr=k_scale, km_ptr=k_min,
                 kw_ptr=k_fp16, vc_ptr=v_codes, vcw_ptr=v_codes.view(torch.int32), vs_ptr=v_scale, vm_ptr=v_min,
-                vw_ptr=v_fp16, len_ptr=lengths, qk_scale=(D**-0.5 if sm_scale is None else sm_scale) * LOG2E,
+                vw_ptr=v_fp16, len_ptr=lengths, qk_scale=qk_scale,
                 H=H, RESIDUAL=residual, **strides)
     static = dict(D=D, BITS=bits, GROUP=group, GQA=Hq // H, NQ=NQ,
                   BLOCK_M=max(16, next_pow2(Hq // H * NQ)), BLOCK_N=block_n, BLOCK_T=16,

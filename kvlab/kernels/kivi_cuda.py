@@ -1,0 +1,139 @@
+"""The CUDA C++ KIVI decode attention (``kvlab/csrc/kivi_attention_cuda.{cuh,cu}``): the same function as the
+Triton kernel in :mod:`.kivi_attention`, on the same cache, written so that every packed code reaches the
+matrix unit's operand registers without shared memory (the layout argument is in the ``.cuh``).
+
+Built on first use with ``torch.utils.cpp_extension.load`` (needs a CUDA build of torch, the CUDA compiler
+``nvcc`` of the same major version, and ``ninja``; about a minute, then cached under ``TORCH_EXTENSIONS_DIR``).
+Where it cannot be built, or with ``KVLAB_CUDA_KERNELS=0``, :func:`ops` returns None (one warning) and
+:func:`kvlab.kernels.kivi_decode_attention` uses the Triton kernel. :func:`unsupported` says which calls
+it serves: fp16 queries, head_dim 64 or 128, at most 16 query rows per kv head (GQA x query tokens), a
+group of at least head_dim / 8, aligned contiguous rows, compute capability 8.0 or newer.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from ._common import cdiv, num_sms
+
+__all__ = ["enabled", "ops", "reset", "unsupported", "kivi_decode_attention_cuda", "BLOCK"]
+
+_DIR = Path(__file__).resolve().parent.parent / "csrc"
+_state: dict = {}
+BLOCK = 64  # tokens per warp-block of the kernel (KiviCfg::BN)
+WARPS = 4
+
+
+def enabled() -> bool:
+    """False when ``KVLAB_CUDA_KERNELS`` is set to 0/false/no/off."""
+    return os.environ.get("KVLAB_CUDA_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def ops():
+    """The compiled module (``decode``, ``occupancy``), or None where disabled, without CUDA, or not
+    buildable (warned once). Decided at the first call; :func:`reset` forgets."""
+    if "module" in _state:
+        return _state["module"]
+    module = None
+    if enabled() and torch.cuda.is_available() and torch.version.cuda is not None:
+        try:
+            from torch.utils.cpp_extension import load
+
+            module = load(
+                name="kvlab_kivi_cuda",
+                sources=[str(_DIR / "kivi_attention_cuda.cu")],
+                extra_include_paths=[str(_DIR)],
+                extra_cuda_cflags=["-O3", "-std=c++17"],
+                verbose=False,
+            )
+        except Exception as e:  # no nvcc, a version mismatch, no ninja: the Triton kernel still works
+            warnings.warn(f"kvlab: the CUDA KIVI attention kernel could not be built ({type(e).__name__}: "
+                          f"{str(e)[:400]}); kivi_decode_attention uses the Triton kernel", stacklevel=2)
+    _state["module"] = module
+    return module
+
+
+def reset() -> None:
+    """Forget the decision of :func:`ops` and the learnt occupancies."""
+    _state.clear()
+
+
+def _aligned(t: torch.Tensor, nbytes: int, dims: int = 3) -> bool:
+    """Data pointer and the leading ``dims`` strides (in bytes) multiples of ``nbytes``; last stride 1."""
+    es = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % nbytes == 0
+            and all((s * es) % nbytes == 0 for s in t.stride()[:dims]))
+
+
+def unsupported(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, bits, group,
+                residual) -> str | None:
+    """Why the CUDA kernel cannot serve this (already validated) call, or None when it can."""
+    B, Hq, NQ, D = q.shape
+    H = k_codes.shape[1]
+    if q.device.type != "cuda":
+        return "tensors are not on a CUDA device"
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "the device is older than compute capability 8.0 (mma.sync m16n8k16)"
+    if q.dtype != torch.float16:
+        return f"q is {q.dtype}; the CUDA kernel takes float16"
+    if D not in (64, 128):
+        return f"head_dim D={D}; the CUDA kernel takes 64 or 128"
+    if Hq // H * NQ > 16:
+        return f"{Hq // H} query heads per kv head x {NQ} query tokens = {Hq // H * NQ} rows; at most 16"
+    if group < D // 8:
+        return f"group={group} < head_dim / 8 = {D // 8} (each lane's V channels must share one group)"
+    if not (_aligned(q, 8) and _aligned(k_codes, 4) and _aligned(k_scale, 8) and _aligned(k_min, 8)
+            and _aligned(v_codes, 8 if bits * D == 512 else 4 if bits * D == 256 else 2)
+            and _aligned(v_scale, 2) and _aligned(v_min, 2) and _aligned(k_fp16, k_fp16.element_size())
+            and _aligned(v_fp16, v_fp16.element_size()) and lengths.is_contiguous()):
+        return "a tensor's rows are not aligned for the CUDA kernel's vector loads"
+    return None
+
+
+def _occupancy(mod, bits: int, D: int, nt: int) -> int:
+    key = ("occ", bits, D, nt)
+    if key not in _state:
+        _state[key] = max(1, int(mod.occupancy(bits, D, nt)))
+    return _state[key]
+
+
+def plan(batch_heads: int, max_len: int, residual: int, device: torch.device, resident: int,
+         num_splits: int | None = None) -> tuple[int, int]:
+    """(CTAs along the quantized region per (sequence, kv head), tokens per CTA). The region is the full
+    ``BLOCK``s before the last ``residual`` tokens of the longest sequence; one full wave of CTAs (``resident``
+    per SM), each with at least two blocks per warp; a CTA's tokens are a multiple of ``WARPS * BLOCK``."""
+    region = max(0, (max_len - residual) // BLOCK * BLOCK)
+    if region == 0:
+        return 0, WARPS * BLOCK
+    step = WARPS * BLOCK
+    if num_splits is None:
+        slots = num_sms(device) * resident - batch_heads  # leave room for the tail CTAs
+        num_splits = max(1, min(max(slots, batch_heads) // batch_heads, cdiv(region, 2 * step)))
+    split_len = cdiv(cdiv(region, num_splits), step) * step
+    return cdiv(region, split_len), split_len
+
+
+def kivi_decode_attention_cuda(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, *,
+                               bits: int, group: int, residual: int, qk_scale: float, out: torch.Tensor,
+                               max_len: int, num_splits: int | None = None) -> torch.Tensor:
+    """Run the CUDA kernel into ``out`` (arguments already validated, :func:`unsupported` returned None)."""
+    mod = ops()
+    if mod is None:
+        raise RuntimeError("the CUDA KIVI kernel is not available (see the warning from its build)")
+    B, Hq, NQ, D = q.shape
+    H = k_codes.shape[1]
+    nt = 1 if Hq // H * NQ <= 8 else 2
+    n_main, split_len = plan(B * H, max_len, residual, q.device, _occupancy(mod, bits, D, nt), num_splits)
+    rows = B * Hq * NQ
+    o_part = torch.empty((rows, n_main + 1, D), device=q.device, dtype=torch.float32)
+    lse_part = torch.empty((rows, n_main + 1), device=q.device, dtype=torch.float32)
+    dst = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    mod.decode(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, o_part, lse_part,
+               dst, bits, group, residual, n_main, split_len, qk_scale)
+    if dst is not out:
+        out.copy_(dst)
+    return out

@@ -225,6 +225,29 @@ def sweep(results, copy_bw):
     return {n: tune for n, (t, tune) in best.items()}
 
 
+def sweep_cuda(results, copy_bw):
+    """The CUDA kernel at B=8, T=32k: CTAs along the sequence per (sequence, kv head), automatic and fixed."""
+    B, T = 8, 32768
+    g = torch.Generator(device="cuda").manual_seed(2)
+    k = torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g)
+    v = torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g)
+    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.float16, generator=g)
+    lengths = torch.full((B,), T, dtype=torch.int32, device="cuda")
+    for bits in (4, 2):
+        c = kivi_cache(k, v, bits)
+        run = functools.partial(fused_kivi, q, c, lengths, T, bits, backend="cuda")
+        base = run().float()
+        for splits in (None, 2, 3, 4, 5, 6, 8):
+            err = rel_err(run(num_splits=splits), base)
+            t = bench(functools.partial(run, num_splits=splits))
+            tg = bench_graph(functools.partial(run, num_splits=splits))
+            frac = kivi_bytes(B, T, bits) / (t * 1e-6) / copy_bw
+            results["sweep"].append(dict(kernel=f"cuda-int{bits}", B=B, T=T, num_splits=splits, us=t, graph_us=tg,
+                                         bw_frac=frac, relerr_vs_default=err))
+            log(f"sweep cuda-int{bits} num_splits={splits}: {t:8.1f} us (graph {tg:8.1f})  {frac:5.1%} of copy bw"
+                f"  err vs automatic {err:.1e}")
+
+
 def grid_point(results, copy_bw, tunes, B, T):
     """Every contender at one (B, T); the fp16 K and V are dropped once the caches are built."""
     row = dict(B=B, T=T)
@@ -392,6 +415,7 @@ def main(argv=None):
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     ap.add_argument("--no-append", action="store_true", help="skip the quantize-on-append timings")
+    ap.add_argument("--cuda-sweep", action="store_true", help="time the CUDA kernel's split counts at B=8, T=32k")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode_attention: no CUDA device; nothing to time (tests/test_kernels.py checks the kernels)")
@@ -411,6 +435,8 @@ def main(argv=None):
         with open(stem + ".json", "w") as f:
             json.dump(results, f, indent=1)
 
+    if args.cuda_sweep:
+        sweep_cuda(results, copy_bw)
     tunes = sweep(results, copy_bw) if args.sweep else {}
     results["tunes"] = tunes
     log(f"tuning used: {tunes or 'defaults'}")

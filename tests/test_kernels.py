@@ -134,6 +134,23 @@ def test_kivi_decode_attention_group_vs_block(group, block_n, residual, D, backe
     assert_close(out, ref, torch.float16)
 
 
+def test_kivi_cuda_plan():
+    """The CUDA kernel's split plan covers the quantized region in whole warp-blocks, one wave at most."""
+    from kvlab.kernels.kivi_cuda import BLOCK, WARPS, plan
+
+    step = WARPS * BLOCK
+    for bh, L, R, resident in [(64, 32768, 128, 2), (8, 32768, 128, 2), (1, 300, 128, 3), (4, 100, 128, 2),
+                               (2, 5000, 64, 1)]:
+        n, split_len = plan(bh, L, R, torch.device("cpu"), resident)
+        region = max(0, (L - R) // BLOCK * BLOCK)
+        assert n >= 1 and split_len % step == 0 and n * split_len >= region
+        assert (n - 1) * split_len < max(region, 1)  # no CTA without a block of its own (but the first)
+        assert n <= max(1, 4 * resident // bh)  # 4 SMs stand for a CPU device
+    assert plan(64, 32768, 128, torch.device("cpu"), 2, num_splits=3)[0] == 3
+    with pytest.raises(ValueError, match="num_splits"):
+        plan(64, 32768, 128, torch.device("cpu"), 2, num_splits=0)
+
+
 def test_kivi_cuda_backend_refuses_with_the_reason():
     """backend='cuda' names why it cannot serve a call; 'auto' falls back to Triton for the same call."""
     g = gen(0)

@@ -19,12 +19,12 @@ int window_dtype(const at::Tensor& t) {
 
 template <int BITS, int D, int NT>
 void launch(const kvlab::KiviParams& p, int bh, const at::Tensor& out, cudaStream_t stream) {
-  dim3 grid(bh, p.n_main + 1);
+  dim3 grid(bh, p.n_main);
   kvlab::kivi_decode_kernel<BITS, D, NT><<<grid, 128, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int rows = static_cast<int>(out.numel() / D);
   kvlab::kivi_merge_kernel<D><<<rows, D, 0, stream>>>(p.o_part, p.lse_part,
-                                                       reinterpret_cast<__half*>(out.data_ptr()), p.n_main + 1);
+                                                       reinterpret_cast<__half*>(out.data_ptr()), p.n_main);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -48,7 +48,7 @@ int64_t occupancy(int64_t bits, int64_t D, int64_t nt) {
   return 0;
 }
 
-// out (B, Hq, NQ, D) fp16 <- attention; o_part (B*Hq*NQ, n_main + 1, D) fp32 and lse_part (B*Hq*NQ, n_main + 1)
+// out (B, Hq, NQ, D) fp16 <- attention; o_part (B*Hq*NQ, n_main, D) fp32 and lse_part (B*Hq*NQ, n_main)
 // are scratch.
 void decode(const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& k_scale, const at::Tensor& k_min,
             const at::Tensor& k_fp16, const at::Tensor& v_codes, const at::Tensor& v_scale,

@@ -23,8 +23,9 @@
 //
 // Each warp runs its own online softmax over blocks of BN = 64 tokens; the 4 warps of a CTA are merged
 // through shared memory at the end, and each CTA writes one split's normalised partial output and its
-// log2-sum-exp2, merged by kivi_merge_kernel. The last CTA of each (sequence, kv head) handles the tokens
-// after the last full block where both K and V are quantized (the residual windows, masked, causal).
+// log2-sum-exp2, merged by kivi_merge_kernel. The tokens after the last full block where both K and V are
+// quantized (the residual windows; masked, causal) are shared out among all warps of the sequence's CTAs
+// after their blocks, through a plain per-token path.
 
 #pragma once
 
@@ -57,7 +58,7 @@ struct KiviParams {
   float* lse_part;  // (B * Hq * NQ, splits) log2-sum-exp2 of the scaled scores (-inf: empty)
   float qk_scale;  // softmax scale * log2(e)
   int H, gqa, nq, group, residual;
-  int n_main;  // CTAs along the quantized region per (sequence, kv head); blockIdx.y == n_main: the tail
+  int n_main;  // CTAs per (sequence, kv head) along the sequence (>= 1)
   int split_len;  // tokens per main CTA (a multiple of 4 * BN)
 };
 
@@ -154,8 +155,12 @@ __device__ void write_split(const KiviParams& p, KiviSmem<D, ROWS>& sm, int b, i
   }
 }
 
+#ifndef KVLAB_KIVI_MIN_BLOCKS
+#define KVLAB_KIVI_MIN_BLOCKS 2  // CTAs per SM the register allocation must allow
+#endif
+
 template <int BITS, int D, int NT>
-__global__ void __launch_bounds__(128, 2) kivi_decode_kernel(const KiviParams p) {
+__global__ void __launch_bounds__(128, KVLAB_KIVI_MIN_BLOCKS) kivi_decode_kernel(const KiviParams p) {
   using C = KiviCfg<BITS, D, NT>;
   constexpr int ROWS = C::ROWS;
   constexpr int TPT = C::TPT, BN = C::BN;
@@ -170,7 +175,7 @@ __global__ void __launch_bounds__(128, 2) kivi_decode_kernel(const KiviParams p)
   const int g = lane >> 2, c = lane & 3;
   const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
   const int rows = p.gqa * p.nq;
-  const int splits = p.n_main + 1;
+  const int splits = p.n_main;
   const int L = p.lengths[b];
   const int nv = max(L - p.residual, 0);
   const int nk = (L / p.residual) * p.residual;
@@ -183,7 +188,7 @@ __global__ void __launch_bounds__(128, 2) kivi_decode_kernel(const KiviParams p)
   const __half* vs = p.vs + b * p.svs_b + h * p.svs_h;
   const __half* vm = p.vm + b * p.svs_b + h * p.svs_h;
 
-  if (blockIdx.y < p.n_main) {
+  {
     // ------------------------------------------------------------------ quantized region, mma path
     const int lo = blockIdx.y * p.split_len;
     const int hi = min(lo + p.split_len, main_end);
@@ -215,10 +220,13 @@ __global__ void __launch_bounds__(128, 2) kivi_decode_kernel(const KiviParams p)
     __half* ps = reinterpret_cast<__half*>(smem_raw) + warp * ROWS * C::PST;
     const int vgrp = (g * C::CPT) / p.group;  // this lane's V channels share one group (group >= CPT)
 
-    for (int t0 = lo + warp * BN; t0 < hi; t0 += C::WARPS * BN) {
-      // ---- loads: K words and scales, V words and scales of this block
-      uint32_t kwd[C::KK][4];
-      uint2 ksc[C::KK], kmn[C::KK];
+    // Software pipeline over this warp's blocks: K of the next block is loaded while P.V of this one is
+    // computed, V of the next block while its scores are computed (the registers of each are free by then).
+    uint32_t kwd[C::KK][4];
+    uint2 ksc[C::KK], kmn[C::KK];
+    uint32_t vwd[C::KS][4][C::VW];
+    __half2 vsc[C::KS][2], vmn[C::KS][2];  // (tokens 4c, 4c+1), (4c+2, 4c+3) of each k-step
+    auto load_k = [&](int t0) {
       const int kbyte = (t0 + g * TPT) * BITS / 8;
       const int kgrp = (t0 + g * TPT) / p.group;
 #pragma unroll
@@ -235,10 +243,11 @@ __global__ void __launch_bounds__(128, 2) kivi_decode_kernel(const KiviParams p)
         ksc[kk] = __ldg(reinterpret_cast<const uint2*>(ks + kgrp * p.sks_g + 16 * kk + 4 * c));
         kmn[kk] = __ldg(reinterpret_cast<const uint2*>(km + kgrp * p.sks_g + 16 * kk + 4 * c));
       }
-      uint32_t vwd[C::KS][4][C::VW];
-      __half vsc[C::KS][4], vmn[C::KS][4];
+    };
+    auto load_v = [&](int t0) {
 #pragma unroll
       for (int s = 0; s < C::KS; ++s) {
+        __half sc[4], mn[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int tok = t0 + 16 * s + 4 * c + e;
@@ -252,11 +261,21 @@ __global__ void __launch_bounds__(128, 2) kivi_decode_kernel(const KiviParams p)
           } else {
             vwd[s][e][0] = __ldg(reinterpret_cast<const uint16_t*>(src));
           }
-          vsc[s][e] = vs[tok * p.svs_t + vgrp];
-          vmn[s][e] = vm[tok * p.svs_t + vgrp];
+          sc[e] = vs[tok * p.svs_t + vgrp];
+          mn[e] = vm[tok * p.svs_t + vgrp];
         }
+        vsc[s][0] = __halves2half2(sc[0], sc[1]);
+        vsc[s][1] = __halves2half2(sc[2], sc[3]);
+        vmn[s][0] = __halves2half2(mn[0], mn[1]);
+        vmn[s][1] = __halves2half2(mn[2], mn[3]);
       }
-
+    };
+    if (lo + warp * BN < hi) {
+      load_k(lo + warp * BN);
+      load_v(lo + warp * BN);
+    }
+    for (int t0 = lo + warp * BN; t0 < hi; t0 += C::WARPS * BN) {
+      const int tn = t0 + C::WARPS * BN;  // this warp's next block
       // ---- scores: S^T = K . Q^T
       float sacc[C::MTK][NT][4];
 #pragma unroll
@@ -296,6 +315,8 @@ __global__ void __launch_bounds__(128, 2) kivi_decode_kernel(const KiviParams p)
           for (int nt = 0; nt < NT; ++nt) mma_16816(sacc[i][nt], a0, a1, a2, a3, qf[nt][kk][0], qf[nt][kk][1]);
         }
       }
+
+      if (tn < hi) load_k(tn);
 
       // ---- online softmax; P to shared memory (row, token) as fp16
       __syncwarp();
@@ -341,10 +362,7 @@ __global__ void __launch_bounds__(128, 2) kivi_decode_kernel(const KiviParams p)
           pf[nt][0] = v.x;
           pf[nt][1] = v.y;
         }
-        const __half2 s01 = __halves2half2(vsc[s][0], vsc[s][1]);
-        const __half2 s23 = __halves2half2(vsc[s][2], vsc[s][3]);
-        const __half2 m01 = __halves2half2(vmn[s][0], vmn[s][1]);
-        const __half2 m23 = __halves2half2(vmn[s][2], vmn[s][3]);
+        const __half2 s01 = vsc[s][0], s23 = vsc[s][1], m01 = vmn[s][0], m23 = vmn[s][1];
 #pragma unroll
         for (int wi = 0; wi < C::VW; ++wi) {
           const uint32_t lo01 = __byte_perm(vwd[s][0][wi], vwd[s][1][wi], 0x5410);
@@ -374,6 +392,7 @@ __global__ void __launch_bounds__(128, 2) kivi_decode_kernel(const KiviParams p)
         }
       }
 #undef KV_CODE
+      if (tn < hi) load_v(tn);
     }
 
     // ---- this warp's state to shared memory (true channel order), then the CTA's split
@@ -403,67 +422,78 @@ __global__ void __launch_bounds__(128, 2) kivi_decode_kernel(const KiviParams p)
           sm.o[warp][r][g * C::CPT + 2 * mt + 1] = oacc[mt][nt][2 + j];
         }
       }
-    write_split<D, ROWS>(p, sm, b, h, rows, blockIdx.y, splits);
-    return;
   }
+  __syncwarp();
 
   // -------------------------------------------------------------------- the tail: tokens [main_end, L)
-  // Masked, one token per warp at a time, lanes along channels (d = lane + 32 j); windows included.
+  // Shared by all warps of all CTAs of this (sequence, kv head), TU tokens per warp at a time, masked,
+  // lanes along channels (d = lane + 32 j), windows included; the warp's online softmax continues from
+  // its main-path state, read back from shared memory in this layout.
   constexpr int DJ = D / 32;
   float qv[ROWS][DJ];
   float acc[ROWS][DJ];
   float m_t[ROWS], l_t[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
-    m_t[r] = -INFINITY;
-    l_t[r] = 0.f;
+    m_t[r] = sm.m[warp][r];
+    l_t[r] = sm.l[warp][r];
     const __half* qrow = p.q + b * p.sq_b + (h * p.gqa + r / p.nq) * p.sq_h + (r % p.nq) * p.sq_t;
 #pragma unroll
     for (int j = 0; j < DJ; ++j) {
       qv[r][j] = r < rows ? __half2float(qrow[lane + 32 * j]) : 0.f;
-      acc[r][j] = 0.f;
+      acc[r][j] = sm.o[warp][r][lane + 32 * j];
     }
   }
   const char* kw = static_cast<const char*>(p.kw);
   const char* vw = static_cast<const char*>(p.vw);
   const int kwsz = p.kw_dtype == 2 ? 4 : 2, vwsz = p.vw_dtype == 2 ? 4 : 2;
-  for (int t = main_end + warp; t < L; t += C::WARPS) {
-    float kx[DJ], vx[DJ];
+  constexpr int TU = 4;  // tokens per warp and step: their loads are in flight together
+  const int workers = p.n_main * C::WARPS;
+  for (int t1 = main_end + (blockIdx.y * C::WARPS + warp) * TU; t1 < L; t1 += workers * TU) {
+    float kx[TU][DJ], vx[TU][DJ];
 #pragma unroll
-    for (int j = 0; j < DJ; ++j) {
-      const int d = lane + 32 * j;
-      if (t < nk) {
-        const int code = (kc[d * p.skc_d + t / PER_BYTE] >> ((t % PER_BYTE) * BITS)) & QMAX;
-        const int64_t si = (t / p.group) * p.sks_g + d;
-        kx[j] = __half2float(__float2half_rn(code * __half2float(ks[si]) + __half2float(km[si])));
-      } else {
-        kx[j] = load_float(kw + (b * p.skw_b + h * p.skw_h) * kwsz, (t - nk) * p.skw_t + d, p.kw_dtype);
-      }
-      if (t < nv) {
-        const int code = (vc[t * p.svc_t + d / PER_BYTE] >> ((d % PER_BYTE) * BITS)) & QMAX;
-        const int64_t si = t * p.svs_t + d / p.group;
-        vx[j] = __half2float(__float2half_rn(code * __half2float(vs[si]) + __half2float(vm[si])));
-      } else {
-        vx[j] = load_float(vw + (b * p.svw_b + h * p.svw_h) * vwsz, (t - nv) * p.svw_t + d, p.vw_dtype);
+    for (int u = 0; u < TU; ++u) {
+      const int t = min(t1 + u, L - 1);  // past the end: a valid token, masked below
+#pragma unroll
+      for (int j = 0; j < DJ; ++j) {
+        const int d = lane + 32 * j;
+        if (t < nk) {
+          const int code = (kc[d * p.skc_d + t / PER_BYTE] >> ((t % PER_BYTE) * BITS)) & QMAX;
+          const int64_t si = (t / p.group) * p.sks_g + d;
+          kx[u][j] = __half2float(__float2half_rn(code * __half2float(ks[si]) + __half2float(km[si])));
+        } else {
+          kx[u][j] = load_float(kw + (b * p.skw_b + h * p.skw_h) * kwsz, (t - nk) * p.skw_t + d, p.kw_dtype);
+        }
+        if (t < nv) {
+          const int code = (vc[t * p.svc_t + d / PER_BYTE] >> ((d % PER_BYTE) * BITS)) & QMAX;
+          const int64_t si = t * p.svs_t + d / p.group;
+          vx[u][j] = __half2float(__float2half_rn(code * __half2float(vs[si]) + __half2float(vm[si])));
+        } else {
+          vx[u][j] = load_float(vw + (b * p.svw_b + h * p.svw_h) * vwsz, (t - nv) * p.svw_t + d, p.vw_dtype);
+        }
       }
     }
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      if (r >= rows) break;
-      float s = 0.f;
+    for (int u = 0; u < TU; ++u) {
+      const int t = t1 + u;
 #pragma unroll
-      for (int j = 0; j < DJ; ++j) s = fmaf(qv[r][j], kx[j], s);
+      for (int r = 0; r < ROWS; ++r) {
+        if (r >= rows) break;
+        float s = 0.f;
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (t > L - p.nq + r % p.nq) continue;  // causal among the query tokens
-      s *= p.qk_scale;
-      const float m_new = fmaxf(m_t[r], s);
-      const float alpha = fast_exp2(m_t[r] - m_new);
-      const float pr = fast_exp2(s - m_new);
-      l_t[r] = l_t[r] * alpha + pr;
+        for (int j = 0; j < DJ; ++j) s = fmaf(qv[r][j], kx[u][j], s);
 #pragma unroll
-      for (int j = 0; j < DJ; ++j) acc[r][j] = fmaf(acc[r][j], alpha, pr * vx[j]);
-      m_t[r] = m_new;
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (t >= L || t > L - p.nq + r % p.nq) continue;  // past the end; causal among the query tokens
+        s *= p.qk_scale;
+        const float m_new = fmaxf(m_t[r], s);
+        const float alpha = fast_exp2(m_t[r] - m_new);
+        const float pr = fast_exp2(s - m_new);
+        l_t[r] = l_t[r] * alpha + pr;
+#pragma unroll
+        for (int j = 0; j < DJ; ++j) acc[r][j] = fmaf(acc[r][j], alpha, pr * vx[u][j]);
+        m_t[r] = m_new;
+      }
     }
   }
 #pragma unroll
@@ -475,7 +505,7 @@ __global__ void __launch_bounds__(128, 2) kivi_decode_kernel(const KiviParams p)
 #pragma unroll
     for (int j = 0; j < DJ; ++j) sm.o[warp][r][lane + 32 * j] = acc[r][j];
   }
-  write_split<D, ROWS>(p, sm, b, h, rows, p.n_main, splits);
+  write_split<D, ROWS>(p, sm, b, h, rows, blockIdx.y, splits);
 }
 
 // out[row, :] = sum_s w_s o_part[row, s, :], w = softmax over s of lse (base 2); one block per row.

@@ -4,7 +4,8 @@ matrix unit's operand registers without shared memory (the layout argument is in
 
 Built on first use with ``torch.utils.cpp_extension.load`` (needs a CUDA build of torch, the CUDA compiler
 ``nvcc`` of the same major version, and ``ninja``; about a minute, then cached under ``TORCH_EXTENSIONS_DIR``).
-Where it cannot be built, or with ``KVLAB_CUDA_KERNELS=0``, :func:`ops` returns None (one warning) and
+``KVLAB_CUDA_CFLAGS`` adds nvcc flags (experiments, e.g. ``-DKVLAB_KIVI_MIN_BLOCKS=3``). Where it cannot be
+built, or with ``KVLAB_CUDA_KERNELS=0``, :func:`ops` returns None (one warning) and
 :func:`kvlab.kernels.kivi_decode_attention` uses the Triton kernel. :func:`unsupported` says which calls
 it serves: fp16 queries, head_dim 64 or 128, at most 16 query rows per kv head (GQA x query tokens), a
 group of at least head_dim / 8, aligned contiguous rows, compute capability 8.0 or newer.
@@ -47,7 +48,7 @@ def ops():
                 name="kvlab_kivi_cuda",
                 sources=[str(_DIR / "kivi_attention_cuda.cu")],
                 extra_include_paths=[str(_DIR)],
-                extra_cuda_cflags=["-O3", "-std=c++17"],
+                extra_cuda_cflags=["-O3", "-std=c++17", *os.environ.get("KVLAB_CUDA_CFLAGS", "").split()],
                 verbose=False,
             )
         except Exception as e:  # no nvcc, a version mismatch, no ninja: the Triton kernel still works
@@ -103,18 +104,19 @@ def _occupancy(mod, bits: int, D: int, nt: int) -> int:
 
 def plan(batch_heads: int, max_len: int, residual: int, device: torch.device, resident: int,
          num_splits: int | None = None) -> tuple[int, int]:
-    """(CTAs along the quantized region per (sequence, kv head), tokens per CTA). The region is the full
-    ``BLOCK``s before the last ``residual`` tokens of the longest sequence; one full wave of CTAs (``resident``
-    per SM), each with at least two blocks per warp; a CTA's tokens are a multiple of ``WARPS * BLOCK``."""
+    """(CTAs per (sequence, kv head) along the sequence, tokens of the quantized region per CTA). The region
+    is the full ``BLOCK``s before the last ``residual`` tokens of the longest sequence; the CTAs also share
+    the tokens after it. Automatic: one full wave (``resident`` CTAs per SM) and at least two blocks per warp;
+    a CTA's tokens are a multiple of ``WARPS * BLOCK``."""
     region = max(0, (max_len - residual) // BLOCK * BLOCK)
-    if region == 0:
-        return 0, WARPS * BLOCK
     step = WARPS * BLOCK
     if num_splits is None:
-        slots = num_sms(device) * resident - batch_heads  # leave room for the tail CTAs
-        num_splits = max(1, min(max(slots, batch_heads) // batch_heads, cdiv(region, 2 * step)))
-    split_len = cdiv(cdiv(region, num_splits), step) * step
-    return cdiv(region, split_len), split_len
+        slots = num_sms(device) * resident
+        num_splits = max(1, min(slots // batch_heads, cdiv(region, 2 * step)))
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits={num_splits!r} is not allowed; allowed: an int >= 1 (or None: automatic)")
+    split_len = max(1, cdiv(cdiv(region, num_splits), step)) * step
+    return max(1, cdiv(region, split_len)), split_len
 
 
 def kivi_decode_attention_cuda(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, *,
@@ -129,8 +131,8 @@ def kivi_decode_attention_cuda(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_sc
     nt = 1 if Hq // H * NQ <= 8 else 2
     n_main, split_len = plan(B * H, max_len, residual, q.device, _occupancy(mod, bits, D, nt), num_splits)
     rows = B * Hq * NQ
-    o_part = torch.empty((rows, n_main + 1, D), device=q.device, dtype=torch.float32)
-    lse_part = torch.empty((rows, n_main + 1), device=q.device, dtype=torch.float32)
+    o_part = torch.empty((rows, n_main, D), device=q.device, dtype=torch.float32)
+    lse_part = torch.empty((rows, n_main), device=q.device, dtype=torch.float32)
     dst = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     mod.decode(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, o_part, lse_part,
                dst, bits, group, residual, n_main, split_len, qk_scale)

@@ -1,0 +1,42 @@
+"""One call of each KIVI decode kernel at B=8, T=32k (Llama-3-8B heads), for a profiler to look at.
+
+Run under Nsight Compute, e.g.::
+
+    ncu --kernel-name regex:kivi_decode --launch-skip 2 --launch-count 2 \\
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \\
+        --section WarpStateStats --section SchedulerStats python benchmarks/profile_kivi_cuda.py
+
+(two warm-up calls per kernel first, then the profiled ones: int4, then int2).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_decode_attention import D, HKV, HQ, fused_kivi, kivi_cache  # noqa: E402
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("profile_kivi_cuda: no CUDA device")
+        return 0
+    B, T = 8, 32768
+    g = torch.Generator(device="cuda").manual_seed(3)
+    k = torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g)
+    v = torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g)
+    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.float16, generator=g)
+    lengths = torch.full((B,), T, dtype=torch.int32, device="cuda")
+    caches = {bits: kivi_cache(k, v, bits) for bits in (4, 2)}
+    for bits in (4, 2):
+        for _ in range(3):
+            fused_kivi(q, caches[bits], lengths, T, bits, backend="cuda")
+    torch.cuda.synchronize()
+    print("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -178,6 +178,36 @@ def test_layer_values_and_attention_equal_compressed_cache(spec):
     assert paths == [False, True, True, False, True, True, True]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("spec", [KIVI4, KIVI2])
+def test_fp16_layer_runs_the_cuda_kernel_gpu(spec, monkeypatch):
+    """An fp16 KIVI layer on the GPU decodes through the CUDA C++ kernel (kvlab/csrc), over a few hundred
+    tokens (several warp-blocks), within the fp16 tolerance of dequantize + SDPA."""
+    from kvlab.kernels import kivi_cuda
+
+    calls = []
+    real = kivi_cuda.kivi_decode_attention_cuda
+    monkeypatch.setattr(kivi_cuda, "kivi_decode_attention_cuda", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(4)
+    B, H, D = 2, 2, 128
+    pol = parse_policy(spec)
+    layer = fused_layer(pol.quantizer(0, 0, "k", 1), pol.quantizer(0, 0, "v", 1), max_len=700)
+    ref = CompressedCache(spec)
+    L = 0
+    for t in (300, 1, 3, 1, 250, 1, 1):
+        k, v = (torch.randn(2, B, H, t, D, generator=g) * 2).to(DEV, torch.float16)
+        q = torch.randn(B, 2 * H, t, D, generator=g).to(DEV, torch.float16)
+        L += t
+        rk, rv = ref.update(k, v, 0)
+        hk, hv = layer.update(k, v)
+        mask = _causal(t, L)
+        out, _ = fused_attention(MODULE, q, hk, hv, mask, scaling=D**-0.5)
+        expect, _ = fc._sdpa(MODULE, q.float(), rk.float(), rv.float(), mask, D**-0.5)
+        assert _rel(out, expect) <= tol(torch.float16), (t, L)
+    assert len(calls) == 5  # every decode step (1 and 3 tokens), not the two prefills
+
+
 def test_preallocated_buffers_do_not_move(model, prompt):
     """With max_len = prompt + new tokens nothing is reallocated while decoding, and the room left is
     what the capacities (K: whole residual blocks, V: multiples of 64 tokens) and the windows leave."""

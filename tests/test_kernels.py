@@ -554,7 +554,7 @@ def _fake_results(path):
     grid = []
     for B, T in [(8, 4096), (8, 32768)]:
         g = {"B": B, "T": T, "sdpa_us": 100.0, "sdpa_bw": 0.9, "sdpa_graph_us": 90.0}
-        for i, k in enumerate(("kivi-int4", "kivi-int2", "q4_0", "q8_0")):
+        for i, k in enumerate(("kivi-int4", "kivi-int2", "q4_0", "q8_0", "cuda-int4", "cuda-int2")):
             us = 20.0 + 10 * i
             g.update({f"{k}_us": us, f"{k}_speedup": 100.0 / us, f"{k}_bw": 0.2 * (i + 1),
                       f"{k}_relerr_vs_fp16": 0.1, f"{k}_graph_us": us - 1, f"{k}_graph_speedup": 90.0 / (us - 1),
@@ -578,8 +578,10 @@ def test_report_tables_and_goals(tmp_path):
     assert goals.loc["kivi-int4 speedup over fp16 SDPA", "met"]            # 5.0 >= 3.2
     assert not goals.loc["kivi-int2 speedup over fp16 SDPA", "met"]        # 3.33 < 5
     assert not goals.loc["kivi-int4 fraction of copy bandwidth", "met"]    # 0.2 < 0.85
+    assert goals.loc["cuda-int2 fraction of copy bandwidth", "met"]        # 1.2 >= 0.85
+    assert not goals.loc["cuda-int4 speedup over fp16 SDPA", "met"]        # 100 / 60 < 3.2
     text = report.verdict_markdown(df, report.goal_check(df))
-    assert "FakeGPU" in text and "Goals met: 1 of 4" in text
+    assert "FakeGPU" in text and "Goals met: 3 of 8" in text
     fig = report.plot_speedups(df)
     assert len(fig.axes) == 1 and len(fig.axes[0].lines) >= len(report.KERNELS)
 

@@ -447,7 +447,7 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_MIN_BLOCKS) kivi_decode_kernel
   const char* kw = static_cast<const char*>(p.kw);
   const char* vw = static_cast<const char*>(p.vw);
   const int kwsz = p.kw_dtype == 2 ? 4 : 2, vwsz = p.vw_dtype == 2 ? 4 : 2;
-  constexpr int TU = 4;  // tokens per warp and step: their loads are in flight together
+  constexpr int TU = 4;  // tokens per warp and step: their loads are in flight together (8: slower, see notes)
   const int workers = p.n_main * C::WARPS;
   for (int t1 = main_end + (blockIdx.y * C::WARPS + warp) * TU; t1 < L; t1 += workers * TU) {
     float kx[TU][DJ], vx[TU][DJ];

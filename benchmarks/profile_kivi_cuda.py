@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_decode_attention import D, HKV, HQ, fused_kivi, kivi_cache  # noqa: E402
+from bench_decode_attention import HKV, HQ, D, fused_kivi, kivi_cache  # noqa: E402
 
 
 def main() -> int:

@@ -30,9 +30,9 @@ import triton
 import triton.language as tl
 
 from ..quant.packing import unpack_bits
+from . import kivi_cuda
 from ._common import FLOATS, check_arg, check_choice, check_devices, check_pow2, check_rank, next_pow2
 from ._common import torch_to_tl as _torch_to_tl
-from . import kivi_cuda
 from .kivi_quant import check_k_cache, check_v_cache
 from .splitk import split_decode
 

@@ -14,6 +14,7 @@ group of at least head_dim / 8, aligned contiguous rows, compute capability 8.0 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def ops():
         try:
             from torch.utils.cpp_extension import load
 
+            print("kvlab: loading the CUDA KIVI attention kernel (compiled once, about a minute the first time)",
+                  file=sys.stderr, flush=True)
             module = load(
                 name="kvlab_kivi_cuda",
                 sources=[str(_DIR / "kivi_attention_cuda.cu")],

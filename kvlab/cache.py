@@ -531,7 +531,7 @@ class CompressedCache(Cache):
     ``keep_last``, listed heads, no sliding-window layers); without it, policies that need the layer
     count are refused. Shapes: ``update`` takes and returns K/V as (B, kv heads, T, D).
 
-    ``fused=True`` (CUDA): layers whose heads share one scheme the Triton kernels serve (``kivi`` 2/4-bit,
+    ``fused=True`` (CUDA): layers whose heads share one scheme the fused kernels serve (``kivi`` 2/4-bit,
     ``q4_0``/``q8_0``) are stored in the kernels' packed layout and attended by the fused decode kernel
     (:mod:`kvlab.fused_cache`); other layers stay as here. Needs the model's attention implementation set
     to ``"kvlab_fused"`` first (``kvlab.fused_cache.use_fused_attention(model)``); ``max_len`` preallocates
@@ -570,7 +570,7 @@ class CompressedCache(Cache):
         super().__init__(layers=[])
 
     def _new_layer(self, idx: int, n_heads: int):
-        """Layer ``idx``: with ``fused``, a :mod:`kvlab.fused_cache` layer (packed for the Triton kernels) where
+        """Layer ``idx``: with ``fused``, a :mod:`kvlab.fused_cache` layer (packed for the fused kernels) where
         the policy gives every head of the layer one scheme the kernels serve; else a CompressedLayer (whose
         full K/V the fused attention function hands to SDPA)."""
         n = self.n_layers or 10**9

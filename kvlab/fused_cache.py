@@ -1,4 +1,4 @@
-"""A transformers cache whose decode attention runs the Triton kernels straight on the packed KV.
+"""A transformers cache whose decode attention runs the fused kernels straight on the packed KV.
 
 Usage::
 
@@ -26,7 +26,8 @@ model left on ``"kvlab_fused"`` still runs with other caches.
 
 With a tag: few query tokens (``n <= 16`` and, for KIVI, ``n <= residual``) under a plain causal mask
 (None, or one that hides only the future) go to the fused decode kernel over the packed cache
-(``kivi_decode_attention`` / ``ggml_decode_attention``); anything else (the prefill, a padded batch)
+(``kivi_decode_attention``, which takes the CUDA C++ kernel for fp16 caches on a GPU where it was built and
+the Triton one otherwise, / ``ggml_decode_attention``); anything else (the prefill, a padded batch)
 dequantizes the whole layer with the pure-torch references, bit-identical to CompressedCache's reads,
 and runs transformers' SDPA with the given mask.
 

@@ -132,10 +132,11 @@ def plot_speedups(df: pd.DataFrame, timing: str = "eager"):
         ax.set_title(f"B={B}")
         ax.set_xlabel("context length T")
     axes[0][0].set_ylabel("speedup over fp16 SDPA")
-    axes[0][-1].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"Fused decode attention over quantized KV ({timing} timing), {df.attrs.get('device', '')}",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend under the panels
     return fig
 
 

@@ -1,12 +1,17 @@
-"""One call of each KIVI decode kernel at B=8, T=32k (Llama-3-8B heads), for a profiler to look at.
+r"""Calls of the CUDA KIVI decode kernel at B=8, T=32k (Llama-3-8B heads), for a profiler to look at: three
+int4 calls, then three int2 calls (kernel launches 0-2 and 3-5; each call also launches the split merge).
 
-Run under Nsight Compute, e.g.::
+The command of run 11 (benchmarks/KERNEL_NOTES.md; it profiled launches 2-5: int4's third call and int2's
+three, of which the first is int2's first ever call)::
 
-    ncu --kernel-name regex:kivi_decode --launch-skip 2 --launch-count 2 \\
-        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \\
-        --section WarpStateStats --section SchedulerStats python benchmarks/profile_kivi_cuda.py
+    ncu --kernel-name regex:kivi_decode --launch-skip 2 --launch-count 4 --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section Occupancy --section SchedulerStats --section LaunchStats \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,dram__bytes_read.sum,\
+    lts__t_sector_hit_rate.pct,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__inst_executed.sum" \
+        python benchmarks/profile_kivi_cuda.py
 
-(two warm-up calls per kernel first, then the profiled ones: int4, then int2).
+To see only warmed-up calls use ``--launch-skip 2 --launch-count 1`` (int4) and ``--launch-skip 5
+--launch-count 1`` (int2).
 """
 
 from __future__ import annotations

@@ -37,10 +37,10 @@ def test_cuda_kivi_kernel_compiles_without_spills(tmp_path):
     entries = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores.*?Used (\d+) registers",
                          report, flags=re.S)
     decode = {name: (int(spill), int(regs)) for name, spill, regs in entries if "kivi_decode_kernel" in name}
+    print({n[-32:]: v for n, v in decode.items()})  # (spill bytes, registers), shown with -s
     assert len(decode) == len(INSTANCES), report[-3000:]
     for (bits, d, nt) in INSTANCES:
         name = f"_ZN5kvlab18kivi_decode_kernelILi{bits}ELi{d}ELi{nt}EEEvNS_10KiviParamsE"
         spill, regs = decode[name]
-        assert regs <= 255
         if nt == 1:  # up to 8 query rows per kv head (GQA 4 or 8, one query token): the configuration timed
             assert spill == 0, f"kivi_decode_kernel<{bits}, {d}, {nt}> spills {spill} bytes to local memory"

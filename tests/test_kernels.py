@@ -110,7 +110,10 @@ def test_kivi_decode_attention(bits, D, gqa, nq, dtype, backend):
     args = kivi_args(q, cache, lengths)
     ref = K.kivi_decode_attention_ref(*args, bits=bits, group=group, residual=residual)
     out = torch.full_like(q, float("nan"))
-    splits = None if nq == 1 else 1  # automatic (several splits here), and the single-split path
+    # automatic (several splits for Triton here; one CTA per sequence and head for CUDA, whose quantized
+    # region is at most 3 of its 64-token blocks: tests/test_kernels.py::test_kivi_cuda_long_sequences_gpu
+    # covers its splits), and the single-split path
+    splits = None if nq == 1 else 1
     K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, out=out, num_splits=splits,
                             backend=backend)
     assert_close(out, ref, dtype)
@@ -543,6 +546,35 @@ def test_kivi_cuda_long_sequences_gpu(bits, D, gqa, nq, splits):
     again = K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, num_splits=splits,
                                     backend="cuda")
     assert torch.equal(out, again), "the CUDA kernel is not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_kivi_auto_backend_takes_cuda_and_refuses_misaligned_gpu(monkeypatch):
+    """backend='auto' runs the CUDA kernel for an fp16 cache it can serve; a misaligned q is refused by
+    backend='cuda' with the tensor named, and 'auto' then falls back to Triton with the same result."""
+    from kvlab.kernels import kivi_cuda
+
+    calls = []
+    real = kivi_cuda.kivi_decode_attention_cuda
+    monkeypatch.setattr(kivi_cuda, "kivi_decode_attention_cuda", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = gen(fresh_seed())
+    B, H, D, bits, group, residual, cap = 2, 2, 128, 4, 32, 64, 1024
+    cache = random_kivi(B, H, D, bits, group, residual, cap, g)
+    q = randn(B, 4 * H, 1, D, g=g, dtype=torch.float16, scale=2.0)
+    lengths = torch.tensor([1000, 700], dtype=torch.int32, device=DEV)
+    ref = K.kivi_decode_attention_ref(*kivi_args(q, cache, lengths), bits=bits, group=group, residual=residual)
+    out = K.kivi_decode_attention(*kivi_args(q, cache, lengths), bits=bits, group=group, residual=residual)
+    assert calls == [1]
+    assert_close(out, ref, torch.float16)
+    shifted = torch.empty(q.numel() + 1, device=DEV, dtype=q.dtype)[1:].view(q.shape)  # contiguous, 2 bytes off
+    shifted.copy_(q)
+    with pytest.raises(ValueError, match="q \\(data_ptr % 8 = 2"):
+        K.kivi_decode_attention(*kivi_args(shifted, cache, lengths), bits=bits, group=group, residual=residual,
+                                backend="cuda")
+    out = K.kivi_decode_attention(*kivi_args(shifted, cache, lengths), bits=bits, group=group, residual=residual)
+    assert calls == [1]  # the Triton kernel served it
+    assert_close(out, ref, torch.float16)
 
 
 # ---- the benchmark report (kvlab.kernels.report: what notebook 05 renders) -----------------------------

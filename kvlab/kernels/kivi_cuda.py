@@ -80,8 +80,9 @@ def unsupported(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_f
     H = k_codes.shape[1]
     if q.device.type != "cuda":
         return "tensors are not on a CUDA device"
-    if torch.cuda.get_device_capability(q.device) < (8, 0):
-        return "the device is older than compute capability 8.0 (mma.sync m16n8k16)"
+    cap = torch.cuda.get_device_capability(q.device)
+    if cap < (8, 0):
+        return f"the device has compute capability {cap[0]}.{cap[1]}; the kernel needs 8.0 or newer (mma.sync)"
     if q.dtype != torch.float16:
         return f"q is {q.dtype}; the CUDA kernel takes float16"
     if D not in (64, 128):
@@ -90,16 +91,21 @@ def unsupported(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_f
         return f"{Hq // H} query heads per kv head x {NQ} query tokens = {Hq // H * NQ} rows; at most 16"
     if group < D // 8:
         return f"group={group} < head_dim / 8 = {D // 8} (each lane's V channels must share one group)"
-    if not (_aligned(q, 8) and _aligned(k_codes, 4) and _aligned(k_scale, 8) and _aligned(k_min, 8)
-            and _aligned(v_codes, 8 if bits * D == 512 else 4 if bits * D == 256 else 2)
-            and _aligned(v_scale, 2) and _aligned(v_min, 2) and _aligned(k_fp16, k_fp16.element_size())
-            and _aligned(v_fp16, v_fp16.element_size()) and lengths.is_contiguous()):
-        return "a tensor's rows are not aligned for the CUDA kernel's vector loads"
+    need = dict(q=(q, 8), k_codes=(k_codes, 4 if bits == 4 else 2), k_scale=(k_scale, 8), k_min=(k_min, 8),
+                v_codes=(v_codes, bits * D // 64), v_scale=(v_scale, 2), v_min=(v_min, 2),
+                k_fp16=(k_fp16, k_fp16.element_size()), v_fp16=(v_fp16, v_fp16.element_size()))
+    for name, (t, nbytes) in need.items():
+        if not _aligned(t, nbytes):
+            return (f"{name} (data_ptr % {nbytes} = {t.data_ptr() % nbytes}, strides {tuple(t.stride())}, "
+                    f"{t.element_size()}-byte elements) is not aligned for the kernel's loads; allowed: last stride"
+                    f" 1, pointer and leading strides multiples of {nbytes} bytes")
+    if not lengths.is_contiguous():
+        return "lengths is not contiguous"
     return None
 
 
-def _occupancy(mod, bits: int, D: int, nt: int) -> int:
-    key = ("occ", bits, D, nt)
+def _occupancy(mod, bits: int, D: int, nt: int, device: torch.device) -> int:
+    key = ("occ", bits, D, nt, torch.cuda.get_device_capability(device))
     if key not in _state:
         _state[key] = max(1, int(mod.occupancy(bits, D, nt)))
     return _state[key]
@@ -132,13 +138,10 @@ def kivi_decode_attention_cuda(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_sc
     B, Hq, NQ, D = q.shape
     H = k_codes.shape[1]
     nt = 1 if Hq // H * NQ <= 8 else 2
-    n_main, split_len = plan(B * H, max_len, residual, q.device, _occupancy(mod, bits, D, nt), num_splits)
+    n_main, split_len = plan(B * H, max_len, residual, q.device, _occupancy(mod, bits, D, nt, q.device), num_splits)
     rows = B * Hq * NQ
     o_part = torch.empty((rows, n_main, D), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((rows, n_main), device=q.device, dtype=torch.float32)
-    dst = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     mod.decode(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, o_part, lse_part,
-               dst, bits, group, residual, n_main, split_len, qk_scale)
-    if dst is not out:
-        out.copy_(dst)
+               out, bits, group, residual, n_main, split_len, qk_scale)  # out: contiguous (checked by the caller)
     return out

@@ -154,6 +154,26 @@ def test_kivi_cuda_plan():
         plan(64, 32768, 128, torch.device("cpu"), 2, num_splits=0)
 
 
+@pytest.mark.parametrize(("bits", "D"), [(4, 128), (2, 64)])
+def test_kivi_cuda_alignment_check(bits, D):
+    """The CUDA kernel's alignment check (device-independent): an aligned cache passes; a tensor whose data
+    starts off its vector-load alignment is named with its offset and the alignment allowed."""
+    from kvlab.kernels.kivi_cuda import misaligned
+
+    g = gen(1)
+    cache = random_kivi(2, 2, D, bits, 32, 64, 256, g)
+    t = dict(q=randn(2, 8, 1, D, g=g, dtype=torch.float16), lengths=torch.tensor([200, 100], dtype=torch.int32),
+             **cache)
+    assert misaligned(t, bits, D) is None
+    for name in ("q", "k_codes", "k_scale", "v_codes"):
+        x = t[name]
+        off = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view(x.shape)  # one element off
+        bad = misaligned({**t, name: off}, bits, D)
+        assert bad is not None and bad.startswith(f"{name} (data_ptr % ") and "multiples of" in bad, bad
+    odd = torch.tensor([200, 100, 0, 0], dtype=torch.int32)[::2]
+    assert "lengths is not contiguous" in misaligned({**t, "lengths": odd}, bits, D)
+
+
 def test_kivi_cuda_backend_refuses_with_the_reason():
     """backend='cuda' names why it cannot serve a call; 'auto' falls back to Triton for the same call."""
     g = gen(0)

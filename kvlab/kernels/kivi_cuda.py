@@ -22,7 +22,7 @@ import torch
 
 from ._common import cdiv, num_sms
 
-__all__ = ["enabled", "ops", "reset", "unsupported", "kivi_decode_attention_cuda", "BLOCK"]
+__all__ = ["enabled", "ops", "reset", "unsupported", "misaligned", "kivi_decode_attention_cuda", "BLOCK"]
 
 _DIR = Path(__file__).resolve().parent.parent / "csrc"
 _state: dict = {}
@@ -91,16 +91,23 @@ def unsupported(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_f
         return f"{Hq // H} query heads per kv head x {NQ} query tokens = {Hq // H * NQ} rows; at most 16"
     if group < D // 8:
         return f"group={group} < head_dim / 8 = {D // 8} (each lane's V channels must share one group)"
-    need = dict(q=(q, 8), k_codes=(k_codes, 4 if bits == 4 else 2), k_scale=(k_scale, 8), k_min=(k_min, 8),
-                v_codes=(v_codes, bits * D // 64), v_scale=(v_scale, 2), v_min=(v_min, 2),
-                k_fp16=(k_fp16, k_fp16.element_size()), v_fp16=(v_fp16, v_fp16.element_size()))
-    for name, (t, nbytes) in need.items():
-        if not _aligned(t, nbytes):
-            return (f"{name} (data_ptr % {nbytes} = {t.data_ptr() % nbytes}, strides {tuple(t.stride())}, "
-                    f"{t.element_size()}-byte elements) is not aligned for the kernel's loads; allowed: last stride"
+    return misaligned(dict(q=q, k_codes=k_codes, k_scale=k_scale, k_min=k_min, k_fp16=k_fp16, v_codes=v_codes,
+                           v_scale=v_scale, v_min=v_min, v_fp16=v_fp16, lengths=lengths), bits, D)
+
+
+def misaligned(t: dict, bits: int, D: int) -> str | None:
+    """Which tensor of a call (names as :func:`unsupported`'s arguments) is not aligned for the kernel's
+    vector loads, and what is allowed; None when all are."""
+    need = dict(q=8, k_codes=4 if bits == 4 else 2, k_scale=8, k_min=8, v_codes=bits * D // 64, v_scale=2,
+                v_min=2, k_fp16=t["k_fp16"].element_size(), v_fp16=t["v_fp16"].element_size())
+    for name, nbytes in need.items():
+        x = t[name]
+        if not _aligned(x, nbytes):
+            return (f"{name} (data_ptr % {nbytes} = {x.data_ptr() % nbytes}, strides {tuple(x.stride())}, "
+                    f"{x.element_size()}-byte elements) is not aligned for the kernel's loads; allowed: last stride"
                     f" 1, pointer and leading strides multiples of {nbytes} bytes")
-    if not lengths.is_contiguous():
-        return "lengths is not contiguous"
+    if not t["lengths"].is_contiguous():
+        return "lengths is not contiguous; allowed: a contiguous (B,) int32 tensor"
     return None
 
 

@@ -111,6 +111,34 @@ __device__ __forceinline__ uint32_t dequant(uint32_t x, __half2 s, __half2 m) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// The lo and hi halves (see code_pair) of two pairs of words: y = {lo(w0, w1), hi(w0, w1), lo(w2, w3), hi(w2, w3)}
+__device__ __forceinline__ void pair_words(uint32_t (&y)[4], uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3) {
+  y[0] = __byte_perm(w0, w1, 0x5410);
+  y[1] = __byte_perm(w0, w1, 0x7632);
+  y[2] = __byte_perm(w2, w3, 0x5410);
+  y[3] = __byte_perm(w2, w3, 0x7632);
+}
+
+// The mma A operand of m-tile i (at most 8; a constant once the caller's loop is unrolled, which the switch
+// needs): codes 2i and 2i+1 of the first pair of words, dequantized with (s01, m01), and of the second pair
+// with (s23, m23).
+template <int BITS>
+__device__ __forceinline__ void tile_operand(uint32_t (&a)[4], int i, const uint32_t (&y)[4], __half2 s01,
+                                             __half2 m01, __half2 s23, __half2 m23) {
+  switch (i) {
+#define KV_CASE(I)                                                  \
+  case I:                                                           \
+    a[0] = dequant(code_pair<BITS, 2 * I>(y[0], y[1]), s01, m01);     \
+    a[1] = dequant(code_pair<BITS, 2 * I + 1>(y[0], y[1]), s01, m01); \
+    a[2] = dequant(code_pair<BITS, 2 * I>(y[2], y[3]), s23, m23);     \
+    a[3] = dequant(code_pair<BITS, 2 * I + 1>(y[2], y[3]), s23, m23); \
+    break;
+    KV_CASE(0) KV_CASE(1) KV_CASE(2) KV_CASE(3) KV_CASE(4) KV_CASE(5) KV_CASE(6) KV_CASE(7)
+#undef KV_CASE
+    default: a[0] = a[1] = a[2] = a[3] = 0u;
+  }
+}
+
 __device__ __forceinline__ uint32_t ld32(const uint8_t* p) { return __ldg(reinterpret_cast<const uint32_t*>(p)); }
 
 __device__ __forceinline__ float load_float(const void* p, int64_t i, int dtype) {
@@ -286,33 +314,18 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_MIN_BLOCKS) kivi_decode_kernel
           for (int j = 0; j < 4; ++j) sacc[i][nt][j] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < C::KK; ++kk) {
-        const uint32_t lo01 = __byte_perm(kwd[kk][0], kwd[kk][1], 0x5410);
-        const uint32_t hi01 = __byte_perm(kwd[kk][0], kwd[kk][1], 0x7632);
-        const uint32_t lo23 = __byte_perm(kwd[kk][2], kwd[kk][3], 0x5410);
-        const uint32_t hi23 = __byte_perm(kwd[kk][2], kwd[kk][3], 0x7632);
+        uint32_t y[4];
+        pair_words(y, kwd[kk][0], kwd[kk][1], kwd[kk][2], kwd[kk][3]);
         const __half2 s01 = *reinterpret_cast<const __half2*>(&ksc[kk].x);
         const __half2 s23 = *reinterpret_cast<const __half2*>(&ksc[kk].y);
         const __half2 m01 = *reinterpret_cast<const __half2*>(&kmn[kk].x);
         const __half2 m23 = *reinterpret_cast<const __half2*>(&kmn[kk].y);
 #pragma unroll
         for (int i = 0; i < C::MTK; ++i) {
-          uint32_t a0, a1, a2, a3;
-#define KV_CODE(N, LO, HI) code_pair<BITS, N>(LO, HI)
-          // N must be a compile-time constant: i is unrolled
-          switch (i) {
-#define KV_CASE(I)                                                  \
-  case I:                                                           \
-    a0 = dequant(KV_CODE(2 * I, lo01, hi01), s01, m01);             \
-    a1 = dequant(KV_CODE(2 * I + 1, lo01, hi01), s01, m01);         \
-    a2 = dequant(KV_CODE(2 * I, lo23, hi23), s23, m23);             \
-    a3 = dequant(KV_CODE(2 * I + 1, lo23, hi23), s23, m23);         \
-    break;
-            KV_CASE(0) KV_CASE(1) KV_CASE(2) KV_CASE(3) KV_CASE(4) KV_CASE(5) KV_CASE(6) KV_CASE(7)
-#undef KV_CASE
-            default: a0 = a1 = a2 = a3 = 0u;
-          }
+          uint32_t a[4];
+          tile_operand<BITS>(a, i, y, s01, m01, s23, m23);
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) mma_16816(sacc[i][nt], a0, a1, a2, a3, qf[nt][kk][0], qf[nt][kk][1]);
+          for (int nt = 0; nt < NT; ++nt) mma_16816(sacc[i][nt], a[0], a[1], a[2], a[3], qf[nt][kk][0], qf[nt][kk][1]);
         }
       }
 
@@ -365,33 +378,19 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_MIN_BLOCKS) kivi_decode_kernel
         const __half2 s01 = vsc[s][0], s23 = vsc[s][1], m01 = vmn[s][0], m23 = vmn[s][1];
 #pragma unroll
         for (int wi = 0; wi < C::VW; ++wi) {
-          const uint32_t lo01 = __byte_perm(vwd[s][0][wi], vwd[s][1][wi], 0x5410);
-          const uint32_t hi01 = __byte_perm(vwd[s][0][wi], vwd[s][1][wi], 0x7632);
-          const uint32_t lo23 = __byte_perm(vwd[s][2][wi], vwd[s][3][wi], 0x5410);
-          const uint32_t hi23 = __byte_perm(vwd[s][2][wi], vwd[s][3][wi], 0x7632);
+          uint32_t y[4];
+          pair_words(y, vwd[s][0][wi], vwd[s][1][wi], vwd[s][2][wi], vwd[s][3][wi]);
           constexpr int MT_PER_WORD = (C::VBITS >= 32 ? 32 / BITS : C::CPT) / 2;  // m-tiles from one word
 #pragma unroll
           for (int u = 0; u < MT_PER_WORD; ++u) {
-            uint32_t a0, a1, a2, a3;
-            switch (u) {
-#define KV_CASE(I)                                                  \
-  case I:                                                           \
-    a0 = dequant(KV_CODE(2 * I, lo01, hi01), s01, m01);             \
-    a1 = dequant(KV_CODE(2 * I + 1, lo01, hi01), s01, m01);         \
-    a2 = dequant(KV_CODE(2 * I, lo23, hi23), s23, m23);             \
-    a3 = dequant(KV_CODE(2 * I + 1, lo23, hi23), s23, m23);         \
-    break;
-              KV_CASE(0) KV_CASE(1) KV_CASE(2) KV_CASE(3) KV_CASE(4) KV_CASE(5) KV_CASE(6) KV_CASE(7)
-#undef KV_CASE
-              default: a0 = a1 = a2 = a3 = 0u;
-            }
+            uint32_t a[4];
+            tile_operand<BITS>(a, u, y, s01, m01, s23, m23);
             const int mt = wi * MT_PER_WORD + u;
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) mma_16816(oacc[mt][nt], a0, a1, a2, a3, pf[nt][0], pf[nt][1]);
+            for (int nt = 0; nt < NT; ++nt) mma_16816(oacc[mt][nt], a[0], a[1], a[2], a[3], pf[nt][0], pf[nt][1]);
           }
         }
       }
-#undef KV_CODE
       if (tn < hi) load_v(tn);
     }
 

@@ -70,6 +70,16 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (t * 1e-6)
 
 
+def random_inputs(B: int, T: int, seed: int):
+    """fp16 K, V (B, HKV, T, D) and one query token (B, HQ, 1, D) from a seeded CUDA generator; every
+    sequence T tokens long (``lengths`` int32)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    k = torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g)
+    v = torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g)
+    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.float16, generator=g)
+    return k, v, q, torch.full((B,), T, dtype=torch.int32, device="cuda")
+
+
 # ---- caches ------------------------------------------------------------------------------------------
 
 
@@ -188,11 +198,7 @@ def rel_err(out, ref):
 def sweep(results, copy_bw):
     """Tuning sweep at B=8, T=32k: block_n x num_warps x num_stages for each fused kernel."""
     B, T = 8, 32768
-    g = torch.Generator(device="cuda").manual_seed(1)
-    k = torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g)
-    v = torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g)
-    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.float16, generator=g)
-    lengths = torch.full((B,), T, dtype=torch.int32, device="cuda")
+    k, v, q, lengths = random_inputs(B, T, 1)
     contenders = {
         "kivi-int4": (functools.partial(fused_kivi, q, kivi_cache(k, v, 4), lengths, T, 4), kivi_bytes(B, T, 4)),
         "kivi-int2": (functools.partial(fused_kivi, q, kivi_cache(k, v, 2), lengths, T, 2), kivi_bytes(B, T, 2)),
@@ -228,11 +234,7 @@ def sweep(results, copy_bw):
 def sweep_cuda(results, copy_bw):
     """The CUDA kernel at B=8, T=32k: CTAs along the sequence per (sequence, kv head), automatic and fixed."""
     B, T = 8, 32768
-    g = torch.Generator(device="cuda").manual_seed(2)
-    k = torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g)
-    v = torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g)
-    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.float16, generator=g)
-    lengths = torch.full((B,), T, dtype=torch.int32, device="cuda")
+    k, v, q, lengths = random_inputs(B, T, 2)
     for bits in (4, 2):
         c = kivi_cache(k, v, bits)
         run = functools.partial(fused_kivi, q, c, lengths, T, bits, backend="cuda")
@@ -251,11 +253,7 @@ def sweep_cuda(results, copy_bw):
 def grid_point(results, copy_bw, tunes, B, T):
     """Every contender at one (B, T); the fp16 K and V are dropped once the caches are built."""
     row = dict(B=B, T=T)
-    g = torch.Generator(device="cuda").manual_seed(B * 1000 + T)
-    k = torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g)
-    v = torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g)
-    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.float16, generator=g)
-    lengths = torch.full((B,), T, dtype=torch.int32, device="cuda")
+    k, v, q, lengths = random_inputs(B, T, B * 1000 + T)
     fp16_bytes = 2 * B * HKV * T * D * 2
     ref = sdpa(q, k, v)
     t = bench(functools.partial(sdpa, q, k, v))

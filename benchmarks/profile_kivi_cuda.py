@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_decode_attention import HKV, HQ, D, fused_kivi, kivi_cache  # noqa: E402
+from bench_decode_attention import fused_kivi, kivi_cache, random_inputs  # noqa: E402
 
 
 def main() -> int:
@@ -29,11 +29,7 @@ def main() -> int:
         print("profile_kivi_cuda: no CUDA device")
         return 0
     B, T = 8, 32768
-    g = torch.Generator(device="cuda").manual_seed(3)
-    k = torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g)
-    v = torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g)
-    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.float16, generator=g)
-    lengths = torch.full((B,), T, dtype=torch.int32, device="cuda")
+    k, v, q, lengths = random_inputs(B, T, 3)
     caches = {bits: kivi_cache(k, v, bits) for bits in (4, 2)}
     for bits in (4, 2):
         for _ in range(3):

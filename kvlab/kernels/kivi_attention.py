@@ -357,7 +357,7 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
     qk_scale = (D**-0.5 if sm_scale is None else sm_scale) * LOG2E
     if backend != "triton":
         cache = (q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths)
-        why = kivi_cuda.unsupported(*cache, bits, group, residual)
+        why = kivi_cuda.unsupported(*cache, bits, group)
         if why is None and kivi_cuda.ops() is None:
             why = "the CUDA extension is not available (disabled by KVLAB_CUDA_KERNELS=0, or it failed to build)"
         if why is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import cdiv, num_sms
+from .splitk import plan_splits
 
 __all__ = ["enabled", "ops", "reset", "unsupported", "misaligned", "kivi_decode_attention_cuda", "BLOCK"]
 
@@ -73,10 +73,10 @@ def _aligned(t: torch.Tensor, nbytes: int, dims: int = 3) -> bool:
             and all((s * es) % nbytes == 0 for s in t.stride()[:dims]))
 
 
-def unsupported(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, bits, group,
-                residual) -> str | None:
+def unsupported(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, bits,
+                group) -> str | None:
     """Why the CUDA kernel cannot serve this (already validated) call, or None when it can."""
-    B, Hq, NQ, D = q.shape
+    _, Hq, NQ, D = q.shape
     H = k_codes.shape[1]
     if q.device.type != "cuda":
         return "tensors are not on a CUDA device"
@@ -125,14 +125,7 @@ def plan(batch_heads: int, max_len: int, residual: int, device: torch.device, re
     the tokens after it. Automatic: one full wave (``resident`` CTAs per SM) and at least two blocks per warp;
     a CTA's tokens are a multiple of ``WARPS * BLOCK``."""
     region = max(0, (max_len - residual) // BLOCK * BLOCK)
-    step = WARPS * BLOCK
-    if num_splits is None:
-        slots = num_sms(device) * resident
-        num_splits = max(1, min(slots // batch_heads, cdiv(region, 2 * step)))
-    if not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"num_splits={num_splits!r} is not allowed; allowed: an int >= 1 (or None: automatic)")
-    split_len = max(1, cdiv(cdiv(region, num_splits), step)) * step
-    return max(1, cdiv(region, split_len)), split_len
+    return plan_splits(batch_heads, region, WARPS * BLOCK, device, num_splits, resident, min_blocks=2)
 
 
 def kivi_decode_attention_cuda(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, *,

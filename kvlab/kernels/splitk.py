@@ -40,15 +40,16 @@ def _resident_ctas(compiled, device: torch.device) -> int | None:
 
 
 def plan_splits(batch_heads: int, max_len: int, block_n: int, device: torch.device,
-                num_splits: int | None = None, resident: int | None = None) -> tuple[int, int]:
+                num_splits: int | None = None, resident: int | None = None,
+                min_blocks: int = 4) -> tuple[int, int]:
     """(num_splits, tokens per split). Automatic: as many splits as fill every CTA slot of the device
     once (``resident`` CTAs per SM, 2 when unknown), so that the programs run as one full wave, but no
-    split shorter than 4 blocks. Split lengths are multiples of ``block_n`` so that every split starts on
-    a block (and so a quantization group) boundary."""
+    split shorter than ``min_blocks`` blocks. Split lengths are multiples of ``block_n`` so that every split
+    starts on a block (and so a quantization group) boundary."""
     max_len = max(int(max_len), 1)
     if num_splits is None:
         slots = num_sms(device) * (resident or 2)
-        num_splits = max(1, min(slots // batch_heads, cdiv(max_len, 4 * block_n)))
+        num_splits = max(1, min(slots // batch_heads, cdiv(max_len, min_blocks * block_n)))
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits={num_splits!r} is not allowed; allowed: an int >= 1 (or None: automatic)")
     split_len = cdiv(cdiv(max_len, num_splits), block_n) * block_n

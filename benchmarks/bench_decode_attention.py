@@ -232,22 +232,35 @@ def sweep(results, copy_bw):
 
 
 def sweep_cuda(results, copy_bw):
-    """The CUDA kernel at B=8, T=32k: CTAs along the sequence per (sequence, kv head), automatic and fixed."""
+    """The CUDA kernel at B=8, T=32k, both variants (registers, staged) in the same run: CTAs along the sequence
+    per (sequence, kv head), automatic and fixed."""
     B, T = 8, 32768
     k, v, q, lengths = random_inputs(B, T, 2)
     for bits in (4, 2):
         c = kivi_cache(k, v, bits)
-        run = functools.partial(fused_kivi, q, c, lengths, T, bits, backend="cuda")
-        base = run().float()
-        for splits in (None, 2, 3, 4, 5, 6, 8):
-            err = rel_err(run(num_splits=splits), base)
-            t = bench(functools.partial(run, num_splits=splits))
-            tg = bench_graph(functools.partial(run, num_splits=splits))
-            frac = kivi_bytes(B, T, bits) / (t * 1e-6) / copy_bw
-            results["sweep"].append(dict(kernel=f"cuda-int{bits}", B=B, T=T, num_splits=splits, us=t, graph_us=tg,
-                                         bw_frac=frac, relerr_vs_default=err))
-            log(f"sweep cuda-int{bits} num_splits={splits}: {t:8.1f} us (graph {tg:8.1f})  {frac:5.1%} of copy bw"
-                f"  err vs automatic {err:.1e}")
+        base = fused_kivi(q, c, lengths, T, bits, backend="cuda", cuda_variant="registers").float()
+        for variant in ("registers", "staged"):
+            run = functools.partial(fused_kivi, q, c, lengths, T, bits, backend="cuda", cuda_variant=variant)
+            for splits in (None, 4, 6, 8, 12):
+                err = rel_err(run(num_splits=splits), base)
+                t = bench(functools.partial(run, num_splits=splits))
+                tg = bench_graph(functools.partial(run, num_splits=splits))
+                frac = kivi_bytes(B, T, bits) / (t * 1e-6) / copy_bw
+                results["sweep"].append(dict(kernel=f"cuda-int{bits}-{variant}", B=B, T=T, num_splits=splits, us=t,
+                                             graph_us=tg, bw_frac=frac, relerr_vs_registers=err))
+                log(f"sweep cuda-int{bits} {variant:9s} num_splits={splits}: {t:8.1f} us (graph {tg:8.1f})  "
+                    f"{frac:5.1%} of copy bw  err vs registers/automatic {err:.1e}")
+    # time against sequence length at B=8 (same cache, shorter lengths): slope = the steady state, intercept =
+    # the fixed cost of a call (launches, first loads, the window tokens, the merge)
+    for bits in (4, 2):
+        c = kivi_cache(k, v, bits)
+        for variant in ("registers", "staged"):
+            for L in (200, 1024, 4096, 16384, 32768):
+                lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+                run = functools.partial(fused_kivi, q, c, lens, L, bits, backend="cuda", cuda_variant=variant)
+                t, tg = bench(run), bench_graph(run)
+                results["sweep"].append(dict(kernel=f"cuda-int{bits}-{variant}", B=B, T=L, us=t, graph_us=tg))
+                log(f"scaling cuda-int{bits} {variant:9s} L={L:6d}: {t:8.1f} us (graph {tg:8.1f})")
 
 
 def grid_point(results, copy_bw, tunes, B, T):
@@ -413,7 +426,8 @@ def main(argv=None):
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     ap.add_argument("--no-append", action="store_true", help="skip the quantize-on-append timings")
-    ap.add_argument("--cuda-sweep", action="store_true", help="time the CUDA kernel's split counts at B=8, T=32k")
+    ap.add_argument("--cuda-sweep", action="store_true",
+                    help="time the CUDA kernel's variants and split counts at B=8, T=32k")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode_attention: no CUDA device; nothing to time (tests/test_kernels.py checks the kernels)")

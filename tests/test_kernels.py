@@ -85,12 +85,17 @@ def kivi_args(q, cache, lengths):
 
 
 LENGTHS = [37, 100, 300]  # not multiples of the block, group or residual; one batch of unequal sequences
-# KIVI attention backends: the Triton kernel everywhere, the CUDA C++ one (kvlab/csrc) on a GPU
-BACKENDS = ["triton"] + (["cuda"] if CUDA else [])
+# KIVI attention backends: the Triton kernel everywhere, the CUDA C++ one (kvlab/csrc) on a GPU, in its
+# automatic variant (staged where it can serve the call) and its registers-only variant
+BACKENDS = ["triton"] + (["cuda", "cuda-registers"] if CUDA else [])
+
+
+def backend_kw(backend: str) -> dict:
+    return dict(backend="cuda", cuda_variant="registers") if backend == "cuda-registers" else dict(backend=backend)
 
 
 def cuda_serves(backend, dtype):
-    if backend == "cuda" and dtype != torch.float16:
+    if backend.startswith("cuda") and dtype != torch.float16:
         pytest.skip("the CUDA kernel takes fp16 queries")
 
 
@@ -115,7 +120,7 @@ def test_kivi_decode_attention(bits, D, gqa, nq, dtype, backend):
     # covers its splits), and the single-split path
     splits = None if nq == 1 else 1
     K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, out=out, num_splits=splits,
-                            backend=backend)
+                            **backend_kw(backend))
     assert_close(out, ref, dtype)
 
 
@@ -133,7 +138,7 @@ def test_kivi_decode_attention_group_vs_block(group, block_n, residual, D, backe
     ref = K.kivi_decode_attention_ref(*args, bits=bits, group=group, residual=residual, sm_scale=0.2)
     out = torch.full_like(q, float("nan"))
     K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, sm_scale=0.2, out=out,
-                            block_n=block_n, num_splits=2, backend=backend)
+                            block_n=block_n, num_splits=2, **backend_kw(backend))
     assert_close(out, ref, torch.float16)
 
 
@@ -172,6 +177,26 @@ def test_kivi_cuda_alignment_check(bits, D):
         assert bad is not None and bad.startswith(f"{name} (data_ptr % ") and "multiples of" in bad, bad
     odd = torch.tensor([200, 100, 0, 0], dtype=torch.int32)[::2]
     assert "lengths is not contiguous" in misaligned({**t, "lengths": odd}, bits, D)
+
+
+def test_kivi_cuda_staged_variant_conditions():
+    """When the staged CUDA variant cannot serve a call (device-independent): too many query rows, a group
+    with head_dim / group outside 1, 2, 4, 8, K rows or scales not 16-byte aligned, V scales not contiguous."""
+    from kvlab.kernels.kivi_cuda import staged_unsupported
+
+    g = gen(2)
+
+    def why(gqa=4, nq=1, D=128, bits=4, group=32, cap=256, **swap):
+        c = {**random_kivi(1, 2, D, bits, group, 128, cap, g), **swap}
+        q = randn(1, 2 * gqa, nq, D, g=g, dtype=torch.float16)
+        return staged_unsupported(q, c["k_codes"], c["k_scale"], c["k_min"], c["v_scale"], c["v_min"], group)
+
+    assert why() is None and why(gqa=8, D=64, bits=2, group=8) is None and why(group=128) is None
+    assert "12 query rows" in why(gqa=4, nq=3)
+    assert "head_dim / group = 128/256" in why(group=256)
+    assert why(bits=2, cap=96).startswith("k_codes rows are not 16-byte aligned")  # 24-byte rows
+    wide = torch.zeros(1, 2, 256, 8, dtype=torch.float16, device=DEV)[..., :4]  # stride 8 per token
+    assert "v_scale is not contiguous per token (stride 8, allowed 4)" in why(v_scale=wide)
 
 
 def test_kivi_cuda_backend_refuses_with_the_reason():
@@ -231,25 +256,34 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
-@pytest.mark.parametrize("group", [32, 64])
+# (group, Tn): two groups in one tile, and several 256-token tiles with a partial last one
+@pytest.mark.parametrize(("group", "Tn"), [(8, 16), (8, 584), (16, 592), (32, 64), (32, 608), (64, 128),
+                                           (64, 640), (128, 256), (128, 640)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("bits", [2, 4])
-def test_kivi_pack_k(bits, D, group):
+def test_kivi_pack_k(bits, D, dtype, group, Tn):
     g = gen(fresh_seed())
-    B, H, cap = 3, 2, 4 * group
+    B, H = 3, 2
+    o0, o2 = group, 3 * group  # odd multiples of the group: code bytes start at any group boundary
+    cap = o2 + Tn + group
     shapes = [((B, H, D, cap * bits // 8), torch.uint8), ((B, H, cap // group, D), torch.float16),
               ((B, H, cap // group, D), torch.float16)]
-    x = randn(B, H, 2 * group, D, g=g, dtype=torch.float16, scale=3.0)
-    offset = torch.tensor([group, -1, 2 * group], dtype=torch.int32, device=DEV)  # -1: sequence skipped
+    x = randn(B, H, Tn, D, g=g, dtype=dtype, scale=3.0)
+    offset = torch.tensor([o0, -1, o2], dtype=torch.int32, device=DEV)  # -1: sequence skipped
     bufs, refs = poisoned(*shapes), poisoned(*shapes)
     K.kivi_pack_k(x, *bufs, offset, bits=bits, group=group)
     K.kivi_pack_k_ref(x, *refs, offset, bits=bits, group=group)
     for a, r in zip(bufs, refs):
         assert same_bytes(a, r)
     # what was written is the whole appended region and nothing else
-    assert (bufs[0][0, :, :, group * bits // 8 : 3 * group * bits // 8] != 0xAB).any()
-    assert (bufs[0][1] == 0xAB).all() and (bufs[0][0, :, :, : group * bits // 8] == 0xAB).all()
-    assert not torch.isnan(bufs[1][0, :, 1:3]).any() and torch.isnan(bufs[1][1]).all()
+    c0, c1 = o0 * bits // 8, (o0 + Tn) * bits // 8
+    assert (bufs[0][0, :, :, c0:c1] != 0xAB).any(dim=-1).all()
+    assert (bufs[0][1] == 0xAB).all() and (bufs[0][0, :, :, :c0] == 0xAB).all()
+    assert (bufs[0][0, :, :, c1:] == 0xAB).all()
+    g0, g1 = o0 // group, (o0 + Tn) // group
+    assert not torch.isnan(bufs[1][0, :, g0:g1]).any() and torch.isnan(bufs[1][1]).all()
+    assert torch.isnan(bufs[1][0, :, :g0]).all() and torch.isnan(bufs[1][0, :, g1:]).all()
 
 
 @pytest.mark.parametrize("Tn", [1, 5])
@@ -543,28 +577,33 @@ def test_kivi_llama3_geometry_gpu(bits):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", ["staged", "registers"])
 @pytest.mark.parametrize("splits", [None, 1, 3])
-@pytest.mark.parametrize(("gqa", "nq"), [(4, 1), (8, 1), (4, 4), (1, 2)])
+@pytest.mark.parametrize(("gqa", "nq", "group"), [(4, 1, 32), (8, 1, 16), (4, 4, 32), (1, 2, 64)])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("bits", [2, 4])
-def test_kivi_cuda_long_sequences_gpu(bits, D, gqa, nq, splits):
-    """The CUDA kernel's main (mma) path over many blocks, warps and splits: long unequal sequences, up to
-    16 query rows per kv head (two mma column tiles), against the reference; also equal to Triton's kernel."""
+def test_kivi_cuda_long_sequences_gpu(bits, D, gqa, nq, group, splits, variant):
+    """The CUDA kernel's main (mma) path over many blocks, warps and splits, in both variants: long unequal
+    sequences, up to 16 query rows per kv head (two mma column tiles; registers variant only), groups of 16 to
+    64 tokens, against the reference; also equal to Triton's kernel, and deterministic."""
     g = gen(fresh_seed())
-    B, H, group, residual, cap = 3, 2, 32, 128, 4096
+    B, H, residual, cap = 3, 2, 128, 4096
     cache = random_kivi(B, H, D, bits, group, residual, cap, g)
     q = randn(B, H * gqa, nq, D, g=g, dtype=torch.float16, scale=2.0)
     lengths = torch.tensor([4096, 1000, 129], dtype=torch.int32, device=DEV)
     args = kivi_args(q, cache, lengths)
-    ref = K.kivi_decode_attention_ref(*args, bits=bits, group=group, residual=residual)
+    kw = dict(bits=bits, group=group, residual=residual)
+    if variant == "staged" and gqa * nq > 8:
+        with pytest.raises(ValueError, match="cuda_variant='staged' cannot serve this call: 16 query rows"):
+            K.kivi_decode_attention(*args, **kw, backend="cuda", cuda_variant="staged")
+        return
+    ref = K.kivi_decode_attention_ref(*args, **kw)
     out = torch.full_like(q, float("nan"))
-    K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, out=out, num_splits=splits,
-                            backend="cuda")
+    K.kivi_decode_attention(*args, **kw, out=out, num_splits=splits, backend="cuda", cuda_variant=variant)
     assert_close(out, ref, torch.float16)
-    tri = K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, backend="triton")
+    tri = K.kivi_decode_attention(*args, **kw, backend="triton")
     assert_close(out, tri, torch.float16)
-    again = K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, num_splits=splits,
-                                    backend="cuda")
+    again = K.kivi_decode_attention(*args, **kw, num_splits=splits, backend="cuda", cuda_variant=variant)
     assert torch.equal(out, again), "the CUDA kernel is not deterministic"
 
 

@@ -1,107 +1,119 @@
-// torch binding of the CUDA KIVI decode attention (kivi_attention_cuda.cuh). Built on first use by
-// kvlab/kernels/kivi_cuda.py through torch.utils.cpp_extension; the Python side validates every argument
-// (shapes, dtypes, alignment) and plans the splits, this file only launches.
+// Template instances and launchers of the CUDA KIVI decode attention (kivi_attention_cuda.h). Compiled by nvcc
+// without torch headers; the torch binding (kivi_binding.cpp) calls these.
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
-
+#include "kivi_attention_cuda.h"
 #include "kivi_attention_cuda.cuh"
+#include "kivi_attention_staged.cuh"
 
+namespace kvlab {
 namespace {
 
-int window_dtype(const at::Tensor& t) {
-  if (t.scalar_type() == at::kHalf) return 0;
-  if (t.scalar_type() == at::kBFloat16) return 1;
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "window dtype must be float16, bfloat16 or float32");
-  return 2;
-}
-
 template <int BITS, int D, int NT>
-void launch(const kvlab::KiviParams& p, int bh, const at::Tensor& out, cudaStream_t stream) {
-  dim3 grid(bh, p.n_main);
-  kvlab::kivi_decode_kernel<BITS, D, NT><<<grid, 128, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int rows = static_cast<int>(out.numel() / D);
-  kvlab::kivi_merge_kernel<D><<<rows, D, 0, stream>>>(p.o_part, p.lse_part,
-                                                       reinterpret_cast<__half*>(out.data_ptr()), p.n_main);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <int BITS, int D, int NT>
-int occupancy_of() {
+int registers_occupancy() {
   int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kvlab::kivi_decode_kernel<BITS, D, NT>, 128, 0));
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kivi_decode_kernel<BITS, D, NT>, 128, 0) != cudaSuccess) return -1;
   return n;
+}
+
+// Dynamic shared memory above 48 KiB must be allowed per kernel; carve-out: as much shared memory as possible.
+template <int BITS, int D, int DG>
+cudaError_t staged_prepare(size_t bytes) {
+  static size_t allowed = 0;  // per instance (NOTE: per process, not per device)
+  if (bytes <= allowed) return cudaSuccess;
+  auto kernel = kivi_decode_staged_kernel<BITS, D, 1, DG>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err == cudaSuccess) err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+  if (err == cudaSuccess) allowed = bytes;
+  return err;
+}
+
+template <int BITS, int D, int DG>
+int staged_occupancy() {
+  const size_t bytes = staged_smem_bytes<BITS, D, 1>(D / DG);
+  if (staged_prepare<BITS, D, DG>(bytes) != cudaSuccess) return -1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kivi_decode_staged_kernel<BITS, D, 1, DG>, 128, bytes) !=
+      cudaSuccess)
+    return -1;
+  return n;
+}
+
+template <int BITS, int D, int DG>
+cudaError_t staged_launch(const KiviParams& p, dim3 grid, cudaStream_t stream) {
+  const size_t bytes = staged_smem_bytes<BITS, D, 1>(D / DG);
+  cudaError_t err = staged_prepare<BITS, D, DG>(bytes);
+  if (err != cudaSuccess) return err;
+  kivi_decode_staged_kernel<BITS, D, 1, DG><<<grid, 128, bytes, stream>>>(p);
+  return cudaSuccess;
+}
+
+// The staged kernel exists for one query-row tile (NT = 1) and D / group in 1, 2, 4, 8.
+bool staged_exists(int D, int nt, int group) {
+  return nt == 1 && group > 0 && D % group == 0 && (D / group == 1 || D / group == 2 || D / group == 4 || D / group == 8);
+}
+
+template <int BITS, int D>
+int staged_occupancy_of(int group) {
+  switch (D / group) {
+    case 1: return staged_occupancy<BITS, D, 1>();
+    case 2: return staged_occupancy<BITS, D, 2>();
+    case 4: return staged_occupancy<BITS, D, 4>();
+    default: return staged_occupancy<BITS, D, 8>();
+  }
+}
+
+template <int BITS, int D, int NT>
+cudaError_t launch(const KiviParams& p, int variant, int bh, int out_rows, __half* out, cudaStream_t stream) {
+  const dim3 grid(bh, p.n_main);
+  if (variant == KIVI_VARIANT_STAGED) {
+    if (!staged_exists(D, NT, p.group)) return cudaErrorInvalidValue;
+    cudaError_t err;
+    switch (D / p.group) {
+      case 1: err = staged_launch<BITS, D, 1>(p, grid, stream); break;
+      case 2: err = staged_launch<BITS, D, 2>(p, grid, stream); break;
+      case 4: err = staged_launch<BITS, D, 4>(p, grid, stream); break;
+      default: err = staged_launch<BITS, D, 8>(p, grid, stream);
+    }
+    if (err != cudaSuccess) return err;
+  } else {
+    kivi_decode_kernel<BITS, D, NT><<<grid, 128, 0, stream>>>(p);
+  }
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  kivi_merge_kernel<D><<<out_rows, D, 0, stream>>>(p.o_part, p.lse_part, out, p.n_main);
+  return cudaGetLastError();
 }
 
 }  // namespace
 
-// CTAs of the decode kernel for (bits, D, nt) that one SM holds at once.
-int64_t occupancy(int64_t bits, int64_t D, int64_t nt) {
-#define KV_OCC(B_, D_, N_) \
-  if (bits == B_ && D == D_ && nt == N_) return occupancy_of<B_, D_, N_>();
-  KV_OCC(4, 128, 1) KV_OCC(4, 128, 2) KV_OCC(4, 64, 1) KV_OCC(4, 64, 2)
-  KV_OCC(2, 128, 1) KV_OCC(2, 128, 2) KV_OCC(2, 64, 1) KV_OCC(2, 64, 2)
-#undef KV_OCC
-  TORCH_CHECK(false, "no CUDA KIVI kernel for bits=", bits, " D=", D, " nt=", nt);
+#define KV_INSTANCES(X) X(4, 128, 1) X(4, 128, 2) X(4, 64, 1) X(4, 64, 2) X(2, 128, 1) X(2, 128, 2) X(2, 64, 1) X(2, 64, 2)
+
+size_t kivi_smem_bytes(int bits, int D, int nt, int variant, int group) {
+  if (variant != KIVI_VARIANT_STAGED || !staged_exists(D, nt, group)) return 0;
+#define KV_SMEM(B_, D_, N_) \
+  if (bits == B_ && D == D_ && nt == N_) return staged_smem_bytes<B_, D_, N_>(group);
+  KV_INSTANCES(KV_SMEM)
+#undef KV_SMEM
   return 0;
 }
 
-// out (B, Hq, NQ, D) fp16 <- attention; o_part (B*Hq*NQ, n_main, D) fp32 and lse_part (B*Hq*NQ, n_main)
-// are scratch.
-void decode(const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& k_scale, const at::Tensor& k_min,
-            const at::Tensor& k_fp16, const at::Tensor& v_codes, const at::Tensor& v_scale,
-            const at::Tensor& v_min, const at::Tensor& v_fp16, const at::Tensor& lengths, at::Tensor& o_part,
-            at::Tensor& lse_part, at::Tensor& out, int64_t bits, int64_t group, int64_t residual, int64_t n_main,
-            int64_t split_len, double qk_scale) {
-  TORCH_CHECK(q.is_cuda() && q.scalar_type() == at::kHalf && q.dim() == 4, "q must be a CUDA fp16 (B, Hq, n, D)");
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kHalf, "out must be contiguous fp16");
-  const c10::cuda::CUDAGuard guard(q.device());
-  kvlab::KiviParams p{};
-  p.q = reinterpret_cast<const __half*>(q.data_ptr());
-  p.sq_b = q.stride(0), p.sq_h = q.stride(1), p.sq_t = q.stride(2);
-  p.kc = k_codes.data_ptr<uint8_t>();
-  p.skc_b = k_codes.stride(0), p.skc_h = k_codes.stride(1), p.skc_d = k_codes.stride(2);
-  p.ks = reinterpret_cast<const __half*>(k_scale.data_ptr());
-  p.km = reinterpret_cast<const __half*>(k_min.data_ptr());
-  p.sks_b = k_scale.stride(0), p.sks_h = k_scale.stride(1), p.sks_g = k_scale.stride(2);
-  p.kw = k_fp16.data_ptr();
-  p.skw_b = k_fp16.stride(0), p.skw_h = k_fp16.stride(1), p.skw_t = k_fp16.stride(2);
-  p.kw_dtype = window_dtype(k_fp16);
-  p.vc = v_codes.data_ptr<uint8_t>();
-  p.svc_b = v_codes.stride(0), p.svc_h = v_codes.stride(1), p.svc_t = v_codes.stride(2);
-  p.vs = reinterpret_cast<const __half*>(v_scale.data_ptr());
-  p.vm = reinterpret_cast<const __half*>(v_min.data_ptr());
-  p.svs_b = v_scale.stride(0), p.svs_h = v_scale.stride(1), p.svs_t = v_scale.stride(2);
-  p.vw = v_fp16.data_ptr();
-  p.svw_b = v_fp16.stride(0), p.svw_h = v_fp16.stride(1), p.svw_t = v_fp16.stride(2);
-  p.vw_dtype = window_dtype(v_fp16);
-  p.lengths = lengths.data_ptr<int32_t>();
-  p.o_part = o_part.data_ptr<float>();
-  p.lse_part = lse_part.data_ptr<float>();
-  p.qk_scale = static_cast<float>(qk_scale);
-  const int64_t H = k_codes.size(1), Hq = q.size(1), NQ = q.size(2), D = q.size(3);
-  p.H = static_cast<int>(H);
-  p.gqa = static_cast<int>(Hq / H);
-  p.nq = static_cast<int>(NQ);
-  p.group = static_cast<int>(group);
-  p.residual = static_cast<int>(residual);
-  p.n_main = static_cast<int>(n_main);
-  p.split_len = static_cast<int>(split_len);
-  const int nt = p.gqa * p.nq <= 8 ? 1 : 2;
-  TORCH_CHECK(p.gqa * p.nq <= 16, "gqa * n query rows must be <= 16");
-  const int bh = static_cast<int>(q.size(0) * H);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-#define KV_LAUNCH(B_, D_, N_) \
-  if (bits == B_ && D == D_ && nt == N_) return launch<B_, D_, N_>(p, bh, out, stream);
-  KV_LAUNCH(4, 128, 1) KV_LAUNCH(4, 128, 2) KV_LAUNCH(4, 64, 1) KV_LAUNCH(4, 64, 2)
-  KV_LAUNCH(2, 128, 1) KV_LAUNCH(2, 128, 2) KV_LAUNCH(2, 64, 1) KV_LAUNCH(2, 64, 2)
-#undef KV_LAUNCH
-  TORCH_CHECK(false, "no CUDA KIVI kernel for bits=", bits, " D=", D);
+int kivi_occupancy(int bits, int D, int nt, int variant, int group) {
+#define KV_OCC(B_, D_, N_)                                                                              \
+  if (bits == B_ && D == D_ && nt == N_)                                                                \
+    return variant != KIVI_VARIANT_STAGED ? registers_occupancy<B_, D_, N_>()                             \
+           : staged_exists(D_, N_, group) ? staged_occupancy_of<B_, D_>(group) : -1;
+  KV_INSTANCES(KV_OCC)
+#undef KV_OCC
+  return -1;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode", &decode, "KIVI fused decode attention (CUDA)");
-  m.def("occupancy", &occupancy, "CTAs per SM of the KIVI decode kernel");
+cudaError_t kivi_launch(const KiviParams& p, int bits, int D, int nt, int variant, int bh, int out_rows, __half* out,
+                        cudaStream_t stream) {
+#define KV_LAUNCH(B_, D_, N_) \
+  if (bits == B_ && D == D_ && nt == N_) return launch<B_, D_, N_>(p, variant, bh, out_rows, out, stream);
+  KV_INSTANCES(KV_LAUNCH)
+#undef KV_LAUNCH
+  return cudaErrorInvalidValue;
 }
+
+}  // namespace kvlab

@@ -32,35 +32,10 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "kivi_attention_cuda.h"
+
 namespace kvlab {
 
-struct KiviParams {
-  const __half* q;  // (B, Hq, NQ, D)
-  int64_t sq_b, sq_h, sq_t;
-  const uint8_t* kc;  // (B, H, D, capk * BITS / 8) K codes packed along tokens
-  int64_t skc_b, skc_h, skc_d;
-  const __half* ks;  // (B, H, capk / group, D) K scales
-  const __half* km;  // K minima, same strides
-  int64_t sks_b, sks_h, sks_g;
-  const void* kw;  // (B, H, RK, D) K window
-  int64_t skw_b, skw_h, skw_t;
-  int kw_dtype;  // 0 fp16, 1 bf16, 2 fp32
-  const uint8_t* vc;  // (B, H, capv, D * BITS / 8) V codes packed along channels
-  int64_t svc_b, svc_h, svc_t;
-  const __half* vs;  // (B, H, capv, D / group) V scales
-  const __half* vm;  // V minima, same strides
-  int64_t svs_b, svs_h, svs_t;
-  const void* vw;  // (B, H, RV, D) V window
-  int64_t svw_b, svw_h, svw_t;
-  int vw_dtype;
-  const int32_t* lengths;  // (B,)
-  float* o_part;  // (B * Hq * NQ, splits, D) normalised partial outputs
-  float* lse_part;  // (B * Hq * NQ, splits) log2-sum-exp2 of the scaled scores (-inf: empty)
-  float qk_scale;  // softmax scale * log2(e)
-  int H, gqa, nq, group, residual;
-  int n_main;  // CTAs per (sequence, kv head) along the sequence (>= 1)
-  int split_len;  // tokens per main CTA (a multiple of 4 * BN)
-};
 
 template <int BITS, int D, int NT>
 struct KiviCfg {
@@ -183,6 +158,291 @@ __device__ void write_split(const KiviParams& p, KiviSmem<D, ROWS>& sm, int b, i
   }
 }
 
+// The tail: tokens [main_end, L) of sequence b, kv head h (the last partial block of the quantized region and
+// the residual windows), in units of UT = 16 tokens shared out among all warps of the sequence's CTAs. A warp
+// stages a unit in shared memory as fp16 (K codes dequantized or K window; V likewise), K as (token, channel)
+// rows and V transposed, then runs the main path's two mma products and online softmax on it, continuing the
+// warp's state in registers. Rows past L or hidden by the causal order of the query tokens are masked.
+template <int D>
+struct TailCfg {
+  static constexpr int UT = 16;  // tokens per unit
+  static constexpr int KST = 2 * D + 32;  // K tile row stride (bytes): 64-bit reads of 16 lanes hit 32 banks
+  static constexpr int KT = UT * KST;  // K tile: (token, channel)
+  static constexpr int VT = D * UT * 2;  // V^T tile: channel ch in row (ch % (D / 8)) * 8 + ch / (D / 8), by token
+  static constexpr int BYTES = KT + VT;  // per warp
+};
+
+// Staging of a tail unit (tail_units): this lane's CPL = D / 32 channels ch0 = lane * CPL .. of tokens
+// u0 .. u0 + 15 (past L: token L - 1, masked later) as fp16, dequantized exactly as the main path (one fp16
+// FMA). A unit wholly inside the quantized region or wholly inside an fp16 window loads everything without a
+// branch, so that its loads are in flight together; a unit across the boundary, or a bf16/fp32 window, takes
+// the per-token path.
+template <int BITS, int D>
+__device__ __forceinline__ void stage_k(const KiviParams& p, const uint8_t* kc, const __half* ks, const __half* km,
+                                        const char* kw, int u0, int L, int nk, uint8_t* tile) {
+  using T = TailCfg<D>;
+  constexpr int CPL = D / 32, PER_BYTE = 8 / BITS, QMAX = (1 << BITS) - 1;
+  const int ch0 = (threadIdx.x & 31) * CPL;
+  __half kx[T::UT][CPL];
+  if (u0 + T::UT <= nk) {  // codes along tokens: 16 tokens of a channel are 8 (int4) / 4 (int2) bytes
+    uint32_t w[CPL][2];
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) {
+      const uint8_t* src = kc + (ch0 + k) * p.skc_d + u0 * BITS / 8;
+      if constexpr (BITS == 4) {
+        w[k][0] = ld32(src);
+        w[k][1] = ld32(src + 4);
+      } else {
+        w[k][0] = __ldg(reinterpret_cast<const uint16_t*>(src));
+        w[k][1] = __ldg(reinterpret_cast<const uint16_t*>(src + 2));
+      }
+    }
+    __half sc[2][CPL], mn[2][CPL];  // the groups of tokens u0 and u0 + 8 (group >= 8)
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int k = 0; k < CPL; ++k) {
+        const int64_t si = ((u0 + 8 * half) / p.group) * p.sks_g + ch0 + k;
+        sc[half][k] = ks[si];
+        mn[half][k] = km[si];
+      }
+#pragma unroll
+    for (int e = 0; e < T::UT; ++e)
+#pragma unroll
+      for (int k = 0; k < CPL; ++k) {
+        const int code = (w[k][e / 8] >> ((e % 8) * BITS)) & QMAX;  // 8 tokens per loaded word
+        kx[e][k] = __hfma(__int2half_rn(code), sc[e / 8][k], mn[e / 8][k]);
+      }
+  } else if (u0 >= nk && p.kw_dtype == 0) {  // fp16 window
+    const __half* win = reinterpret_cast<const __half*>(kw);
+#pragma unroll
+    for (int e = 0; e < T::UT; ++e) {
+      const int64_t row = (min(u0 + e, L - 1) - nk) * p.skw_t + ch0;
+#pragma unroll
+      for (int k = 0; k < CPL; ++k) kx[e][k] = win[row + k];
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < T::UT; ++e) {
+      const int t = min(u0 + e, L - 1);
+      if (t < nk) {
+        const int64_t si = (t / p.group) * p.sks_g + ch0;
+#pragma unroll
+        for (int k = 0; k < CPL; ++k) {
+          const int code = (kc[(ch0 + k) * p.skc_d + t / PER_BYTE] >> ((t % PER_BYTE) * BITS)) & QMAX;
+          kx[e][k] = __hfma(__int2half_rn(code), ks[si + k], km[si + k]);
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < CPL; ++k) kx[e][k] = __float2half_rn(load_float(kw, (t - nk) * p.skw_t + ch0 + k, p.kw_dtype));
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < T::UT; ++e)
+#pragma unroll
+    for (int k = 0; k < CPL; k += 2)
+      *reinterpret_cast<__half2*>(tile + e * T::KST + (ch0 + k) * 2) = __halves2half2(kx[e][k], kx[e][k + 1]);
+}
+
+template <int BITS, int D>
+__device__ __forceinline__ void stage_v(const KiviParams& p, const uint8_t* vc, const __half* vs, const __half* vm,
+                                        const char* vw, int u0, int L, int nv, uint8_t* vt) {
+  using T = TailCfg<D>;
+  constexpr int CPL = D / 32, PER_BYTE = 8 / BITS, QMAX = (1 << BITS) - 1, CPT = D / 8;
+  const int ch0 = (threadIdx.x & 31) * CPL;
+  __half vx[T::UT][CPL];
+  if (u0 + T::UT <= nv) {  // codes along channels: this lane's CPL codes of a token are CPL * BITS / 8 bytes
+    uint32_t w[T::UT];
+    __half sc[T::UT], mn[T::UT];
+#pragma unroll
+    for (int e = 0; e < T::UT; ++e) {
+      const int t = u0 + e;
+      const uint8_t* src = vc + t * p.svc_t + ch0 * BITS / 8;
+      if constexpr (CPL * BITS == 16) {
+        w[e] = __ldg(reinterpret_cast<const uint16_t*>(src));
+      } else {
+        w[e] = __ldg(src);
+      }
+      const int64_t si = t * p.svs_t + ch0 / p.group;
+      sc[e] = vs[si];
+      mn[e] = vm[si];
+    }
+#pragma unroll
+    for (int e = 0; e < T::UT; ++e)
+#pragma unroll
+      for (int k = 0; k < CPL; ++k) {
+        const int code = (w[e] >> ((ch0 * BITS) % 8 + k * BITS)) & QMAX;  // int2 at D=64: half a byte a lane
+        vx[e][k] = __hfma(__int2half_rn(code), sc[e], mn[e]);
+      }
+  } else if (u0 >= nv && p.vw_dtype == 0) {  // fp16 window
+    const __half* win = reinterpret_cast<const __half*>(vw);
+#pragma unroll
+    for (int e = 0; e < T::UT; ++e) {
+      const int64_t row = (min(u0 + e, L - 1) - nv) * p.svw_t + ch0;
+#pragma unroll
+      for (int k = 0; k < CPL; ++k) vx[e][k] = win[row + k];
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < T::UT; ++e) {
+      const int t = min(u0 + e, L - 1);
+      if (t < nv) {
+        const int64_t si = t * p.svs_t + ch0 / p.group;
+        const __half s = vs[si], m = vm[si];
+#pragma unroll
+        for (int k = 0; k < CPL; ++k) {
+          const int code = (vc[t * p.svc_t + (ch0 + k) / PER_BYTE] >> (((ch0 + k) % PER_BYTE) * BITS)) & QMAX;
+          vx[e][k] = __hfma(__int2half_rn(code), s, m);
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < CPL; ++k) vx[e][k] = __float2half_rn(load_float(vw, (t - nv) * p.svw_t + ch0 + k, p.vw_dtype));
+      }
+    }
+  }
+  // V^T rows: channel ch in row (ch % CPT) * 8 + ch / CPT, its 16 tokens (32 bytes)
+#pragma unroll
+  for (int k = 0; k < CPL; ++k) {
+    const int ch = ch0 + k;
+    uint32_t w[T::UT / 2];
+#pragma unroll
+    for (int e = 0; e < T::UT; e += 2) {
+      const __half2 h2 = __halves2half2(vx[e][k], vx[e + 1][k]);
+      w[e / 2] = *reinterpret_cast<const uint32_t*>(&h2);
+    }
+    uint4* row = reinterpret_cast<uint4*>(vt + ((ch % CPT) * 8 + ch / CPT) * T::UT * 2);
+    row[0] = make_uint4(w[0], w[1], w[2], w[3]);
+    row[1] = make_uint4(w[4], w[5], w[6], w[7]);
+  }
+}
+
+template <int BITS, int D, int NT>
+__device__ void tail_units(const KiviParams& p, int b, int h, int main_end, const uint32_t (&qf)[NT][D / 16][2],
+                           float (&m_r)[NT][2], float (&l_r)[NT][2], float (&oacc)[D / 16][NT][4], __half* ps,
+                           uint8_t* tile) {
+  using C = KiviCfg<BITS, D, NT>;
+  using T = TailCfg<D>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int L = p.lengths[b];
+  const int nv = max(L - p.residual, 0);
+  const int nk = (L / p.residual) * p.residual;
+  const int nu = (L - main_end + T::UT - 1) / T::UT;
+  const uint8_t* kc = p.kc + b * p.skc_b + h * p.skc_h;
+  const __half* ks = p.ks + b * p.sks_b + h * p.sks_h;
+  const __half* km = p.km + b * p.sks_b + h * p.sks_h;
+  const uint8_t* vc = p.vc + b * p.svc_b + h * p.svc_h;
+  const __half* vs = p.vs + b * p.svs_b + h * p.svs_h;
+  const __half* vm = p.vm + b * p.svs_b + h * p.svs_h;
+  const int kwsz = p.kw_dtype == 2 ? 4 : 2, vwsz = p.vw_dtype == 2 ? 4 : 2;
+  const char* kw = static_cast<const char*>(p.kw) + (b * p.skw_b + h * p.skw_h) * kwsz;
+  const char* vw = static_cast<const char*>(p.vw) + (b * p.svw_b + h * p.svw_h) * vwsz;
+  uint8_t* vt = tile + T::KT;
+  for (int u = blockIdx.y * C::WARPS + warp; u < nu; u += p.n_main * C::WARPS) {
+    const int u0 = main_end + u * T::UT;
+    __syncwarp();  // the previous unit (or the main path) is done with the tiles and P
+    // ---- stage this lane's CPL channels of the unit's tokens
+    stage_k<BITS, D>(p, kc, ks, km, kw, u0, L, nk, tile);
+    stage_v<BITS, D>(p, vc, vs, vm, vw, u0, L, nv, vt);
+    __syncwarp();
+
+    // ---- scores of tokens u0 + g (C row g) and u0 + g + 8 (row g + 8): S^T = K . Q^T
+    float sacc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sacc[nt][j] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < C::KK; ++kk) {
+      const uint2 r0 = *reinterpret_cast<const uint2*>(tile + g * T::KST + 32 * kk + 8 * c);
+      const uint2 r1 = *reinterpret_cast<const uint2*>(tile + (g + 8) * T::KST + 32 * kk + 8 * c);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma_16816(sacc[nt], r0.x, r1.x, r0.y, r1.y, qf[nt][kk][0], qf[nt][kk][1]);
+    }
+    // ---- online softmax (masked), P to shared memory
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int r = nt * 8 + 2 * c + j;
+        const int last = min(L - 1, L - p.nq + r % p.nq);  // the last token query row r sees
+        const float s0 = u0 + g <= last ? sacc[nt][j] * p.qk_scale : -INFINITY;
+        const float s1 = u0 + g + 8 <= last ? sacc[nt][2 + j] * p.qk_scale : -INFINITY;
+        float mx = fmaxf(s0, s1);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+        const float m_new = fmaxf(m_r[nt][j], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: every p is 0
+        const float alpha = fast_exp2(m_r[nt][j] - m_use);
+        const float p0 = fast_exp2(s0 - m_use), p1 = fast_exp2(s1 - m_use);
+        m_r[nt][j] = m_new;
+        l_r[nt][j] = l_r[nt][j] * alpha + p0 + p1;
+#pragma unroll
+        for (int mt = 0; mt < C::MTV; ++mt) {
+          oacc[mt][nt][j] *= alpha;
+          oacc[mt][nt][2 + j] *= alpha;
+        }
+        ps[r * C::PST + g] = __float2half_rn(p0);
+        ps[r * C::PST + g + 8] = __float2half_rn(p1);
+      }
+    }
+    __syncwarp();
+    // ---- output: O^T += V^T . P^T over the unit's 16 tokens (one k-step)
+    uint32_t pf[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint2 v = *reinterpret_cast<const uint2*>(ps + (nt * 8 + g) * C::PST + 4 * c);
+      pf[nt][0] = v.x;
+      pf[nt][1] = v.y;
+    }
+#pragma unroll
+    for (int mt = 0; mt < C::MTV; ++mt) {
+      const uint2 r0 = *reinterpret_cast<const uint2*>(vt + (16 * mt + g) * T::UT * 2 + 8 * c);
+      const uint2 r1 = *reinterpret_cast<const uint2*>(vt + (16 * mt + 8 + g) * T::UT * 2 + 8 * c);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma_16816(oacc[mt][nt], r0.x, r1.x, r0.y, r1.y, pf[nt][0], pf[nt][1]);
+    }
+  }
+  __syncwarp();
+}
+
+// The warp's state to shared memory (true channel order): unnormalised outputs, running max, sum over tokens.
+template <int D, int NT>
+__device__ void store_state(KiviSmem<D, 8 * NT>& sm, float (&m_r)[NT][2], float (&l_r)[NT][2],
+                            float (&oacc)[D / 16][NT][4]) {
+  constexpr int CPT = D / 8;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      float l = l_r[nt][j];
+      l += __shfl_xor_sync(0xffffffffu, l, 4);
+      l += __shfl_xor_sync(0xffffffffu, l, 8);
+      l += __shfl_xor_sync(0xffffffffu, l, 16);
+      l_r[nt][j] = l;
+    }
+  __syncthreads();  // everyone is done with P, the tiles and the stages before the shared memory is reused
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int r = nt * 8 + 2 * c + j;
+      if (g == 0) {
+        sm.m[warp][r] = m_r[nt][j];
+        sm.l[warp][r] = l_r[nt][j];
+      }
+#pragma unroll
+      for (int mt = 0; mt < D / 16; ++mt) {
+        sm.o[warp][r][g * CPT + 2 * mt] = oacc[mt][nt][j];
+        sm.o[warp][r][g * CPT + 2 * mt + 1] = oacc[mt][nt][2 + j];
+      }
+    }
+}
+
 #ifndef KVLAB_KIVI_MIN_BLOCKS
 #define KVLAB_KIVI_MIN_BLOCKS 2  // CTAs per SM the register allocation must allow
 #endif
@@ -192,21 +452,18 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_MIN_BLOCKS) kivi_decode_kernel
   using C = KiviCfg<BITS, D, NT>;
   constexpr int ROWS = C::ROWS;
   constexpr int TPT = C::TPT, BN = C::BN;
-  constexpr int PER_BYTE = 8 / BITS;
-  constexpr int QMAX = (1 << BITS) - 1;
   constexpr int PBYTES = C::WARPS * ROWS * C::PST * 2;
+  constexpr int TBYTES = PBYTES + C::WARPS * TailCfg<D>::BYTES;  // P buffers, then the warps' tail tiles
   constexpr int SBYTES = sizeof(KiviSmem<D, ROWS>);
-  __shared__ __align__(16) uint8_t smem_raw[PBYTES > SBYTES ? PBYTES : SBYTES];
+  __shared__ __align__(16) uint8_t smem_raw[TBYTES > SBYTES ? TBYTES : SBYTES];
   auto& sm = *reinterpret_cast<KiviSmem<D, ROWS>*>(smem_raw);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
   const int rows = p.gqa * p.nq;
-  const int splits = p.n_main;
   const int L = p.lengths[b];
   const int nv = max(L - p.residual, 0);
-  const int nk = (L / p.residual) * p.residual;
   const int main_end = (nv / BN) * BN;
 
   const uint8_t* kc = p.kc + b * p.skc_b + h * p.skc_h;
@@ -394,117 +651,11 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_MIN_BLOCKS) kivi_decode_kernel
       if (tn < hi) load_v(tn);
     }
 
-    // ---- this warp's state to shared memory (true channel order), then the CTA's split
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        float l = l_r[nt][j];
-        l += __shfl_xor_sync(0xffffffffu, l, 4);
-        l += __shfl_xor_sync(0xffffffffu, l, 8);
-        l += __shfl_xor_sync(0xffffffffu, l, 16);
-        l_r[nt][j] = l;
-      }
-    __syncthreads();  // everyone is done with P before the shared memory is reused
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int r = nt * 8 + 2 * c + j;
-        if (g == 0) {
-          sm.m[warp][r] = m_r[nt][j];
-          sm.l[warp][r] = l_r[nt][j];
-        }
-#pragma unroll
-        for (int mt = 0; mt < C::MTV; ++mt) {
-          sm.o[warp][r][g * C::CPT + 2 * mt] = oacc[mt][nt][j];
-          sm.o[warp][r][g * C::CPT + 2 * mt + 1] = oacc[mt][nt][2 + j];
-        }
-      }
+    tail_units<BITS, D, NT>(p, b, h, main_end, qf, m_r, l_r, oacc, ps,
+                            smem_raw + PBYTES + warp * TailCfg<D>::BYTES);
+    store_state<D, NT>(sm, m_r, l_r, oacc);
   }
-  __syncwarp();
-
-  // -------------------------------------------------------------------- the tail: tokens [main_end, L)
-  // Shared by all warps of all CTAs of this (sequence, kv head), TU tokens per warp at a time, masked,
-  // lanes along channels (d = lane + 32 j), windows included; the warp's online softmax continues from
-  // its main-path state, read back from shared memory in this layout.
-  constexpr int DJ = D / 32;
-  float qv[ROWS][DJ];
-  float acc[ROWS][DJ];
-  float m_t[ROWS], l_t[ROWS];
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    m_t[r] = sm.m[warp][r];
-    l_t[r] = sm.l[warp][r];
-    const __half* qrow = p.q + b * p.sq_b + (h * p.gqa + r / p.nq) * p.sq_h + (r % p.nq) * p.sq_t;
-#pragma unroll
-    for (int j = 0; j < DJ; ++j) {
-      qv[r][j] = r < rows ? __half2float(qrow[lane + 32 * j]) : 0.f;
-      acc[r][j] = sm.o[warp][r][lane + 32 * j];
-    }
-  }
-  const char* kw = static_cast<const char*>(p.kw);
-  const char* vw = static_cast<const char*>(p.vw);
-  const int kwsz = p.kw_dtype == 2 ? 4 : 2, vwsz = p.vw_dtype == 2 ? 4 : 2;
-  constexpr int TU = 4;  // tokens per warp and step: their loads are in flight together (8: slower, see notes)
-  const int workers = p.n_main * C::WARPS;
-  for (int t1 = main_end + (blockIdx.y * C::WARPS + warp) * TU; t1 < L; t1 += workers * TU) {
-    float kx[TU][DJ], vx[TU][DJ];
-#pragma unroll
-    for (int u = 0; u < TU; ++u) {
-      const int t = min(t1 + u, L - 1);  // past the end: a valid token, masked below
-#pragma unroll
-      for (int j = 0; j < DJ; ++j) {
-        const int d = lane + 32 * j;
-        if (t < nk) {
-          const int code = (kc[d * p.skc_d + t / PER_BYTE] >> ((t % PER_BYTE) * BITS)) & QMAX;
-          const int64_t si = (t / p.group) * p.sks_g + d;
-          kx[u][j] = __half2float(__float2half_rn(code * __half2float(ks[si]) + __half2float(km[si])));
-        } else {
-          kx[u][j] = load_float(kw + (b * p.skw_b + h * p.skw_h) * kwsz, (t - nk) * p.skw_t + d, p.kw_dtype);
-        }
-        if (t < nv) {
-          const int code = (vc[t * p.svc_t + d / PER_BYTE] >> ((d % PER_BYTE) * BITS)) & QMAX;
-          const int64_t si = t * p.svs_t + d / p.group;
-          vx[u][j] = __half2float(__float2half_rn(code * __half2float(vs[si]) + __half2float(vm[si])));
-        } else {
-          vx[u][j] = load_float(vw + (b * p.svw_b + h * p.svw_h) * vwsz, (t - nv) * p.svw_t + d, p.vw_dtype);
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < TU; ++u) {
-      const int t = t1 + u;
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        if (r >= rows) break;
-        float s = 0.f;
-#pragma unroll
-        for (int j = 0; j < DJ; ++j) s = fmaf(qv[r][j], kx[u][j], s);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (t >= L || t > L - p.nq + r % p.nq) continue;  // past the end; causal among the query tokens
-        s *= p.qk_scale;
-        const float m_new = fmaxf(m_t[r], s);
-        const float alpha = fast_exp2(m_t[r] - m_new);
-        const float pr = fast_exp2(s - m_new);
-        l_t[r] = l_t[r] * alpha + pr;
-#pragma unroll
-        for (int j = 0; j < DJ; ++j) acc[r][j] = fmaf(acc[r][j], alpha, pr * vx[u][j]);
-        m_t[r] = m_new;
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    if (lane == 0) {
-      sm.m[warp][r] = m_t[r];
-      sm.l[warp][r] = l_t[r];
-    }
-#pragma unroll
-    for (int j = 0; j < DJ; ++j) sm.o[warp][r][lane + 32 * j] = acc[r][j];
-  }
-  write_split<D, ROWS>(p, sm, b, h, rows, blockIdx.y, splits);
+  write_split<D, ROWS>(p, sm, b, h, rows, blockIdx.y, p.n_main);
 }
 
 // out[row, :] = sum_s w_s o_part[row, s, :], w = softmax over s of lse (base 2); one block per row.

@@ -328,7 +328,7 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
                           out: torch.Tensor | None = None, max_len: int | None = None,
                           num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
                           num_stages: int | None = 2, max_regs: int | None = 128,
-                          backend: str = "auto") -> torch.Tensor:
+                          backend: str = "auto", cuda_variant: str = "auto") -> torch.Tensor:
     """Attention of ``q`` (B, Hq, n, D) over a KIVI cache, returned in q's dtype as (B, Hq, n, D).
 
     Cache tensors as in the module docstring; ``lengths`` (B,) int32 on the same device. ``sm_scale``
@@ -338,7 +338,10 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
     ``backend``: ``"cuda"`` the CUDA C++ kernel (:mod:`.kivi_cuda`; fp16, head_dim 64/128, <= 16 query
     rows per kv head, compiled on first use), ``"triton"`` the Triton kernel of this module, ``"auto"``
     (default) the CUDA kernel where it can serve the call and was built, else Triton. ``"cuda"`` raises
-    ValueError saying why when it cannot.
+    ValueError saying why when it cannot. ``cuda_variant`` picks the CUDA kernel's variant: ``"staged"`` (K codes
+    and scales staged in shared memory by cp.async; one query-row tile, D / group in 1, 2, 4, 8, 16-byte
+    aligned K rows and scales), ``"registers"`` (everything through registers; serves every CUDA call), or
+    ``"auto"`` (default): staged where it can serve the call.
 
     Tuning: ``num_splits`` (None: one full wave of programs; both backends), and for Triton only
     ``block_n`` (tokens per block, a power of two), ``num_warps``, ``num_stages``, ``max_regs`` (a register
@@ -348,6 +351,7 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
     B, Hq, NQ, D, H = _check(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths,
                              bits, group, residual, out)
     check_choice("backend", backend, ("auto", "cuda", "triton"))
+    check_choice("cuda_variant", cuda_variant, ("auto", "staged", "registers"))
     check_pow2("block_n", block_n, 32, 256)
     check_devices(dict(q=q, k_codes=k_codes, k_scale=k_scale, k_min=k_min, k_fp16=k_fp16, v_codes=v_codes,
                        v_scale=v_scale, v_min=v_min, v_fp16=v_fp16, lengths=lengths))
@@ -363,7 +367,7 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
         if why is None:
             return kivi_cuda.kivi_decode_attention_cuda(*cache, bits=bits, group=group, residual=residual,
                                                         qk_scale=qk_scale, out=out, max_len=max_len,
-                                                        num_splits=num_splits)
+                                                        num_splits=num_splits, variant=cuda_variant)
         if backend == "cuda":
             raise ValueError(f"backend='cuda' cannot serve this call: {why}; allowed: backend='triton' or 'auto'")
     strides = {}

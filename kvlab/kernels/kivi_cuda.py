@@ -1,6 +1,9 @@
-"""The CUDA C++ KIVI decode attention (``kvlab/csrc/kivi_attention_cuda.{cuh,cu}``): the same function as the
-Triton kernel in :mod:`.kivi_attention`, on the same cache, written so that every packed code reaches the
-matrix unit's operand registers without shared memory (the layout argument is in the ``.cuh``).
+"""The CUDA C++ KIVI decode attention (``kvlab/csrc/kivi_attention_*``): the same function as the Triton kernel
+in :mod:`.kivi_attention`, on the same cache, written so that every packed code reaches the matrix unit's
+operand registers with plain loads (the layout argument is in ``kivi_attention_cuda.cuh``). Two variants:
+``"registers"`` (every code and scale loaded straight into registers, one block ahead) and ``"staged"`` (the
+next block's K codes and all scales copied into shared memory with cp.async, so that 3 CTAs fit an SM;
+``kivi_attention_staged.cuh``); ``"auto"`` takes the staged one wherever :func:`staged_unsupported` allows.
 
 Built on first use with ``torch.utils.cpp_extension.load`` (needs a CUDA build of torch, the CUDA compiler
 ``nvcc`` of the same major version, and ``ninja``; about a minute, then cached under ``TORCH_EXTENSIONS_DIR``).
@@ -22,12 +25,14 @@ import torch
 
 from .splitk import plan_splits
 
-__all__ = ["enabled", "ops", "reset", "unsupported", "misaligned", "kivi_decode_attention_cuda", "BLOCK"]
+__all__ = ["enabled", "ops", "reset", "unsupported", "staged_unsupported", "misaligned", "kivi_decode_attention_cuda",
+           "BLOCK"]
 
 _DIR = Path(__file__).resolve().parent.parent / "csrc"
 _state: dict = {}
 BLOCK = 64  # tokens per warp-block of the kernel (KiviCfg::BN)
 WARPS = 4
+VARIANTS = {"registers": 6, "staged": 7}  # kivi_attention_cuda.h: KIVI_VARIANT_*
 
 
 def enabled() -> bool:
@@ -49,7 +54,7 @@ def ops():
                   file=sys.stderr, flush=True)
             module = load(
                 name="kvlab_kivi_cuda",
-                sources=[str(_DIR / "kivi_attention_cuda.cu")],
+                sources=[str(_DIR / "kivi_binding.cpp"), str(_DIR / "kivi_attention_cuda.cu")],
                 extra_include_paths=[str(_DIR)],
                 extra_cuda_cflags=["-O3", "-std=c++17", *os.environ.get("KVLAB_CUDA_CFLAGS", "").split()],
                 verbose=False,
@@ -111,10 +116,26 @@ def misaligned(t: dict, bits: int, D: int) -> str | None:
     return None
 
 
-def _occupancy(mod, bits: int, D: int, nt: int, device: torch.device) -> int:
-    key = ("occ", bits, D, nt, torch.cuda.get_device_capability(device))
+def staged_unsupported(q, k_codes, k_scale, k_min, v_scale, v_min, group: int) -> str | None:
+    """Why the staged variant cannot serve a call that :func:`unsupported` accepts, or None when it can."""
+    _, Hq, NQ, D = q.shape
+    if Hq // k_codes.shape[1] * NQ > 8:
+        return f"{Hq // k_codes.shape[1] * NQ} query rows per kv head; the staged variant takes at most 8"
+    if D % group or D // group not in (1, 2, 4, 8):
+        return f"head_dim / group = {D}/{group}; the staged variant takes 1, 2, 4 or 8"
+    for name, t in dict(k_codes=k_codes, k_scale=k_scale, k_min=k_min, v_scale=v_scale, v_min=v_min).items():
+        if not _aligned(t, 16, dims=2 if name.startswith("v_") else 3):
+            return f"{name} rows are not 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}, strides {tuple(t.stride())})"
+    for name, t in dict(v_scale=v_scale, v_min=v_min).items():
+        if t.stride(2) != D // group:
+            return f"{name} is not contiguous per token (stride {t.stride(2)}, allowed {D // group})"
+    return None
+
+
+def _occupancy(mod, bits: int, D: int, nt: int, variant: int, group: int, device: torch.device) -> int:
+    key = ("occ", bits, D, nt, variant, group, torch.cuda.get_device_capability(device))
     if key not in _state:
-        _state[key] = max(1, int(mod.occupancy(bits, D, nt)))
+        _state[key] = max(1, int(mod.occupancy(bits, D, nt, variant, group)))
     return _state[key]
 
 
@@ -130,18 +151,26 @@ def plan(batch_heads: int, max_len: int, residual: int, device: torch.device, re
 
 def kivi_decode_attention_cuda(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, *,
                                bits: int, group: int, residual: int, qk_scale: float, out: torch.Tensor,
-                               max_len: int, num_splits: int | None = None) -> torch.Tensor:
-    """Run the CUDA kernel into ``out`` (arguments already validated, :func:`unsupported` returned None)."""
+                               max_len: int, num_splits: int | None = None, variant: str = "auto") -> torch.Tensor:
+    """Run the CUDA kernel into ``out`` (arguments already validated, :func:`unsupported` returned None);
+    ``variant`` "auto", "staged" (ValueError where :func:`staged_unsupported` objects) or "registers"."""
     mod = ops()
     if mod is None:
         raise RuntimeError("the CUDA KIVI kernel is not available (see the warning from its build)")
     B, Hq, NQ, D = q.shape
     H = k_codes.shape[1]
     nt = 1 if Hq // H * NQ <= 8 else 2
-    n_main, split_len = plan(B * H, max_len, residual, q.device, _occupancy(mod, bits, D, nt, q.device), num_splits)
+    if variant != "registers":
+        why = staged_unsupported(q, k_codes, k_scale, k_min, v_scale, v_min, group)
+        if why is not None and variant == "staged":
+            raise ValueError(f"cuda_variant='staged' cannot serve this call: {why}; allowed: 'registers' or 'auto'")
+        variant = "registers" if why is not None else "staged"
+    vid = VARIANTS[variant]
+    resident = _occupancy(mod, bits, D, nt, vid, group, q.device)
+    n_main, split_len = plan(B * H, max_len, residual, q.device, resident, num_splits)
     rows = B * Hq * NQ
     o_part = torch.empty((rows, n_main, D), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((rows, n_main), device=q.device, dtype=torch.float32)
     mod.decode(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, o_part, lse_part,
-               out, bits, group, residual, n_main, split_len, qk_scale)  # out: contiguous (checked by the caller)
+               out, bits, group, residual, n_main, split_len, qk_scale, vid)  # out: contiguous (checked by the caller)
     return out

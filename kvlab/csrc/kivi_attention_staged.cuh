@@ -1,0 +1,316 @@
+// Variant 7 of the CUDA KIVI decode attention: the kernel of kivi_attention_cuda.cuh (same operand roles,
+// same dequantization, online softmax, tail and merge), with the next block's K codes and all its scales
+// staged in shared memory by cp.async instead of registers.
+//
+// Why: variant 6 holds ~112 registers of prefetched codes and scales per thread (252 in all), so an SM runs 8
+// warps, and ncu found it waiting on loads and dependent arithmetic half of the time; packing the V scales
+// right after their loads stalled every block on global latency; and its 96 loads per block cost ~3 address
+// instructions each. Here each warp copies a block as 16-byte chunks (12 per lane at D=128, int4, group 32)
+// into one of two stages while it computes the other, the V codes stay one block ahead in registers, and the
+// kernel fits 3 CTAs (12 warps) per SM.
+//
+// Stage layout (one warp, bytes; G = group, NGB = K groups per 64-token block, DG = D / G V groups a token):
+//   [0, KC)                K codes, one KROW-byte row per channel; channel ch sits in row ch ^ X(ch) so that
+//                          the 32 lanes' reads of one instruction hit 32 different banks (X below)
+//   [KC, KC + NGB * KSG)   per K group: D fp16 scales, D fp16 minima, 32 bytes of padding (banks)
+//   then                   V scales (64 x DG fp16), then V minima (same), as in global memory
+
+#pragma once
+
+#include "kivi_attention_cuda.cuh"
+
+namespace kvlab {
+
+template <int BITS, int D>
+struct StagedCfg {
+  static constexpr int BN = 64;  // tokens per block of a warp
+  static constexpr int KROW = BN * BITS / 8;  // bytes of one channel's codes in a block: 32 (int4), 16 (int2)
+  static constexpr int KC = D * KROW;
+  static constexpr int KSG = 4 * D + 32;  // bytes per K group in a stage
+  static constexpr int CPR = KROW / 16;  // 16-byte chunks per channel row
+  static constexpr int RSTEP = 32 / CPR;  // channel rows a warp copies per pass
+};
+
+__host__ __device__ constexpr int staged_ngb(int group) { return group < 64 ? 64 / group : 1; }
+
+// Bytes of one warp's stage for a group size (a multiple of 16).
+template <int BITS, int D>
+__host__ __device__ constexpr int staged_stage_bytes(int group) {
+  return StagedCfg<BITS, D>::KC + staged_ngb(group) * StagedCfg<BITS, D>::KSG + 2 * 64 * (D / group) * 2;
+}
+
+// Row of channel ch in a stage: XOR of its low bits with higher ones, so that channels 16kk + 4c + e of the
+// four c of one read land in four different groups of banks.
+template <int BITS>
+__host__ __device__ constexpr int staged_row(int ch) {
+  return BITS == 4 ? ch ^ ((ch >> 2) & 3) : ch ^ ((ch >> 3) & 1);
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Bytes of dynamic shared memory of one CTA: the warps' P buffers and two stages each, or the final merge
+// state (laid over them), whichever is larger.
+template <int BITS, int D, int NT>
+__host__ __device__ constexpr int staged_smem_bytes(int group) {
+  using C = KiviCfg<BITS, D, NT>;
+  constexpr int PBYTES = C::WARPS * C::ROWS * C::PST * 2;
+  constexpr int SBYTES = static_cast<int>(sizeof(KiviSmem<D, C::ROWS>));
+  const int stages = 2 * staged_stage_bytes<BITS, D>(group);  // a warp's area, reused for its tail tiles
+  const int main = PBYTES + C::WARPS * (stages > TailCfg<D>::BYTES ? stages : TailCfg<D>::BYTES);
+  return main > SBYTES ? main : SBYTES;
+}
+
+#ifndef KVLAB_KIVI_STAGED_MIN_BLOCKS
+#define KVLAB_KIVI_STAGED_MIN_BLOCKS 3  // CTAs per SM the register allocation must allow
+#endif
+
+// Needs (checked by the caller): K code rows, K scale rows and the V scales of a block 16-byte aligned, V
+// scales contiguous per token (stride DG), group = D / DG with DG in 1, 2, 4, 8 (a compile-time group keeps
+// the copies and the scale reads free of integer arithmetic).
+template <int BITS, int D, int NT, int DG>
+__global__ void __launch_bounds__(128, KVLAB_KIVI_STAGED_MIN_BLOCKS) kivi_decode_staged_kernel(const KiviParams p) {
+  using C = KiviCfg<BITS, D, NT>;
+  using S = StagedCfg<BITS, D>;
+  constexpr int ROWS = C::ROWS;
+  constexpr int TPT = C::TPT, BN = C::BN;
+  constexpr int PBYTES = C::WARPS * ROWS * C::PST * 2;
+  extern __shared__ __align__(16) uint8_t smem_dyn[];
+  auto& sm = *reinterpret_cast<KiviSmem<D, ROWS>*>(smem_dyn);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
+  const int rows = p.gqa * p.nq;
+  const int L = p.lengths[b];
+  const int nv = max(L - p.residual, 0);
+  const int main_end = (nv / BN) * BN;
+  constexpr int G = D / DG, dg = DG;
+  constexpr int ngb = staged_ngb(G);
+  constexpr int stage_bytes = staged_stage_bytes<BITS, D>(G);
+  constexpr int vs0 = S::KC + ngb * S::KSG;  // V scales in a stage
+
+  const uint8_t* kc = p.kc + b * p.skc_b + h * p.skc_h;
+  const __half* ks = p.ks + b * p.sks_b + h * p.sks_h;
+  const __half* km = p.km + b * p.sks_b + h * p.sks_h;
+  const uint8_t* vc = p.vc + b * p.svc_b + h * p.svc_h;
+  const __half* vs = p.vs + b * p.svs_b + h * p.svs_h;
+  const __half* vm = p.vm + b * p.svs_b + h * p.svs_h;
+
+  {
+    const int lo = blockIdx.y * p.split_len;
+    const int hi = min(lo + p.split_len, main_end);
+    uint32_t qf[NT][C::KK][2];  // B operand of the score mma: query row nt*8 + g, channels 16kk + 4c .. + 3
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int r = nt * 8 + g;
+      const __half* qrow = p.q + b * p.sq_b + (h * p.gqa + r / p.nq) * p.sq_h + (r % p.nq) * p.sq_t;
+#pragma unroll
+      for (int kk = 0; kk < C::KK; ++kk) {
+        uint2 v = make_uint2(0u, 0u);
+        if (r < rows) v = __ldg(reinterpret_cast<const uint2*>(qrow + 16 * kk + 4 * c));
+        qf[nt][kk][0] = v.x;
+        qf[nt][kk][1] = v.y;
+      }
+    }
+    float m_r[NT][2], l_r[NT][2];
+    float oacc[C::MTV][NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      m_r[nt][0] = m_r[nt][1] = -INFINITY;
+      l_r[nt][0] = l_r[nt][1] = 0.f;
+#pragma unroll
+      for (int mt = 0; mt < C::MTV; ++mt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) oacc[mt][nt][j] = 0.f;
+    }
+    __half* ps = reinterpret_cast<__half*>(smem_dyn) + warp * ROWS * C::PST;
+    constexpr int area = 2 * stage_bytes > TailCfg<D>::BYTES ? 2 * stage_bytes : TailCfg<D>::BYTES;
+    uint8_t* stages = smem_dyn + PBYTES + warp * area;
+    const int vgrp = (g * C::CPT) / G;  // this lane's V channels share one group (group >= CPT)
+    const int kgrp = G < BN ? (g * TPT) / G : 0;  // group of this lane's K tokens within a block
+    // this lane's K words in a stage: channel 16kk + 4c + e at row 16kk + 4c + (e ^ X), X = c (int4), c / 2 (int2)
+    const int kx = BITS == 4 ? c : c >> 1;
+    const int kbyte = g * (TPT * BITS / 8);
+
+    // cp.async of block t0 into stage st: K code rows, K scales and minima, V scales and minima
+    const int ch0 = lane / S::CPR, part = lane % S::CPR;
+    const uint8_t* ksrc0 = kc + ch0 * p.skc_d + part * 16;
+    const int64_t kstep = S::RSTEP * p.skc_d;
+    const uint32_t kdst0 = staged_row<BITS>(ch0) * S::KROW + part * 16;
+    auto issue = [&](int st, int t0) {
+      const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(stages + st * stage_bytes));
+      const uint8_t* src = ksrc0 + t0 * BITS / 8;
+#pragma unroll
+      for (int i = 0; i < D / S::RSTEP; ++i) cp_async16(base + kdst0 + i * S::RSTEP * S::KROW, src + i * kstep);
+      const int gi0 = t0 / G;
+#pragma unroll
+      for (int q = lane; q < ngb * (D / 4); q += 32) {
+        const int grp = q / (D / 4), r = q % (D / 4);
+        const int arr = r / (D / 8), pt = r % (D / 8);
+        cp_async16(base + S::KC + grp * S::KSG + arr * 2 * D + pt * 16, (arr ? km : ks) + (gi0 + grp) * p.sks_g + pt * 8);
+      }
+#pragma unroll
+      for (int q = lane; q < 16 * dg; q += 32) {
+        const int arr = q / (8 * dg), pt = q % (8 * dg);
+        cp_async16(base + vs0 + arr * 128 * dg + pt * 16, (arr ? vm : vs) + t0 * dg + pt * 8);
+      }
+    };
+
+    uint32_t vwd[C::KS][4][C::VW];  // V codes of the next block, in registers as in variant 6
+    auto load_v = [&](int t0) {
+#pragma unroll
+      for (int s = 0; s < C::KS; ++s) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int tok = t0 + 16 * s + 4 * c + e;
+          const uint8_t* src = vc + tok * p.svc_t + g * (C::VBITS / 8);
+          if constexpr (C::VBITS == 64) {
+            const uint2 w = __ldg(reinterpret_cast<const uint2*>(src));
+            vwd[s][e][0] = w.x;
+            vwd[s][e][C::VW - 1] = w.y;
+          } else if constexpr (C::VBITS == 32) {
+            vwd[s][e][0] = ld32(src);
+          } else {
+            vwd[s][e][0] = __ldg(reinterpret_cast<const uint16_t*>(src));
+          }
+        }
+      }
+    };
+
+    const int first = lo + warp * BN;
+    if (first < hi) {
+      issue(0, first);
+      load_v(first);
+    }
+    cp_async_commit();
+    int st = 0;
+    for (int t0 = first; t0 < hi; t0 += C::WARPS * BN) {
+      const int tn = t0 + C::WARPS * BN;  // this warp's next block
+      if (tn < hi) issue(st ^ 1, tn);
+      cp_async_commit();
+      cp_async_wait<1>();  // this block's copies (all but the group just committed) have landed
+      __syncwarp();
+      const uint8_t* sst = stages + st * stage_bytes;
+
+      // ---- scores: S^T = K . Q^T
+      float sacc[C::MTK][NT][4];
+#pragma unroll
+      for (int i = 0; i < C::MTK; ++i)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) sacc[i][nt][j] = 0.f;
+      const uint8_t* kscp = sst + S::KC + kgrp * S::KSG + 8 * c;
+#pragma unroll
+      for (int kk = 0; kk < C::KK; ++kk) {
+        uint32_t w[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const uint8_t* src = sst + (16 * kk + 4 * c + (e ^ kx)) * S::KROW + kbyte;
+          if constexpr (BITS == 4) {
+            w[e] = *reinterpret_cast<const uint32_t*>(src);
+          } else {
+            w[e] = *reinterpret_cast<const uint16_t*>(src);
+          }
+        }
+        uint32_t y[4];
+        pair_words(y, w[0], w[1], w[2], w[3]);
+        const uint2 sc = *reinterpret_cast<const uint2*>(kscp + 32 * kk);
+        const uint2 mn = *reinterpret_cast<const uint2*>(kscp + 2 * D + 32 * kk);
+        const __half2 s01 = *reinterpret_cast<const __half2*>(&sc.x);
+        const __half2 s23 = *reinterpret_cast<const __half2*>(&sc.y);
+        const __half2 m01 = *reinterpret_cast<const __half2*>(&mn.x);
+        const __half2 m23 = *reinterpret_cast<const __half2*>(&mn.y);
+#pragma unroll
+        for (int i = 0; i < C::MTK; ++i) {
+          uint32_t a[4];
+          tile_operand<BITS>(a, i, y, s01, m01, s23, m23);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma_16816(sacc[i][nt], a[0], a[1], a[2], a[3], qf[nt][kk][0], qf[nt][kk][1]);
+        }
+      }
+
+      // ---- online softmax; P to shared memory (row, token) as fp16
+      __syncwarp();
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          float mx = -INFINITY;
+#pragma unroll
+          for (int i = 0; i < C::MTK; ++i) mx = fmaxf(mx, fmaxf(sacc[i][nt][j], sacc[i][nt][2 + j]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+          const float m_new = fmaxf(m_r[nt][j], mx * p.qk_scale);
+          const float alpha = fast_exp2(m_r[nt][j] - m_new);
+          m_r[nt][j] = m_new;
+          float lsum = 0.f;
+          __half* prow = ps + (nt * 8 + 2 * c + j) * C::PST + g * TPT;
+#pragma unroll
+          for (int i = 0; i < C::MTK; ++i) {
+            const float p0 = fast_exp2(fmaf(sacc[i][nt][j], p.qk_scale, -m_new));
+            const float p1 = fast_exp2(fmaf(sacc[i][nt][2 + j], p.qk_scale, -m_new));
+            lsum += p0 + p1;
+            *reinterpret_cast<__half2*>(prow + 2 * i) = __floats2half2_rn(p0, p1);
+          }
+          l_r[nt][j] = l_r[nt][j] * alpha + lsum;
+#pragma unroll
+          for (int mt = 0; mt < C::MTV; ++mt) {
+            oacc[mt][nt][j] *= alpha;
+            oacc[mt][nt][2 + j] *= alpha;
+          }
+        }
+      }
+      __syncwarp();
+
+      // ---- output: O^T += V^T . P^T
+      const __half* vsp = reinterpret_cast<const __half*>(sst + vs0) + vgrp;
+#pragma unroll
+      for (int s = 0; s < C::KS; ++s) {
+        uint32_t pf[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint2 v = *reinterpret_cast<const uint2*>(ps + (nt * 8 + g) * C::PST + 16 * s + 4 * c);
+          pf[nt][0] = v.x;
+          pf[nt][1] = v.y;
+        }
+        const int tl = 16 * s + 4 * c;
+        const __half2 s01 = __halves2half2(vsp[tl * dg], vsp[(tl + 1) * dg]);
+        const __half2 s23 = __halves2half2(vsp[(tl + 2) * dg], vsp[(tl + 3) * dg]);
+        const __half2 m01 = __halves2half2(vsp[(64 + tl) * dg], vsp[(65 + tl) * dg]);
+        const __half2 m23 = __halves2half2(vsp[(66 + tl) * dg], vsp[(67 + tl) * dg]);
+#pragma unroll
+        for (int wi = 0; wi < C::VW; ++wi) {
+          uint32_t y[4];
+          pair_words(y, vwd[s][0][wi], vwd[s][1][wi], vwd[s][2][wi], vwd[s][3][wi]);
+          constexpr int MT_PER_WORD = (C::VBITS >= 32 ? 32 / BITS : C::CPT) / 2;  // m-tiles from one word
+#pragma unroll
+          for (int u = 0; u < MT_PER_WORD; ++u) {
+            uint32_t a[4];
+            tile_operand<BITS>(a, u, y, s01, m01, s23, m23);
+            const int mt = wi * MT_PER_WORD + u;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mma_16816(oacc[mt][nt], a[0], a[1], a[2], a[3], pf[nt][0], pf[nt][1]);
+          }
+        }
+      }
+      if (tn < hi) load_v(tn);
+      __syncwarp();  // every lane is done with this stage before the next iteration copies into it
+      st ^= 1;
+    }
+    cp_async_wait<0>();
+    tail_units<BITS, D, NT>(p, b, h, main_end, qf, m_r, l_r, oacc, ps, stages);
+    store_state<D, NT>(sm, m_r, l_r, oacc);
+  }
+  write_split<D, ROWS>(p, sm, b, h, rows, blockIdx.y, p.n_main);
+}
+
+}  // namespace kvlab

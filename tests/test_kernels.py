@@ -86,17 +86,21 @@ def kivi_args(q, cache, lengths):
 
 LENGTHS = [37, 100, 300]  # not multiples of the block, group or residual; one batch of unequal sequences
 # KIVI attention backends: the Triton kernel everywhere, the CUDA C++ one (kvlab/csrc) on a GPU, in its
-# automatic variant (staged where it can serve the call) and its registers-only variant
-BACKENDS = ["triton"] + (["cuda", "cuda-registers"] if CUDA else [])
+# automatic choice and in each of its two variants
+BACKENDS = ["triton"] + (["cuda", "cuda-registers", "cuda-staged"] if CUDA else [])
 
 
 def backend_kw(backend: str) -> dict:
-    return dict(backend="cuda", cuda_variant="registers") if backend == "cuda-registers" else dict(backend=backend)
+    if backend.startswith("cuda-"):
+        return dict(backend="cuda", cuda_variant=backend[5:])
+    return dict(backend=backend)
 
 
-def cuda_serves(backend, dtype):
+def cuda_serves(backend, dtype, rows=1):
     if backend.startswith("cuda") and dtype != torch.float16:
         pytest.skip("the CUDA kernel takes fp16 queries")
+    if backend == "cuda-staged" and rows > 8:
+        pytest.skip("the staged CUDA variant takes at most 8 query rows per kv head")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,7 +110,7 @@ def cuda_serves(backend, dtype):
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_kivi_decode_attention(bits, D, gqa, nq, dtype, backend):
-    cuda_serves(backend, dtype)
+    cuda_serves(backend, dtype, gqa * nq)
     g = gen(fresh_seed())
     B, H, group, residual, cap = len(LENGTHS), 2, 32, 64, 320
     cache = random_kivi(B, H, D, bits, group, residual, cap, g)

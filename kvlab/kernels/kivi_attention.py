@@ -341,7 +341,8 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
     ValueError saying why when it cannot. ``cuda_variant`` picks the CUDA kernel's variant: ``"staged"`` (K codes
     and scales staged in shared memory by cp.async; one query-row tile, D / group in 1, 2, 4, 8, 16-byte
     aligned K rows and scales), ``"registers"`` (everything through registers; serves every CUDA call), or
-    ``"auto"`` (default): staged where it can serve the call.
+    ``"auto"`` (default): staged for int2 where it can serve the call, else registers (the faster of the two
+    for each bit width on an H100).
 
     Tuning: ``num_splits`` (None: one full wave of programs; both backends), and for Triton only
     ``block_n`` (tokens per block, a power of two), ``num_warps``, ``num_stages``, ``max_regs`` (a register

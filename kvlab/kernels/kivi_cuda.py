@@ -3,7 +3,8 @@ in :mod:`.kivi_attention`, on the same cache, written so that every packed code 
 operand registers with plain loads (the layout argument is in ``kivi_attention_cuda.cuh``). Two variants:
 ``"registers"`` (every code and scale loaded straight into registers, one block ahead) and ``"staged"`` (the
 next block's K codes and all scales copied into shared memory with cp.async, so that 3 CTAs fit an SM;
-``kivi_attention_staged.cuh``); ``"auto"`` takes the staged one wherever :func:`staged_unsupported` allows.
+``kivi_attention_staged.cuh``); ``"auto"`` takes the staged one for int2 caches wherever
+:func:`staged_unsupported` allows (it was faster there, and slower for int4: see ``AUTO_STAGED_BITS``).
 
 Built on first use with ``torch.utils.cpp_extension.load`` (needs a CUDA build of torch, the CUDA compiler
 ``nvcc`` of the same major version, and ``ninja``; about a minute, then cached under ``TORCH_EXTENSIONS_DIR``).
@@ -33,6 +34,9 @@ _state: dict = {}
 BLOCK = 64  # tokens per warp-block of the kernel (KiviCfg::BN)
 WARPS = 4
 VARIANTS = {"registers": 6, "staged": 7}  # kivi_attention_cuda.h: KIVI_VARIANT_*
+# "auto" takes the staged variant for this many bits only: on an H100 at B=8, T=32k (Llama-3-8B heads) it was
+# 9% faster than the registers variant for int2 and 6% slower for int4 (benchmarks/KERNEL_NOTES.md, v7)
+AUTO_STAGED_BITS = 2
 
 
 def enabled() -> bool:
@@ -160,6 +164,8 @@ def kivi_decode_attention_cuda(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_sc
     B, Hq, NQ, D = q.shape
     H = k_codes.shape[1]
     nt = 1 if Hq // H * NQ <= 8 else 2
+    if variant == "auto" and bits != AUTO_STAGED_BITS:
+        variant = "registers"
     if variant != "registers":
         why = staged_unsupported(q, k_codes, k_scale, k_min, v_scale, v_min, group)
         if why is not None and variant == "staged":

@@ -47,7 +47,7 @@ __host__ __device__ constexpr int staged_row(int ch) {
 }
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+  asm volatile("cp.async.cg.shared.global" KV_L2 " [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -172,13 +172,13 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_STAGED_MIN_BLOCKS) kivi_decode
           const int tok = t0 + 16 * s + 4 * c + e;
           const uint8_t* src = vc + tok * p.svc_t + g * (C::VBITS / 8);
           if constexpr (C::VBITS == 64) {
-            const uint2 w = __ldg(reinterpret_cast<const uint2*>(src));
+            const uint2 w = ldc64(src);
             vwd[s][e][0] = w.x;
             vwd[s][e][C::VW - 1] = w.y;
           } else if constexpr (C::VBITS == 32) {
-            vwd[s][e][0] = ld32(src);
+            vwd[s][e][0] = ldc32(src);
           } else {
-            vwd[s][e][0] = __ldg(reinterpret_cast<const uint16_t*>(src));
+            vwd[s][e][0] = ldc16(src);
           }
         }
       }

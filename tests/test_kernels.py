@@ -203,6 +203,16 @@ def test_kivi_cuda_staged_variant_conditions():
     assert "v_scale is not contiguous per token (stride 8, allowed 4)" in why(v_scale=wide)
 
 
+def test_kivi_decode_attention_without_query_tokens():
+    """q with no query tokens (n=0): an empty result, no launch."""
+    g = gen(3)
+    cache = random_kivi(2, 2, 64, 4, 32, 32, 64, g)
+    q = torch.empty(2, 4, 0, 64, dtype=torch.float16, device=DEV)
+    out = K.kivi_decode_attention(*kivi_args(q, cache, torch.tensor([50, 40], dtype=torch.int32, device=DEV)),
+                                  bits=4, group=32, residual=32)
+    assert out.shape == (2, 4, 0, 64)
+
+
 def test_kivi_cuda_backend_refuses_with_the_reason():
     """backend='cuda' names why it cannot serve a call; 'auto' falls back to Triton for the same call."""
     g = gen(0)
@@ -609,6 +619,27 @@ def test_kivi_cuda_long_sequences_gpu(bits, D, gqa, nq, group, splits, variant):
     assert_close(out, tri, torch.float16)
     again = K.kivi_decode_attention(*args, **kw, num_splits=splits, backend="cuda", cuda_variant=variant)
     assert torch.equal(out, again), "the CUDA kernel is not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize(("bits", "group"), [(2, 16), (4, 32)])
+def test_kivi_cuda_staged_on_a_second_device_gpu(bits, group):
+    """The staged variant on cuda:1 while cuda:0 is current (its shared memory above 48 KiB must be allowed on
+    the device that runs it), against the reference on the same device."""
+    dev = torch.device("cuda:1")
+    g = gen(fresh_seed())
+    B, H, D, residual, cap = 2, 2, 128, 128, 2048
+    cache = {k: v.to(dev) for k, v in random_kivi(B, H, D, bits, group, residual, cap, g).items()}
+    q = randn(B, 4 * H, 1, D, g=g, dtype=torch.float16, scale=2.0).to(dev)
+    lengths = torch.tensor([2000, 700], dtype=torch.int32, device=dev)
+    args = kivi_args(q, cache, lengths)
+    ref = K.kivi_decode_attention_ref(*args, bits=bits, group=group, residual=residual)
+    with torch.cuda.device(0):
+        out = K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, backend="cuda",
+                                      cuda_variant="staged")
+    assert out.device == dev
+    assert_close(out, ref, torch.float16)
 
 
 @pytest.mark.gpu

@@ -1,6 +1,8 @@
 // Template instances and launchers of the CUDA KIVI decode attention (kivi_attention_cuda.h). Compiled by nvcc
 // without torch headers; the torch binding (kivi_binding.cpp) calls these.
 
+#include <atomic>
+
 #include "kivi_attention_cuda.h"
 #include "kivi_attention_cuda.cuh"
 #include "kivi_attention_staged.cuh"
@@ -15,15 +17,26 @@ int registers_occupancy() {
   return n;
 }
 
-// Dynamic shared memory above 48 KiB must be allowed per kernel; carve-out: as much shared memory as possible.
+// Dynamic shared memory above 48 KiB must be allowed per kernel and device (the attribute belongs to the
+// current device's context); carve-out: as much shared memory as possible. The bytes allowed so far are kept
+// per instance and device, so that each device is asked once.
+constexpr int kMaxDevices = 64;
+
 template <int BITS, int D, int DG>
 cudaError_t staged_prepare(size_t bytes) {
-  static size_t allowed = 0;  // per instance (NOTE: per process, not per device)
-  if (bytes <= allowed) return cudaSuccess;
+  static std::atomic<size_t> allowed[kMaxDevices];  // zero-initialised (static storage)
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < kMaxDevices && bytes <= allowed[dev].load(std::memory_order_relaxed)) return cudaSuccess;
   auto kernel = kivi_decode_staged_kernel<BITS, D, 1, DG>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
   if (err == cudaSuccess) err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
-  if (err == cudaSuccess) allowed = bytes;
+  if (err == cudaSuccess && dev >= 0 && dev < kMaxDevices) {
+    size_t seen = allowed[dev].load(std::memory_order_relaxed);
+    while (seen < bytes && !allowed[dev].compare_exchange_weak(seen, bytes)) {
+    }
+  }
   return err;
 }
 

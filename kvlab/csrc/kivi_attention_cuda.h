@@ -46,7 +46,7 @@ constexpr int KIVI_VARIANT_STAGED = 7;
 
 // Dynamic shared memory of one CTA (bytes); 0 for variant 6, which uses static shared memory.
 size_t kivi_smem_bytes(int bits, int D, int nt, int variant, int group);
-// CTAs of the decode kernel that one SM holds at once; -1 when there is no such instance.
+// CTAs of the decode kernel that one SM of the current device holds at once; -1 when there is no such instance.
 int kivi_occupancy(int bits, int D, int nt, int variant, int group);
 // Decode kernel over grid (bh, p.n_main), then the split merge into out (out_rows rows of D fp16); returns
 // cudaErrorInvalidValue when there is no instance for (bits, D, nt, variant).

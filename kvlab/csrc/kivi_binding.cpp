@@ -20,8 +20,10 @@ int window_dtype(const at::Tensor& t) {
 
 }  // namespace
 
-// CTAs of the decode kernel (bits, D, nt, variant, group) that one SM holds at once; -1: no such kernel.
-int64_t occupancy(int64_t bits, int64_t D, int64_t nt, int64_t variant, int64_t group) {
+// CTAs of the decode kernel (bits, D, nt, variant, group) that one SM of CUDA device `device` holds at once;
+// -1: no such kernel.
+int64_t occupancy(int64_t bits, int64_t D, int64_t nt, int64_t variant, int64_t group, int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   return kvlab::kivi_occupancy(static_cast<int>(bits), static_cast<int>(D), static_cast<int>(nt),
                                static_cast<int>(variant), static_cast<int>(group));
 }
@@ -60,6 +62,9 @@ void decode(const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& k_
   p.lse_part = lse_part.data_ptr<float>();
   p.qk_scale = static_cast<float>(qk_scale);
   const int64_t H = k_codes.size(1), Hq = q.size(1), NQ = q.size(2), D = q.size(3);
+  TORCH_CHECK(H > 0 && Hq % H == 0 && NQ > 0 && (D == 64 || D == 128),
+              "kv heads H > 0 dividing Hq, n >= 1 query tokens and D in 64, 128 expected; got H=", H, " Hq=", Hq,
+              " n=", NQ, " D=", D);
   p.H = static_cast<int>(H);
   p.gqa = static_cast<int>(Hq / H);
   p.nq = static_cast<int>(NQ);

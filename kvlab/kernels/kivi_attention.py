@@ -356,9 +356,11 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
     check_pow2("block_n", block_n, 32, 256)
     check_devices(dict(q=q, k_codes=k_codes, k_scale=k_scale, k_min=k_min, k_fp16=k_fp16, v_codes=v_codes,
                        v_scale=v_scale, v_min=v_min, v_fp16=v_fp16, lengths=lengths))
+    out = torch.empty_like(q) if out is None else out
+    if q.numel() == 0:  # no sequences, heads or query tokens: nothing to attend
+        return out
     if max_len is None:
         max_len = int(lengths.max())
-    out = torch.empty_like(q) if out is None else out
     qk_scale = (D**-0.5 if sm_scale is None else sm_scale) * LOG2E
     if backend != "triton":
         cache = (q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths)

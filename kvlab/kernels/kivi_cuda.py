@@ -137,9 +137,10 @@ def staged_unsupported(q, k_codes, k_scale, k_min, v_scale, v_min, group: int) -
 
 
 def _occupancy(mod, bits: int, D: int, nt: int, variant: int, group: int, device: torch.device) -> int:
-    key = ("occ", bits, D, nt, variant, group, torch.cuda.get_device_capability(device))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = ("occ", bits, D, nt, variant, group, index)
     if key not in _state:
-        _state[key] = max(1, int(mod.occupancy(bits, D, nt, variant, group)))
+        _state[key] = max(1, int(mod.occupancy(bits, D, nt, variant, group, index)))
     return _state[key]
 
 

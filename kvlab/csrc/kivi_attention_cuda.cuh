@@ -1,8 +1,10 @@
 // Fused decode attention over a KIVI cache (packed int2/int4 K and V, fp16 scales, fp16 windows), CUDA C++.
 //
 // Same function and cache layout as the Triton kernel in kvlab/kernels/kivi_attention.py (its docstring has
-// the layout); this file holds only device code so that it compiles without torch (see kivi_attention_cuda.cu
-// for the binding). fp16 queries, sm_80 or newer (mma.sync m16n8k16).
+// the layout); this file holds only device code so that it compiles without torch (kivi_attention_cuda.cu has
+// the instances and launchers, kivi_binding.cpp the torch binding). fp16 queries, sm_80 or newer (mma.sync
+// m16n8k16). This is the "registers" variant; kivi_attention_staged.cuh is the "staged" one, which shares
+// everything here but the main loop's loads.
 //
 // Why a second kernel: the Triton one spends ~55 warp-instructions per (token, kv head) getting codes into
 // the matrix unit's operand registers through shared memory (benchmarks/KERNEL_NOTES.md). Here every code
@@ -25,7 +27,8 @@
 // through shared memory at the end, and each CTA writes one split's normalised partial output and its
 // log2-sum-exp2, merged by kivi_merge_kernel. The tokens after the last full block where both K and V are
 // quantized (the residual windows; masked, causal) are shared out among all warps of the sequence's CTAs
-// after their blocks, through a plain per-token path.
+// after their blocks, in 16-token units staged in shared memory as fp16 and run through the same two mma
+// products (tail_units).
 
 #pragma once
 
@@ -473,6 +476,126 @@ __device__ void store_state(KiviSmem<D, 8 * NT>& sm, float (&m_r)[NT][2], float 
     }
 }
 
+// ---- pieces of the main path shared by both variants (kivi_attention_staged.cuh uses them too)
+
+// The B operand of the score mma (query row nt*8 + g, channels 16kk + 4c .. + 3; zero past the real rows) and an
+// empty online-softmax state.
+template <int BITS, int D, int NT>
+__device__ __forceinline__ void init_main(const KiviParams& p, int b, int h, uint32_t (&qf)[NT][D / 16][2],
+                                          float (&m_r)[NT][2], float (&l_r)[NT][2], float (&oacc)[D / 16][NT][4]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  const int rows = p.gqa * p.nq;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int r = nt * 8 + g;
+    const __half* qrow = p.q + b * p.sq_b + (h * p.gqa + r / p.nq) * p.sq_h + (r % p.nq) * p.sq_t;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint2 v = make_uint2(0u, 0u);
+      if (r < rows) v = __ldg(reinterpret_cast<const uint2*>(qrow + 16 * kk + 4 * c));
+      qf[nt][kk][0] = v.x;
+      qf[nt][kk][1] = v.y;
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    m_r[nt][0] = m_r[nt][1] = -INFINITY;
+    l_r[nt][0] = l_r[nt][1] = 0.f;
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) oacc[mt][nt][j] = 0.f;
+  }
+}
+
+// This lane's V codes of token tok (its CPT channels g*CPT..) into w (VW words)
+template <int BITS, int D, int NT>
+__device__ __forceinline__ void load_v_codes(const KiviParams& p, const uint8_t* vc, int tok,
+                                             uint32_t (&w)[KiviCfg<BITS, D, NT>::VW]) {
+  using C = KiviCfg<BITS, D, NT>;
+  const uint8_t* src = vc + tok * p.svc_t + ((threadIdx.x & 31) >> 2) * (C::VBITS / 8);
+  if constexpr (C::VBITS == 64) {
+    const uint2 v = ldc64(src);
+    w[0] = v.x;
+    w[C::VW - 1] = v.y;
+  } else if constexpr (C::VBITS == 32) {
+    w[0] = ldc32(src);
+  } else {
+    w[0] = ldc16(src);
+  }
+}
+
+// Online softmax over one block's scores (sacc: MTK m-tiles of 16 tokens in the C layout), P to this warp's
+// shared-memory rows (row, token) as fp16, the state rescaled.
+template <int BITS, int D, int NT>
+__device__ __forceinline__ void softmax_block(const float (&sacc)[KiviCfg<BITS, D, NT>::MTK][NT][4], float qk_scale,
+                                              float (&m_r)[NT][2], float (&l_r)[NT][2], float (&oacc)[D / 16][NT][4],
+                                              __half* ps) {
+  using C = KiviCfg<BITS, D, NT>;
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < C::MTK; ++i) mx = fmaxf(mx, fmaxf(sacc[i][nt][j], sacc[i][nt][2 + j]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+      const float m_new = fmaxf(m_r[nt][j], mx * qk_scale);
+      const float alpha = fast_exp2(m_r[nt][j] - m_new);
+      m_r[nt][j] = m_new;
+      float lsum = 0.f;
+      __half* prow = ps + (nt * 8 + 2 * c + j) * C::PST + g * C::TPT;
+#pragma unroll
+      for (int i = 0; i < C::MTK; ++i) {
+        const float p0 = fast_exp2(fmaf(sacc[i][nt][j], qk_scale, -m_new));
+        const float p1 = fast_exp2(fmaf(sacc[i][nt][2 + j], qk_scale, -m_new));
+        lsum += p0 + p1;
+        *reinterpret_cast<__half2*>(prow + 2 * i) = __floats2half2_rn(p0, p1);
+      }
+      l_r[nt][j] = l_r[nt][j] * alpha + lsum;
+#pragma unroll
+      for (int mt = 0; mt < C::MTV; ++mt) {
+        oacc[mt][nt][j] *= alpha;
+        oacc[mt][nt][2 + j] *= alpha;
+      }
+    }
+  }
+}
+
+// O^T += V^T . P^T over k-step s (tokens 16s ..) of a block: vw = this lane's V words of tokens 16s + 4c + e,
+// (s01, m01) the scales and minima of tokens 4c, 4c+1, (s23, m23) of 4c+2, 4c+3.
+template <int BITS, int D, int NT>
+__device__ __forceinline__ void pv_kstep(int s, const uint32_t (&vw)[4][KiviCfg<BITS, D, NT>::VW], __half2 s01,
+                                         __half2 m01, __half2 s23, __half2 m23, const __half* ps,
+                                         float (&oacc)[D / 16][NT][4]) {
+  using C = KiviCfg<BITS, D, NT>;
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  uint32_t pf[NT][2];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const uint2 v = *reinterpret_cast<const uint2*>(ps + (nt * 8 + g) * C::PST + 16 * s + 4 * c);
+    pf[nt][0] = v.x;
+    pf[nt][1] = v.y;
+  }
+#pragma unroll
+  for (int wi = 0; wi < C::VW; ++wi) {
+    uint32_t y[4];
+    pair_words(y, vw[0][wi], vw[1][wi], vw[2][wi], vw[3][wi]);
+    constexpr int MT_PER_WORD = (C::VBITS >= 32 ? 32 / BITS : C::CPT) / 2;  // m-tiles from one word
+#pragma unroll
+    for (int u = 0; u < MT_PER_WORD; ++u) {
+      uint32_t a[4];
+      tile_operand<BITS>(a, u, y, s01, m01, s23, m23);
+      const int mt = wi * MT_PER_WORD + u;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma_16816(oacc[mt][nt], a[0], a[1], a[2], a[3], pf[nt][0], pf[nt][1]);
+    }
+  }
+}
+
 #ifndef KVLAB_KIVI_MIN_BLOCKS
 #define KVLAB_KIVI_MIN_BLOCKS 2  // CTAs per SM the register allocation must allow
 #endif
@@ -507,31 +630,10 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_MIN_BLOCKS) kivi_decode_kernel
     // ------------------------------------------------------------------ quantized region, mma path
     const int lo = blockIdx.y * p.split_len;
     const int hi = min(lo + p.split_len, main_end);
-    // B operand of the score mma: query row nt*8 + g, channels 16kk + 4c .. + 3
     uint32_t qf[NT][C::KK][2];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int r = nt * 8 + g;
-      const __half* qrow = p.q + b * p.sq_b + (h * p.gqa + r / p.nq) * p.sq_h + (r % p.nq) * p.sq_t;
-#pragma unroll
-      for (int kk = 0; kk < C::KK; ++kk) {
-        uint2 v = make_uint2(0u, 0u);
-        if (r < rows) v = __ldg(reinterpret_cast<const uint2*>(qrow + 16 * kk + 4 * c));
-        qf[nt][kk][0] = v.x;
-        qf[nt][kk][1] = v.y;
-      }
-    }
     float m_r[NT][2], l_r[NT][2];
     float oacc[C::MTV][NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      m_r[nt][0] = m_r[nt][1] = -INFINITY;
-      l_r[nt][0] = l_r[nt][1] = 0.f;
-#pragma unroll
-      for (int mt = 0; mt < C::MTV; ++mt)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) oacc[mt][nt][j] = 0.f;
-    }
+    init_main<BITS, D, NT>(p, b, h, qf, m_r, l_r, oacc);
     __half* ps = reinterpret_cast<__half*>(smem_raw) + warp * ROWS * C::PST;
     const int vgrp = (g * C::CPT) / p.group;  // this lane's V channels share one group (group >= CPT)
 
@@ -566,16 +668,7 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_MIN_BLOCKS) kivi_decode_kernel
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int tok = t0 + 16 * s + 4 * c + e;
-          const uint8_t* src = vc + tok * p.svc_t + g * (C::VBITS / 8);
-          if constexpr (C::VBITS == 64) {
-            const uint2 w = ldc64(src);
-            vwd[s][e][0] = w.x;
-            vwd[s][e][C::VW - 1] = w.y;
-          } else if constexpr (C::VBITS == 32) {
-            vwd[s][e][0] = ldc32(src);
-          } else {
-            vwd[s][e][0] = ldc16(src);
-          }
+          load_v_codes<BITS, D, NT>(p, vc, tok, vwd[s][e]);
           sc[e] = vs[tok * p.svs_t + vgrp];
           mn[e] = vm[tok * p.svs_t + vgrp];
         }
@@ -620,64 +713,12 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_MIN_BLOCKS) kivi_decode_kernel
 
       // ---- online softmax; P to shared memory (row, token) as fp16
       __syncwarp();
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          float mx = -INFINITY;
-#pragma unroll
-          for (int i = 0; i < C::MTK; ++i) mx = fmaxf(mx, fmaxf(sacc[i][nt][j], sacc[i][nt][2 + j]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-          const float m_new = fmaxf(m_r[nt][j], mx * p.qk_scale);
-          const float alpha = fast_exp2(m_r[nt][j] - m_new);
-          m_r[nt][j] = m_new;
-          float lsum = 0.f;
-          __half* prow = ps + (nt * 8 + 2 * c + j) * C::PST + g * TPT;
-#pragma unroll
-          for (int i = 0; i < C::MTK; ++i) {
-            const float p0 = fast_exp2(fmaf(sacc[i][nt][j], p.qk_scale, -m_new));
-            const float p1 = fast_exp2(fmaf(sacc[i][nt][2 + j], p.qk_scale, -m_new));
-            lsum += p0 + p1;
-            *reinterpret_cast<__half2*>(prow + 2 * i) = __floats2half2_rn(p0, p1);
-          }
-          l_r[nt][j] = l_r[nt][j] * alpha + lsum;
-#pragma unroll
-          for (int mt = 0; mt < C::MTV; ++mt) {
-            oacc[mt][nt][j] *= alpha;
-            oacc[mt][nt][2 + j] *= alpha;
-          }
-        }
-      }
+      softmax_block<BITS, D, NT>(sacc, p.qk_scale, m_r, l_r, oacc, ps);
       __syncwarp();
 
       // ---- output: O^T += V^T . P^T
 #pragma unroll
-      for (int s = 0; s < C::KS; ++s) {
-        uint32_t pf[NT][2];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const uint2 v = *reinterpret_cast<const uint2*>(ps + (nt * 8 + g) * C::PST + 16 * s + 4 * c);
-          pf[nt][0] = v.x;
-          pf[nt][1] = v.y;
-        }
-        const __half2 s01 = vsc[s][0], s23 = vsc[s][1], m01 = vmn[s][0], m23 = vmn[s][1];
-#pragma unroll
-        for (int wi = 0; wi < C::VW; ++wi) {
-          uint32_t y[4];
-          pair_words(y, vwd[s][0][wi], vwd[s][1][wi], vwd[s][2][wi], vwd[s][3][wi]);
-          constexpr int MT_PER_WORD = (C::VBITS >= 32 ? 32 / BITS : C::CPT) / 2;  // m-tiles from one word
-#pragma unroll
-          for (int u = 0; u < MT_PER_WORD; ++u) {
-            uint32_t a[4];
-            tile_operand<BITS>(a, u, y, s01, m01, s23, m23);
-            const int mt = wi * MT_PER_WORD + u;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) mma_16816(oacc[mt][nt], a[0], a[1], a[2], a[3], pf[nt][0], pf[nt][1]);
-          }
-        }
-      }
+      for (int s = 0; s < C::KS; ++s) pv_kstep<BITS, D, NT>(s, vwd[s], vsc[s][0], vmn[s][0], vsc[s][1], vmn[s][1], ps, oacc);
       if (tn < hi) load_v(tn);
     }
 

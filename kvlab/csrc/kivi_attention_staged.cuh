@@ -106,30 +106,10 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_STAGED_MIN_BLOCKS) kivi_decode
   {
     const int lo = blockIdx.y * p.split_len;
     const int hi = min(lo + p.split_len, main_end);
-    uint32_t qf[NT][C::KK][2];  // B operand of the score mma: query row nt*8 + g, channels 16kk + 4c .. + 3
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int r = nt * 8 + g;
-      const __half* qrow = p.q + b * p.sq_b + (h * p.gqa + r / p.nq) * p.sq_h + (r % p.nq) * p.sq_t;
-#pragma unroll
-      for (int kk = 0; kk < C::KK; ++kk) {
-        uint2 v = make_uint2(0u, 0u);
-        if (r < rows) v = __ldg(reinterpret_cast<const uint2*>(qrow + 16 * kk + 4 * c));
-        qf[nt][kk][0] = v.x;
-        qf[nt][kk][1] = v.y;
-      }
-    }
+    uint32_t qf[NT][C::KK][2];
     float m_r[NT][2], l_r[NT][2];
     float oacc[C::MTV][NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      m_r[nt][0] = m_r[nt][1] = -INFINITY;
-      l_r[nt][0] = l_r[nt][1] = 0.f;
-#pragma unroll
-      for (int mt = 0; mt < C::MTV; ++mt)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) oacc[mt][nt][j] = 0.f;
-    }
+    init_main<BITS, D, NT>(p, b, h, qf, m_r, l_r, oacc);
     __half* ps = reinterpret_cast<__half*>(smem_dyn) + warp * ROWS * C::PST;
     constexpr int area = 2 * stage_bytes > TailCfg<D>::BYTES ? 2 * stage_bytes : TailCfg<D>::BYTES;
     uint8_t* stages = smem_dyn + PBYTES + warp * area;
@@ -166,22 +146,9 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_STAGED_MIN_BLOCKS) kivi_decode
     uint32_t vwd[C::KS][4][C::VW];  // V codes of the next block, in registers as in variant 6
     auto load_v = [&](int t0) {
 #pragma unroll
-      for (int s = 0; s < C::KS; ++s) {
+      for (int s = 0; s < C::KS; ++s)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int tok = t0 + 16 * s + 4 * c + e;
-          const uint8_t* src = vc + tok * p.svc_t + g * (C::VBITS / 8);
-          if constexpr (C::VBITS == 64) {
-            const uint2 w = ldc64(src);
-            vwd[s][e][0] = w.x;
-            vwd[s][e][C::VW - 1] = w.y;
-          } else if constexpr (C::VBITS == 32) {
-            vwd[s][e][0] = ldc32(src);
-          } else {
-            vwd[s][e][0] = ldc16(src);
-          }
-        }
-      }
+        for (int e = 0; e < 4; ++e) load_v_codes<BITS, D, NT>(p, vc, t0 + 16 * s + 4 * c + e, vwd[s][e]);
     };
 
     const int first = lo + warp * BN;
@@ -239,68 +206,19 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_STAGED_MIN_BLOCKS) kivi_decode
 
       // ---- online softmax; P to shared memory (row, token) as fp16
       __syncwarp();
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          float mx = -INFINITY;
-#pragma unroll
-          for (int i = 0; i < C::MTK; ++i) mx = fmaxf(mx, fmaxf(sacc[i][nt][j], sacc[i][nt][2 + j]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-          const float m_new = fmaxf(m_r[nt][j], mx * p.qk_scale);
-          const float alpha = fast_exp2(m_r[nt][j] - m_new);
-          m_r[nt][j] = m_new;
-          float lsum = 0.f;
-          __half* prow = ps + (nt * 8 + 2 * c + j) * C::PST + g * TPT;
-#pragma unroll
-          for (int i = 0; i < C::MTK; ++i) {
-            const float p0 = fast_exp2(fmaf(sacc[i][nt][j], p.qk_scale, -m_new));
-            const float p1 = fast_exp2(fmaf(sacc[i][nt][2 + j], p.qk_scale, -m_new));
-            lsum += p0 + p1;
-            *reinterpret_cast<__half2*>(prow + 2 * i) = __floats2half2_rn(p0, p1);
-          }
-          l_r[nt][j] = l_r[nt][j] * alpha + lsum;
-#pragma unroll
-          for (int mt = 0; mt < C::MTV; ++mt) {
-            oacc[mt][nt][j] *= alpha;
-            oacc[mt][nt][2 + j] *= alpha;
-          }
-        }
-      }
+      softmax_block<BITS, D, NT>(sacc, p.qk_scale, m_r, l_r, oacc, ps);
       __syncwarp();
 
-      // ---- output: O^T += V^T . P^T
+      // ---- output: O^T += V^T . P^T, scales from the stage
       const __half* vsp = reinterpret_cast<const __half*>(sst + vs0) + vgrp;
 #pragma unroll
       for (int s = 0; s < C::KS; ++s) {
-        uint32_t pf[NT][2];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const uint2 v = *reinterpret_cast<const uint2*>(ps + (nt * 8 + g) * C::PST + 16 * s + 4 * c);
-          pf[nt][0] = v.x;
-          pf[nt][1] = v.y;
-        }
         const int tl = 16 * s + 4 * c;
         const __half2 s01 = __halves2half2(vsp[tl * dg], vsp[(tl + 1) * dg]);
         const __half2 s23 = __halves2half2(vsp[(tl + 2) * dg], vsp[(tl + 3) * dg]);
         const __half2 m01 = __halves2half2(vsp[(64 + tl) * dg], vsp[(65 + tl) * dg]);
         const __half2 m23 = __halves2half2(vsp[(66 + tl) * dg], vsp[(67 + tl) * dg]);
-#pragma unroll
-        for (int wi = 0; wi < C::VW; ++wi) {
-          uint32_t y[4];
-          pair_words(y, vwd[s][0][wi], vwd[s][1][wi], vwd[s][2][wi], vwd[s][3][wi]);
-          constexpr int MT_PER_WORD = (C::VBITS >= 32 ? 32 / BITS : C::CPT) / 2;  // m-tiles from one word
-#pragma unroll
-          for (int u = 0; u < MT_PER_WORD; ++u) {
-            uint32_t a[4];
-            tile_operand<BITS>(a, u, y, s01, m01, s23, m23);
-            const int mt = wi * MT_PER_WORD + u;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) mma_16816(oacc[mt][nt], a[0], a[1], a[2], a[3], pf[nt][0], pf[nt][1]);
-          }
-        }
+        pv_kstep<BITS, D, NT>(s, vwd[s], s01, m01, s23, m23, ps, oacc);
       }
       if (tn < hi) load_v(tn);
       __syncwarp();  // every lane is done with this stage before the next iteration copies into it

@@ -250,10 +250,8 @@ def sweep_cuda(results, copy_bw):
                                              graph_us=tg, bw_frac=frac, relerr_vs_registers=err))
                 log(f"sweep cuda-int{bits} {variant:9s} num_splits={splits}: {t:8.1f} us (graph {tg:8.1f})  "
                     f"{frac:5.1%} of copy bw  err vs registers/automatic {err:.1e}")
-    # time against sequence length at B=8 (same cache, shorter lengths): slope = the steady state, intercept =
-    # the fixed cost of a call (launches, first loads, the window tokens, the merge)
-    for bits in (4, 2):
-        c = kivi_cache(k, v, bits)
+        # time against sequence length at B=8 (same cache, shorter lengths): slope = the steady state,
+        # intercept = the fixed cost of a call (launches, first loads, the window tokens, the merge)
         for variant in ("registers", "staged"):
             for L in (200, 1024, 4096, 16384, 32768):
                 lens = torch.full((B,), L, dtype=torch.int32, device="cuda")

@@ -191,6 +191,33 @@ __device__ void write_split(const KiviParams& p, KiviSmem<D, ROWS>& sm, int b, i
   }
 }
 
+// One (sequence, kv head)'s cache: its code and scale pointers and token counts.
+struct KiviSeq {
+  const uint8_t* kc;  // K codes (D, capk * BITS / 8)
+  const __half* ks;  // K scales and minima (capk / group, D)
+  const __half* km;
+  const uint8_t* vc;  // V codes (capv, D * BITS / 8)
+  const __half* vs;  // V scales and minima (capv, D / group)
+  const __half* vm;
+  int L;  // tokens
+  int nv;  // V tokens quantized (the rest in the V window)
+  int nk;  // K tokens quantized (whole residual blocks; the rest in the K window)
+};
+
+__device__ __forceinline__ KiviSeq seq_of(const KiviParams& p, int b, int h) {
+  KiviSeq q;
+  q.L = p.lengths[b];
+  q.nv = max(q.L - p.residual, 0);
+  q.nk = (q.L / p.residual) * p.residual;
+  q.kc = p.kc + b * p.skc_b + h * p.skc_h;
+  q.ks = p.ks + b * p.sks_b + h * p.sks_h;
+  q.km = p.km + b * p.sks_b + h * p.sks_h;
+  q.vc = p.vc + b * p.svc_b + h * p.svc_h;
+  q.vs = p.vs + b * p.svs_b + h * p.svs_h;
+  q.vm = p.vm + b * p.svs_b + h * p.svs_h;
+  return q;
+}
+
 // The tail: tokens [main_end, L) of sequence b, kv head h (the last partial block of the quantized region and
 // the residual windows), in units of UT = 16 tokens shared out among all warps of the sequence's CTAs. A warp
 // stages a unit in shared memory as fp16 (K codes dequantized or K window; V likewise), K as (token, channel)
@@ -210,12 +237,28 @@ struct TailCfg {
 // FMA). A unit wholly inside the quantized region or wholly inside an fp16 window loads everything without a
 // branch, so that its loads are in flight together; a unit across the boundary, or a bf16/fp32 window, takes
 // the per-token path.
+// This lane's channels of fp16 window rows for tokens u0 .. u0 + 15 (past L: L - 1); the window starts at
+// token n0, its rows `stride` elements apart.
+template <int D>
+__device__ __forceinline__ void window_fp16(const char* w, int64_t stride, int u0, int L, int n0, int ch0,
+                                            __half (&x)[TailCfg<D>::UT][D / 32]) {
+  const __half* win = reinterpret_cast<const __half*>(w);
+#pragma unroll
+  for (int e = 0; e < TailCfg<D>::UT; ++e) {
+    const int64_t row = (min(u0 + e, L - 1) - n0) * stride + ch0;
+#pragma unroll
+    for (int k = 0; k < D / 32; ++k) x[e][k] = win[row + k];
+  }
+}
+
 template <int BITS, int D>
-__device__ __forceinline__ void stage_k(const KiviParams& p, const uint8_t* kc, const __half* ks, const __half* km,
-                                        const char* kw, int u0, int L, int nk, uint8_t* tile) {
+__device__ __forceinline__ void stage_k(const KiviParams& p, const KiviSeq& sq, const char* kw, int u0, uint8_t* tile) {
   using T = TailCfg<D>;
   constexpr int CPL = D / 32, PER_BYTE = 8 / BITS, QMAX = (1 << BITS) - 1;
   const int ch0 = (threadIdx.x & 31) * CPL;
+  const uint8_t* kc = sq.kc;
+  const __half *ks = sq.ks, *km = sq.km;
+  const int L = sq.L, nk = sq.nk;
   __half kx[T::UT][CPL];
   if (u0 + T::UT <= nk) {  // codes along tokens: 16 tokens of a channel are 8 (int4) / 4 (int2) bytes
     uint32_t w[CPL][2];
@@ -246,14 +289,8 @@ __device__ __forceinline__ void stage_k(const KiviParams& p, const uint8_t* kc, 
         const int code = (w[k][e / 8] >> ((e % 8) * BITS)) & QMAX;  // 8 tokens per loaded word
         kx[e][k] = __hfma(__int2half_rn(code), sc[e / 8][k], mn[e / 8][k]);
       }
-  } else if (u0 >= nk && p.kw_dtype == 0) {  // fp16 window
-    const __half* win = reinterpret_cast<const __half*>(kw);
-#pragma unroll
-    for (int e = 0; e < T::UT; ++e) {
-      const int64_t row = (min(u0 + e, L - 1) - nk) * p.skw_t + ch0;
-#pragma unroll
-      for (int k = 0; k < CPL; ++k) kx[e][k] = win[row + k];
-    }
+  } else if (u0 >= nk && p.kw_dtype == 0) {
+    window_fp16<D>(kw, p.skw_t, u0, L, nk, ch0, kx);
   } else {
 #pragma unroll
     for (int e = 0; e < T::UT; ++e) {
@@ -279,11 +316,13 @@ __device__ __forceinline__ void stage_k(const KiviParams& p, const uint8_t* kc, 
 }
 
 template <int BITS, int D>
-__device__ __forceinline__ void stage_v(const KiviParams& p, const uint8_t* vc, const __half* vs, const __half* vm,
-                                        const char* vw, int u0, int L, int nv, uint8_t* vt) {
+__device__ __forceinline__ void stage_v(const KiviParams& p, const KiviSeq& sq, const char* vw, int u0, uint8_t* vt) {
   using T = TailCfg<D>;
   constexpr int CPL = D / 32, PER_BYTE = 8 / BITS, QMAX = (1 << BITS) - 1, CPT = D / 8;
   const int ch0 = (threadIdx.x & 31) * CPL;
+  const uint8_t* vc = sq.vc;
+  const __half *vs = sq.vs, *vm = sq.vm;
+  const int L = sq.L, nv = sq.nv;
   __half vx[T::UT][CPL];
   if (u0 + T::UT <= nv) {  // codes along channels: this lane's CPL codes of a token are CPL * BITS / 8 bytes
     uint32_t w[T::UT];
@@ -308,14 +347,8 @@ __device__ __forceinline__ void stage_v(const KiviParams& p, const uint8_t* vc, 
         const int code = (w[e] >> ((ch0 * BITS) % 8 + k * BITS)) & QMAX;  // int2 at D=64: half a byte a lane
         vx[e][k] = __hfma(__int2half_rn(code), sc[e], mn[e]);
       }
-  } else if (u0 >= nv && p.vw_dtype == 0) {  // fp16 window
-    const __half* win = reinterpret_cast<const __half*>(vw);
-#pragma unroll
-    for (int e = 0; e < T::UT; ++e) {
-      const int64_t row = (min(u0 + e, L - 1) - nv) * p.svw_t + ch0;
-#pragma unroll
-      for (int k = 0; k < CPL; ++k) vx[e][k] = win[row + k];
-    }
+  } else if (u0 >= nv && p.vw_dtype == 0) {
+    window_fp16<D>(vw, p.svw_t, u0, L, nv, ch0, vx);
   } else {
 #pragma unroll
     for (int e = 0; e < T::UT; ++e) {
@@ -358,16 +391,9 @@ __device__ void tail_units(const KiviParams& p, int b, int h, int main_end, cons
   using T = TailCfg<D>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
-  const int L = p.lengths[b];
-  const int nv = max(L - p.residual, 0);
-  const int nk = (L / p.residual) * p.residual;
+  const KiviSeq sq = seq_of(p, b, h);
+  const int L = sq.L;
   const int nu = (L - main_end + T::UT - 1) / T::UT;
-  const uint8_t* kc = p.kc + b * p.skc_b + h * p.skc_h;
-  const __half* ks = p.ks + b * p.sks_b + h * p.sks_h;
-  const __half* km = p.km + b * p.sks_b + h * p.sks_h;
-  const uint8_t* vc = p.vc + b * p.svc_b + h * p.svc_h;
-  const __half* vs = p.vs + b * p.svs_b + h * p.svs_h;
-  const __half* vm = p.vm + b * p.svs_b + h * p.svs_h;
   const int kwsz = p.kw_dtype == 2 ? 4 : 2, vwsz = p.vw_dtype == 2 ? 4 : 2;
   const char* kw = static_cast<const char*>(p.kw) + (b * p.skw_b + h * p.skw_h) * kwsz;
   const char* vw = static_cast<const char*>(p.vw) + (b * p.svw_b + h * p.svw_h) * vwsz;
@@ -376,8 +402,8 @@ __device__ void tail_units(const KiviParams& p, int b, int h, int main_end, cons
     const int u0 = main_end + u * T::UT;
     __syncwarp();  // the previous unit (or the main path) is done with the tiles and P
     // ---- stage this lane's CPL channels of the unit's tokens
-    stage_k<BITS, D>(p, kc, ks, km, kw, u0, L, nk, tile);
-    stage_v<BITS, D>(p, vc, vs, vm, vw, u0, L, nv, vt);
+    stage_k<BITS, D>(p, sq, kw, u0, tile);
+    stage_v<BITS, D>(p, sq, vw, u0, vt);
     __syncwarp();
 
     // ---- scores of tokens u0 + g (C row g) and u0 + g + 8 (row g + 8): S^T = K . Q^T
@@ -615,16 +641,8 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_MIN_BLOCKS) kivi_decode_kernel
   const int g = lane >> 2, c = lane & 3;
   const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
   const int rows = p.gqa * p.nq;
-  const int L = p.lengths[b];
-  const int nv = max(L - p.residual, 0);
-  const int main_end = (nv / BN) * BN;
-
-  const uint8_t* kc = p.kc + b * p.skc_b + h * p.skc_h;
-  const __half* ks = p.ks + b * p.sks_b + h * p.sks_h;
-  const __half* km = p.km + b * p.sks_b + h * p.sks_h;
-  const uint8_t* vc = p.vc + b * p.svc_b + h * p.svc_h;
-  const __half* vs = p.vs + b * p.svs_b + h * p.svs_h;
-  const __half* vm = p.vm + b * p.svs_b + h * p.svs_h;
+  const KiviSeq sq = seq_of(p, b, h);
+  const int main_end = (sq.nv / BN) * BN;
 
   {
     // ------------------------------------------------------------------ quantized region, mma path
@@ -650,15 +668,15 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_MIN_BLOCKS) kivi_decode_kernel
       for (int kk = 0; kk < C::KK; ++kk) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const uint8_t* src = kc + (16 * kk + 4 * c + e) * p.skc_d + kbyte;
+          const uint8_t* src = sq.kc + (16 * kk + 4 * c + e) * p.skc_d + kbyte;
           if constexpr (BITS == 4) {
             kwd[kk][e] = ldc32(src);
           } else {
             kwd[kk][e] = ldc16(src);
           }
         }
-        ksc[kk] = ldc64(ks + kgrp * p.sks_g + 16 * kk + 4 * c);
-        kmn[kk] = ldc64(km + kgrp * p.sks_g + 16 * kk + 4 * c);
+        ksc[kk] = ldc64(sq.ks + kgrp * p.sks_g + 16 * kk + 4 * c);
+        kmn[kk] = ldc64(sq.km + kgrp * p.sks_g + 16 * kk + 4 * c);
       }
     };
     auto load_v = [&](int t0) {
@@ -668,9 +686,9 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_MIN_BLOCKS) kivi_decode_kernel
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int tok = t0 + 16 * s + 4 * c + e;
-          load_v_codes<BITS, D, NT>(p, vc, tok, vwd[s][e]);
-          sc[e] = vs[tok * p.svs_t + vgrp];
-          mn[e] = vm[tok * p.svs_t + vgrp];
+          load_v_codes<BITS, D, NT>(p, sq.vc, tok, vwd[s][e]);
+          sc[e] = sq.vs[tok * p.svs_t + vgrp];
+          mn[e] = sq.vm[tok * p.svs_t + vgrp];
         }
         vsc[s][0] = __halves2half2(sc[0], sc[1]);
         vsc[s][1] = __halves2half2(sc[2], sc[3]);

@@ -88,20 +88,13 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_STAGED_MIN_BLOCKS) kivi_decode
   const int g = lane >> 2, c = lane & 3;
   const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
   const int rows = p.gqa * p.nq;
-  const int L = p.lengths[b];
-  const int nv = max(L - p.residual, 0);
-  const int main_end = (nv / BN) * BN;
+  const KiviSeq sq = seq_of(p, b, h);
+  const int main_end = (sq.nv / BN) * BN;
   constexpr int G = D / DG, dg = DG;
   constexpr int ngb = staged_ngb(G);
   constexpr int stage_bytes = staged_stage_bytes<BITS, D>(G);
   constexpr int vs0 = S::KC + ngb * S::KSG;  // V scales in a stage
 
-  const uint8_t* kc = p.kc + b * p.skc_b + h * p.skc_h;
-  const __half* ks = p.ks + b * p.sks_b + h * p.sks_h;
-  const __half* km = p.km + b * p.sks_b + h * p.sks_h;
-  const uint8_t* vc = p.vc + b * p.svc_b + h * p.svc_h;
-  const __half* vs = p.vs + b * p.svs_b + h * p.svs_h;
-  const __half* vm = p.vm + b * p.svs_b + h * p.svs_h;
 
   {
     const int lo = blockIdx.y * p.split_len;
@@ -121,7 +114,7 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_STAGED_MIN_BLOCKS) kivi_decode
 
     // cp.async of block t0 into stage st: K code rows, K scales and minima, V scales and minima
     const int ch0 = lane / S::CPR, part = lane % S::CPR;
-    const uint8_t* ksrc0 = kc + ch0 * p.skc_d + part * 16;
+    const uint8_t* ksrc0 = sq.kc + ch0 * p.skc_d + part * 16;
     const int64_t kstep = S::RSTEP * p.skc_d;
     const uint32_t kdst0 = staged_row<BITS>(ch0) * S::KROW + part * 16;
     auto issue = [&](int st, int t0) {
@@ -134,12 +127,12 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_STAGED_MIN_BLOCKS) kivi_decode
       for (int q = lane; q < ngb * (D / 4); q += 32) {
         const int grp = q / (D / 4), r = q % (D / 4);
         const int arr = r / (D / 8), pt = r % (D / 8);
-        cp_async16(base + S::KC + grp * S::KSG + arr * 2 * D + pt * 16, (arr ? km : ks) + (gi0 + grp) * p.sks_g + pt * 8);
+        cp_async16(base + S::KC + grp * S::KSG + arr * 2 * D + pt * 16, (arr ? sq.km : sq.ks) + (gi0 + grp) * p.sks_g + pt * 8);
       }
 #pragma unroll
       for (int q = lane; q < 16 * dg; q += 32) {
         const int arr = q / (8 * dg), pt = q % (8 * dg);
-        cp_async16(base + vs0 + arr * 128 * dg + pt * 16, (arr ? vm : vs) + t0 * dg + pt * 8);
+        cp_async16(base + vs0 + arr * 128 * dg + pt * 16, (arr ? sq.vm : sq.vs) + t0 * dg + pt * 8);
       }
     };
 
@@ -148,7 +141,7 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_STAGED_MIN_BLOCKS) kivi_decode
 #pragma unroll
       for (int s = 0; s < C::KS; ++s)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) load_v_codes<BITS, D, NT>(p, vc, t0 + 16 * s + 4 * c + e, vwd[s][e]);
+        for (int e = 0; e < 4; ++e) load_v_codes<BITS, D, NT>(p, sq.vc, t0 + 16 * s + 4 * c + e, vwd[s][e]);
     };
 
     const int first = lo + warp * BN;

@@ -231,17 +231,26 @@ def sweep(results, copy_bw):
     return {n: tune for n, (t, tune) in best.items()}
 
 
-def sweep_cuda(results, copy_bw):
-    """The CUDA kernel at B=8, T=32k, both variants (registers, staged) in the same run: CTAs along the sequence
-    per (sequence, kv head), automatic and fixed."""
+def sweep_cuda(results, copy_bw, variants=("registers", "staged", "folded"), splits_list=(None, 4, 6, 8, 12)):
+    """The CUDA kernel at B=8, T=32k, its variants in the same run: CTAs along the sequence per (sequence, kv
+    head), automatic (None) and fixed; then time against the sequence length."""
+    import kvlab.kernels as K
+
     B, T = 8, 32768
     k, v, q, lengths = random_inputs(B, T, 2)
     for bits in (4, 2):
         c = kivi_cache(k, v, bits)
         base = fused_kivi(q, c, lengths, T, bits, backend="cuda", cuda_variant="registers").float()
-        for variant in ("registers", "staged"):
+        # the pure-torch reference (dequantized in fp32, fp32 attention): each variant's own rounding error
+        ref = K.kivi_decode_attention_ref(q, c["k_codes"], c["k_scale"], c["k_min"], c["k_fp16"], c["v_codes"],
+                                          c["v_scale"], c["v_min"], c["v_fp16"], lengths, bits=bits, group=GROUP,
+                                          residual=RESIDUAL).float()
+        for variant in variants:
             run = functools.partial(fused_kivi, q, c, lengths, T, bits, backend="cuda", cuda_variant=variant)
-            for splits in (None, 4, 6, 8, 12):
+            err_ref = rel_err(run(), ref)
+            results["sweep"].append(dict(kernel=f"cuda-int{bits}-{variant}", B=B, T=T, relerr_vs_reference=err_ref))
+            log(f"sweep cuda-int{bits} {variant:9s} error against the fp32 reference: {err_ref:.2e}")
+            for splits in splits_list:
                 err = rel_err(run(num_splits=splits), base)
                 t = bench(functools.partial(run, num_splits=splits))
                 tg = bench_graph(functools.partial(run, num_splits=splits))
@@ -252,7 +261,7 @@ def sweep_cuda(results, copy_bw):
                     f"{frac:5.1%} of copy bw  err vs registers/automatic {err:.1e}")
         # time against sequence length at B=8 (same cache, shorter lengths): slope = the steady state,
         # intercept = the fixed cost of a call (launches, first loads, the window tokens, the merge)
-        for variant in ("registers", "staged"):
+        for variant in variants:
             for L in (200, 1024, 4096, 16384, 32768):
                 lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
                 run = functools.partial(fused_kivi, q, c, lens, L, bits, backend="cuda", cuda_variant=variant)
@@ -426,6 +435,10 @@ def main(argv=None):
     ap.add_argument("--no-append", action="store_true", help="skip the quantize-on-append timings")
     ap.add_argument("--cuda-sweep", action="store_true",
                     help="time the CUDA kernel's variants and split counts at B=8, T=32k")
+    ap.add_argument("--cuda-variants", default="registers,staged,folded", help="variants for --cuda-sweep")
+    ap.add_argument("--cuda-splits", default="auto,4,6,8,12",
+                    help="CTAs along the sequence for --cuda-sweep ('auto': the kernel's plan)")
+    ap.add_argument("--cuda-sweep-only", action="store_true", help="stop after --cuda-sweep")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode_attention: no CUDA device; nothing to time (tests/test_kernels.py checks the kernels)")
@@ -446,7 +459,11 @@ def main(argv=None):
             json.dump(results, f, indent=1)
 
     if args.cuda_sweep:
-        sweep_cuda(results, copy_bw)
+        splits_list = [None if x == "auto" else int(x) for x in args.cuda_splits.split(",")]
+        sweep_cuda(results, copy_bw, tuple(args.cuda_variants.split(",")), splits_list)
+        save()
+        if args.cuda_sweep_only:
+            return 0
     tunes = sweep(results, copy_bw) if args.sweep else {}
     results["tunes"] = tunes
     log(f"tuning used: {tunes or 'defaults'}")

@@ -10,7 +10,7 @@ three, of which the first is int2's first ever call)::
     lts__t_sector_hit_rate.pct,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__inst_executed.sum" \
         python benchmarks/profile_kivi_cuda.py
 
-An optional argument picks the CUDA variant (``auto``, ``staged``, ``registers``). Per-instruction stall
+An optional argument picks the CUDA variant (``auto``, ``staged``, ``registers``, ``folded``). Per-instruction stall
 samples (where the time goes): ``ncu --kernel-name regex:kivi_decode --launch-skip 2 --launch-count 1
 --section SourceCounters --section WarpStateStats --page source --print-source sass --csv python
 benchmarks/profile_kivi_cuda.py staged > src.csv``, summarised by ``benchmarks/ncu_source_summary.py``.
@@ -36,7 +36,7 @@ def main() -> int:
     B, T = 8, 32768
     k, v, q, lengths = random_inputs(B, T, 3)
     caches = {bits: kivi_cache(k, v, bits) for bits in (4, 2)}
-    variant = sys.argv[1] if len(sys.argv) > 1 else "auto"  # auto, staged or registers
+    variant = sys.argv[1] if len(sys.argv) > 1 else "auto"  # auto, staged, registers or folded
     for bits in (4, 2):
         for _ in range(3):
             fused_kivi(q, caches[bits], lengths, T, bits, backend="cuda", cuda_variant=variant)

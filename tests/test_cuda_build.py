@@ -4,7 +4,7 @@ Their numerical tests need a GPU (tests/test_kernels.py, tests/test_fused_cache.
 tool). This one runs wherever ``nvcc`` is installed, CI included: it compiles the kernels' translation unit
 (every template instance the binding launches, and the launchers; no torch headers) for sm_90 and reads
 ptxas's resource report, so that a change that breaks the build or makes the timed configurations spill to
-local memory (or the staged variant lose its 3 CTAs per SM) fails here first.
+local memory (or the staged variant lose its 3 CTAs per SM, the folded one its 2) fails here first.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pytest
 CSRC = Path(__file__).resolve().parent.parent / "kvlab" / "csrc"
 REGISTERS = [(bits, d, nt) for bits in (4, 2) for d in (128, 64) for nt in (1, 2)]
 STAGED = [(bits, d, dg) for bits in (4, 2) for d in (128, 64) for dg in (1, 2, 4, 8)]
+FOLDED = STAGED  # same instances: (bits, D, D / group)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA compiler nvcc")
@@ -41,3 +42,7 @@ def test_cuda_kivi_kernels_compile_without_spills(tmp_path):
         spill, regs = found[f"_ZN5kvlab25kivi_decode_staged_kernelILi{bits}ELi{d}ELi1ELi{dg}EEEvNS_10KiviParamsE"]
         assert spill == 0, f"kivi_decode_staged_kernel<{bits}, {d}, 1, {dg}> spills {spill} bytes"
         assert regs <= 168, f"kivi_decode_staged_kernel<{bits}, {d}, 1, {dg}> uses {regs} registers (3 CTAs: 168)"
+    for bits, d, dg in FOLDED:
+        spill, regs = found[f"_ZN5kvlab25kivi_decode_folded_kernelILi{bits}ELi{d}ELi{dg}EEEvNS_10KiviParamsE"]
+        assert spill == 0, f"kivi_decode_folded_kernel<{bits}, {d}, {dg}> spills {spill} bytes"
+        assert regs <= 255, f"kivi_decode_folded_kernel<{bits}, {d}, {dg}> uses {regs} registers (2 CTAs: 255)"

@@ -87,7 +87,7 @@ def kivi_args(q, cache, lengths):
 LENGTHS = [37, 100, 300]  # not multiples of the block, group or residual; one batch of unequal sequences
 # KIVI attention backends: the Triton kernel everywhere, the CUDA C++ one (kvlab/csrc) on a GPU, in its
 # automatic choice and in each of its two variants
-BACKENDS = ["triton"] + (["cuda", "cuda-registers", "cuda-staged"] if CUDA else [])
+BACKENDS = ["triton"] + (["cuda", "cuda-registers", "cuda-staged", "cuda-folded"] if CUDA else [])
 
 
 def backend_kw(backend: str) -> dict:
@@ -96,11 +96,13 @@ def backend_kw(backend: str) -> dict:
     return dict(backend=backend)
 
 
-def cuda_serves(backend, dtype, rows=1):
+def cuda_serves(backend, dtype, rows=1, group=32):
     if backend.startswith("cuda") and dtype != torch.float16:
         pytest.skip("the CUDA kernel takes fp16 queries")
     if backend == "cuda-staged" and rows > 8:
         pytest.skip("the staged CUDA variant takes at most 8 query rows per kv head")
+    if backend == "cuda-folded" and rows > min(group, 64) // 8:
+        pytest.skip("the folded CUDA variant takes at most min(group, 64) / 8 query rows per kv head")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -133,6 +135,7 @@ def test_kivi_decode_attention(bits, D, gqa, nq, dtype, backend):
                                                                 (128, 64, 128, 128)])
 def test_kivi_decode_attention_group_vs_block(group, block_n, residual, D, backend):
     """Blocks spanning several K groups, and groups spanning several blocks; an fp32 window."""
+    cuda_serves(backend, torch.float16, 2, group)
     g = gen(fresh_seed())
     B, H, bits, cap = 2, 2, 4, 512
     cache = random_kivi(B, H, D, bits, group, residual, cap, g, win_dtype=torch.float32)
@@ -201,6 +204,29 @@ def test_kivi_cuda_staged_variant_conditions():
     assert why(bits=2, cap=96).startswith("k_codes rows are not 16-byte aligned")  # 24-byte rows
     wide = torch.zeros(1, 2, 256, 8, dtype=torch.float16, device=DEV)[..., :4]  # stride 8 per token
     assert "v_scale is not contiguous per token (stride 8, allowed 4)" in why(v_scale=wide)
+
+
+def test_kivi_cuda_folded_variant_conditions():
+    """When the folded CUDA variant cannot serve a call (device-independent): more query rows than its column
+    slots (min(group, 64) / 8), a group other than 16, 32 or a multiple of 64, what the staged variant
+    refuses, V codes not contiguous per token."""
+    from kvlab.kernels.kivi_cuda import folded_unsupported
+
+    g = gen(2)
+
+    def why(gqa=4, nq=1, D=128, bits=2, group=32, cap=256, **swap):
+        c = {**random_kivi(1, 2, D, bits, group, 128, cap, g), **swap}
+        q = randn(1, 2 * gqa, nq, D, g=g, dtype=torch.float16)
+        return folded_unsupported(q, c["k_codes"], c["k_scale"], c["k_min"], c["v_codes"], c["v_scale"],
+                                  c["v_min"], bits, group)
+
+    assert why() is None and why(gqa=2, group=16, D=64) is None and why(gqa=8, group=128, bits=4) is None
+    assert "4 query heads per kv head x 2 query tokens = 8 rows" in why(nq=2)
+    assert "at most min(group, 64) / 8 = 2 at group=16" in why(group=16)
+    assert why(group=48) == "group=48; the folded variant takes 16, 32 or a multiple of 64"
+    assert "head_dim / group = 128/256" in why(group=256)
+    wide = torch.zeros(1, 2, 256, 64, dtype=torch.uint8, device=DEV)[..., :32]  # 64-byte rows, 32 used
+    assert "v_codes is not contiguous per token (stride 64, allowed 32)" in why(v_codes=wide)
 
 
 def test_kivi_decode_attention_without_query_tokens():
@@ -591,15 +617,17 @@ def test_kivi_llama3_geometry_gpu(bits):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("variant", ["staged", "registers"])
+@pytest.mark.parametrize("variant", ["staged", "registers", "folded"])
 @pytest.mark.parametrize("splits", [None, 1, 3])
-@pytest.mark.parametrize(("gqa", "nq", "group"), [(4, 1, 32), (8, 1, 16), (4, 4, 32), (1, 2, 64)])
+@pytest.mark.parametrize(("gqa", "nq", "group"), [(4, 1, 32), (8, 1, 16), (4, 4, 32), (1, 2, 64), (2, 1, 16),
+                                                   (8, 1, 64)])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_kivi_cuda_long_sequences_gpu(bits, D, gqa, nq, group, splits, variant):
-    """The CUDA kernel's main (mma) path over many blocks, warps and splits, in both variants: long unequal
+    """The CUDA kernel's main (mma) path over many blocks, warps and splits, in every variant: long unequal
     sequences, up to 16 query rows per kv head (two mma column tiles; registers variant only), groups of 16 to
-    64 tokens, against the reference; also equal to Triton's kernel, and deterministic."""
+    64 tokens (the folded variant with as many rows as its column slots allow: 2 at group 16, 4 at 32, 8 at
+    64), against the reference; also equal to Triton's kernel, and deterministic."""
     g = gen(fresh_seed())
     B, H, residual, cap = 3, 2, 128, 4096
     cache = random_kivi(B, H, D, bits, group, residual, cap, g)
@@ -611,6 +639,10 @@ def test_kivi_cuda_long_sequences_gpu(bits, D, gqa, nq, group, splits, variant):
         with pytest.raises(ValueError, match="cuda_variant='staged' cannot serve this call: 16 query rows"):
             K.kivi_decode_attention(*args, **kw, backend="cuda", cuda_variant="staged")
         return
+    if variant == "folded" and gqa * nq > min(group, 64) // 8:
+        with pytest.raises(ValueError, match=f"cuda_variant='folded' cannot serve this call: .* = {gqa * nq} rows"):
+            K.kivi_decode_attention(*args, **kw, backend="cuda", cuda_variant="folded")
+        return
     ref = K.kivi_decode_attention_ref(*args, **kw)
     out = torch.full_like(q, float("nan"))
     K.kivi_decode_attention(*args, **kw, out=out, num_splits=splits, backend="cuda", cuda_variant=variant)
@@ -619,6 +651,48 @@ def test_kivi_cuda_long_sequences_gpu(bits, D, gqa, nq, group, splits, variant):
     assert_close(out, tri, torch.float16)
     again = K.kivi_decode_attention(*args, **kw, num_splits=splits, backend="cuda", cuda_variant=variant)
     assert torch.equal(out, again), "the CUDA kernel is not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_cuda_folded_accuracy_gpu(bits):
+    """The folded variant rounds q * scale and p * scale instead of the dequantized values, and keeps the
+    minima term apart from the code term within a block: over a 32k-token split its error against the fp32
+    reference must stay within 3x of the registers variant's (random normal K and V quantized by the pack
+    kernels, Llama-3-8B heads). Measured on an H100 at B=8 (benchmarks/bench_decode_attention.py --cuda-sweep):
+    7.6e-4 (int2) / 7.8e-4 (int4) against 3.9e-4 / 4.3e-4; accumulating the two terms over the whole split gave
+    2.0e-3 (5x)."""
+    g = gen(fresh_seed())
+    B, H, D, group, residual, T = 1, 8, 128, 32, 128, 32768
+    k, v = randn(B, H, T, D, g=g, dtype=torch.float16), randn(B, H, T, D, g=g, dtype=torch.float16)
+    q = randn(B, 4 * H, 1, D, g=g, dtype=torch.float16)
+    nk, nv = T // residual * residual, T - residual  # quantized with the pack kernels, as the cache does
+    cache = dict(k_codes=torch.empty(B, H, D, T * bits // 8, dtype=torch.uint8, device=DEV),
+                 k_scale=torch.empty(B, H, T // group, D, dtype=torch.float16, device=DEV),
+                 k_min=torch.empty(B, H, T // group, D, dtype=torch.float16, device=DEV),
+                 k_fp16=torch.zeros(B, H, residual, D, dtype=torch.float16, device=DEV),
+                 v_codes=torch.empty(B, H, T, D * bits // 8, dtype=torch.uint8, device=DEV),
+                 v_scale=torch.empty(B, H, T, D // group, dtype=torch.float16, device=DEV),
+                 v_min=torch.empty(B, H, T, D // group, dtype=torch.float16, device=DEV),
+                 v_fp16=torch.zeros(B, H, residual, D, dtype=torch.float16, device=DEV))
+    cache["k_fp16"][:, :, : T - nk] = k[:, :, nk:]
+    cache["v_fp16"][:, :, : T - nv] = v[:, :, nv:]
+    K.kivi_pack_k(k[:, :, :nk].contiguous(), cache["k_codes"], cache["k_scale"], cache["k_min"], 0, bits=bits,
+                  group=group)
+    K.kivi_pack_v(v[:, :, :nv].contiguous(), cache["v_codes"], cache["v_scale"], cache["v_min"], 0, bits=bits,
+                  group=group)
+    lengths = torch.tensor([T], dtype=torch.int32, device=DEV)
+    args = kivi_args(q, cache, lengths)
+    kw = dict(bits=bits, group=group, residual=residual)
+    ref = K.kivi_decode_attention_ref(*args, **kw).float()
+
+    def err(variant):
+        out = K.kivi_decode_attention(*args, **kw, backend="cuda", cuda_variant=variant, num_splits=1).float()
+        return ((out - ref).norm() / ref.norm()).item()
+
+    e_folded, e_registers = err("folded"), err("registers")
+    assert e_folded <= 3 * e_registers, f"folded {e_folded:.2e} against registers {e_registers:.2e}"
 
 
 @pytest.mark.gpu

@@ -158,27 +158,29 @@ __device__ __forceinline__ float load_float(const void* p, int64_t i, int dtype)
   return reinterpret_cast<const float*>(p)[i];
 }
 
-template <int D, int ROWS>
+// NS online-softmax states of a CTA: one per warp (the folded variant keeps two a warp: its main blocks' and
+// its tail's).
+template <int D, int ROWS, int NS = 4>
 struct KiviSmem {
-  float o[4][ROWS][D];  // per warp: unnormalised outputs
-  float m[4][ROWS];
-  float l[4][ROWS];
+  float o[NS][ROWS][D];  // unnormalised outputs
+  float m[NS][ROWS];
+  float l[NS][ROWS];
 };
 
-// Merge the 4 warps' online-softmax states (in shared memory) and write this CTA's split.
-template <int D, int ROWS>
-__device__ void write_split(const KiviParams& p, KiviSmem<D, ROWS>& sm, int b, int h, int rows, int split,
+// Merge the NS online-softmax states (in shared memory) and write this CTA's split.
+template <int D, int ROWS, int NS = 4>
+__device__ void write_split(const KiviParams& p, KiviSmem<D, ROWS, NS>& sm, int b, int h, int rows, int split,
                             int splits) {
   __syncthreads();
   for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
     const int r = idx / D, d = idx % D;
     float mx = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < 4; ++w) mx = fmaxf(mx, sm.m[w][r]);
+    for (int w = 0; w < NS; ++w) mx = fmaxf(mx, sm.m[w][r]);
     float o = 0.f, l = 0.f;
     if (mx != -INFINITY) {
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {
+      for (int w = 0; w < NS; ++w) {
         const float a = fast_exp2(sm.m[w][r] - mx);  // 0 for a warp that saw nothing
         o += a * sm.o[w][r][d];
         l += a * sm.l[w][r];
@@ -467,12 +469,13 @@ __device__ void tail_units(const KiviParams& p, int b, int h, int main_end, cons
   __syncwarp();
 }
 
-// The warp's state to shared memory (true channel order): unnormalised outputs, running max, sum over tokens.
-template <int D, int NT>
-__device__ void store_state(KiviSmem<D, 8 * NT>& sm, float (&m_r)[NT][2], float (&l_r)[NT][2],
+// The warp's state to shared memory slot `slot` (true channel order): unnormalised outputs, running max, sum over
+// tokens.
+template <int D, int NT, int NS>
+__device__ void store_state(KiviSmem<D, 8 * NT, NS>& sm, int slot, float (&m_r)[NT][2], float (&l_r)[NT][2],
                             float (&oacc)[D / 16][NT][4]) {
   constexpr int CPT = D / 8;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
   const int g = lane >> 2, c = lane & 3;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
@@ -491,13 +494,13 @@ __device__ void store_state(KiviSmem<D, 8 * NT>& sm, float (&m_r)[NT][2], float 
     for (int j = 0; j < 2; ++j) {
       const int r = nt * 8 + 2 * c + j;
       if (g == 0) {
-        sm.m[warp][r] = m_r[nt][j];
-        sm.l[warp][r] = l_r[nt][j];
+        sm.m[slot][r] = m_r[nt][j];
+        sm.l[slot][r] = l_r[nt][j];
       }
 #pragma unroll
       for (int mt = 0; mt < D / 16; ++mt) {
-        sm.o[warp][r][g * CPT + 2 * mt] = oacc[mt][nt][j];
-        sm.o[warp][r][g * CPT + 2 * mt + 1] = oacc[mt][nt][2 + j];
+        sm.o[slot][r][g * CPT + 2 * mt] = oacc[mt][nt][j];
+        sm.o[slot][r][g * CPT + 2 * mt + 1] = oacc[mt][nt][2 + j];
       }
     }
 }
@@ -742,7 +745,7 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_MIN_BLOCKS) kivi_decode_kernel
 
     tail_units<BITS, D, NT>(p, b, h, main_end, qf, m_r, l_r, oacc, ps,
                             smem_raw + PBYTES + warp * TailCfg<D>::BYTES);
-    store_state<D, NT>(sm, m_r, l_r, oacc);
+    store_state(sm, warp, m_r, l_r, oacc);
   }
   write_split<D, ROWS>(p, sm, b, h, rows, blockIdx.y, p.n_main);
 }

@@ -40,9 +40,11 @@ struct KiviParams {
 };
 
 // Kernel variants: 6 loads every code and scale straight into registers (kivi_attention_cuda.cuh); 7 stages K
-// codes and all scales of the next block in shared memory with cp.async (kivi_attention_staged.cuh).
+// codes and all scales of the next block in shared memory with cp.async (kivi_attention_staged.cuh); 8 feeds
+// the raw codes to the mma and folds the scales into the query and P operands (kivi_attention_folded.cuh).
 constexpr int KIVI_VARIANT_REGISTERS = 6;
 constexpr int KIVI_VARIANT_STAGED = 7;
+constexpr int KIVI_VARIANT_FOLDED = 8;
 
 // Dynamic shared memory of one CTA (bytes); 0 for variant 6, which uses static shared memory.
 size_t kivi_smem_bytes(int bits, int D, int nt, int variant, int group);

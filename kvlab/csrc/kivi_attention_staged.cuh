@@ -56,15 +56,42 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Bytes of dynamic shared memory of one CTA: the warps' P buffers and two stages each, or the final merge
-// state (laid over them), whichever is larger.
-template <int BITS, int D, int NT>
+// states (NS of them, laid over the rest), whichever is larger.
+template <int BITS, int D, int NT, int NS = 4>
 __host__ __device__ constexpr int staged_smem_bytes(int group) {
   using C = KiviCfg<BITS, D, NT>;
   constexpr int PBYTES = C::WARPS * C::ROWS * C::PST * 2;
-  constexpr int SBYTES = static_cast<int>(sizeof(KiviSmem<D, C::ROWS>));
+  constexpr int SBYTES = static_cast<int>(sizeof(KiviSmem<D, C::ROWS, NS>));
   const int stages = 2 * staged_stage_bytes<BITS, D>(group);  // a warp's area, reused for its tail tiles
   const int main = PBYTES + C::WARPS * (stages > TailCfg<D>::BYTES ? stages : TailCfg<D>::BYTES);
   return main > SBYTES ? main : SBYTES;
+}
+
+// cp.async of block t0 (this warp's 64 tokens) into the stage at shared-memory address base: K code rows, K
+// scales and minima, V scales and minima (layout above); needs what kivi_decode_staged_kernel needs.
+template <int BITS, int D, int DG>
+__device__ __forceinline__ void stage_block(uint32_t base, const KiviParams& p, const KiviSeq& sq, int t0) {
+  using S = StagedCfg<BITS, D>;
+  constexpr int G = D / DG, ngb = staged_ngb(G), vs0 = S::KC + ngb * S::KSG;
+  const int lane = threadIdx.x & 31;
+  const int ch0 = lane / S::CPR, part = lane % S::CPR;
+  const uint8_t* src = sq.kc + ch0 * p.skc_d + part * 16 + t0 * BITS / 8;
+  const int64_t kstep = S::RSTEP * p.skc_d;
+  const uint32_t kdst0 = staged_row<BITS>(ch0) * S::KROW + part * 16;
+#pragma unroll
+  for (int i = 0; i < D / S::RSTEP; ++i) cp_async16(base + kdst0 + i * S::RSTEP * S::KROW, src + i * kstep);
+  const int gi0 = t0 / G;
+#pragma unroll
+  for (int q = lane; q < ngb * (D / 4); q += 32) {
+    const int grp = q / (D / 4), r = q % (D / 4);
+    const int arr = r / (D / 8), pt = r % (D / 8);
+    cp_async16(base + S::KC + grp * S::KSG + arr * 2 * D + pt * 16, (arr ? sq.km : sq.ks) + (gi0 + grp) * p.sks_g + pt * 8);
+  }
+#pragma unroll
+  for (int q = lane; q < 16 * DG; q += 32) {
+    const int arr = q / (8 * DG), pt = q % (8 * DG);
+    cp_async16(base + vs0 + arr * 128 * DG + pt * 16, (arr ? sq.vm : sq.vs) + t0 * DG + pt * 8);
+  }
 }
 
 #ifndef KVLAB_KIVI_STAGED_MIN_BLOCKS
@@ -112,28 +139,8 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_STAGED_MIN_BLOCKS) kivi_decode
     const int kx = BITS == 4 ? c : c >> 1;
     const int kbyte = g * (TPT * BITS / 8);
 
-    // cp.async of block t0 into stage st: K code rows, K scales and minima, V scales and minima
-    const int ch0 = lane / S::CPR, part = lane % S::CPR;
-    const uint8_t* ksrc0 = sq.kc + ch0 * p.skc_d + part * 16;
-    const int64_t kstep = S::RSTEP * p.skc_d;
-    const uint32_t kdst0 = staged_row<BITS>(ch0) * S::KROW + part * 16;
     auto issue = [&](int st, int t0) {
-      const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(stages + st * stage_bytes));
-      const uint8_t* src = ksrc0 + t0 * BITS / 8;
-#pragma unroll
-      for (int i = 0; i < D / S::RSTEP; ++i) cp_async16(base + kdst0 + i * S::RSTEP * S::KROW, src + i * kstep);
-      const int gi0 = t0 / G;
-#pragma unroll
-      for (int q = lane; q < ngb * (D / 4); q += 32) {
-        const int grp = q / (D / 4), r = q % (D / 4);
-        const int arr = r / (D / 8), pt = r % (D / 8);
-        cp_async16(base + S::KC + grp * S::KSG + arr * 2 * D + pt * 16, (arr ? sq.km : sq.ks) + (gi0 + grp) * p.sks_g + pt * 8);
-      }
-#pragma unroll
-      for (int q = lane; q < 16 * dg; q += 32) {
-        const int arr = q / (8 * dg), pt = q % (8 * dg);
-        cp_async16(base + vs0 + arr * 128 * dg + pt * 16, (arr ? sq.vm : sq.vs) + t0 * dg + pt * 8);
-      }
+      stage_block<BITS, D, DG>(static_cast<uint32_t>(__cvta_generic_to_shared(stages + st * stage_bytes)), p, sq, t0);
     };
 
     uint32_t vwd[C::KS][4][C::VW];  // V codes of the next block, in registers as in variant 6
@@ -219,7 +226,7 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_STAGED_MIN_BLOCKS) kivi_decode
     }
     cp_async_wait<0>();
     tail_units<BITS, D, NT>(p, b, h, main_end, qf, m_r, l_r, oacc, ps, stages);
-    store_state<D, NT>(sm, m_r, l_r, oacc);
+    store_state(sm, warp, m_r, l_r, oacc);
   }
   write_split<D, ROWS>(p, sm, b, h, rows, blockIdx.y, p.n_main);
 }

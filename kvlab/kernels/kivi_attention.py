@@ -338,11 +338,14 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
     ``backend``: ``"cuda"`` the CUDA C++ kernel (:mod:`.kivi_cuda`; fp16, head_dim 64/128, <= 16 query
     rows per kv head, compiled on first use), ``"triton"`` the Triton kernel of this module, ``"auto"``
     (default) the CUDA kernel where it can serve the call and was built, else Triton. ``"cuda"`` raises
-    ValueError saying why when it cannot. ``cuda_variant`` picks the CUDA kernel's variant: ``"staged"`` (K codes
-    and scales staged in shared memory by cp.async; one query-row tile, D / group in 1, 2, 4, 8, 16-byte
-    aligned K rows and scales), ``"registers"`` (everything through registers; serves every CUDA call), or
-    ``"auto"`` (default): staged for int2 where it can serve the call, else registers (the faster of the two
-    for each bit width on an H100).
+    ValueError saying why when it cannot. ``cuda_variant`` picks the CUDA kernel's variant: ``"registers"``
+    (everything through registers; serves every CUDA call), ``"staged"`` (K codes and scales staged in shared
+    memory by cp.async; one query-row tile, D / group in 1, 2, 4, 8, 16-byte aligned K rows and scales, V scales
+    contiguous per token), ``"folded"`` (staged loads, raw codes into the matrix unit, scales folded into the
+    query and P operands; besides what staged needs, at most min(group, 64) / 8 query rows per kv head, group
+    16, 32 or a multiple of 64, V codes contiguous per token), or ``"auto"`` (default): for int2 the first of
+    folded, staged, registers that can serve the call, for int4 registers (the fastest on an H100,
+    benchmarks/KERNEL_NOTES.md).
 
     Tuning: ``num_splits`` (None: one full wave of programs; both backends), and for Triton only
     ``block_n`` (tokens per block, a power of two), ``num_warps``, ``num_stages``, ``max_regs`` (a register
@@ -352,7 +355,7 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
     B, Hq, NQ, D, H = _check(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths,
                              bits, group, residual, out)
     check_choice("backend", backend, ("auto", "cuda", "triton"))
-    check_choice("cuda_variant", cuda_variant, ("auto", "staged", "registers"))
+    check_choice("cuda_variant", cuda_variant, ("auto", "staged", "registers", "folded"))
     check_pow2("block_n", block_n, 32, 256)
     check_devices(dict(q=q, k_codes=k_codes, k_scale=k_scale, k_min=k_min, k_fp16=k_fp16, v_codes=v_codes,
                        v_scale=v_scale, v_min=v_min, v_fp16=v_fp16, lengths=lengths))

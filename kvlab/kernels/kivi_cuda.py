@@ -1,10 +1,12 @@
 """The CUDA C++ KIVI decode attention (``kvlab/csrc/kivi_attention_*``): the same function as the Triton kernel
 in :mod:`.kivi_attention`, on the same cache, written so that every packed code reaches the matrix unit's
-operand registers with plain loads (the layout argument is in ``kivi_attention_cuda.cuh``). Two variants:
-``"registers"`` (every code and scale loaded straight into registers, one block ahead) and ``"staged"`` (the
+operand registers with plain loads (the layout argument is in ``kivi_attention_cuda.cuh``). Three variants:
+``"registers"`` (every code and scale loaded straight into registers, one block ahead), ``"staged"`` (the
 next block's K codes and all scales copied into shared memory with cp.async, so that 3 CTAs fit an SM;
-``kivi_attention_staged.cuh``); ``"auto"`` takes the staged one for int2 caches wherever
-:func:`staged_unsupported` allows (it was faster there, and slower for int4: see ``AUTO_STAGED_BITS``).
+``kivi_attention_staged.cuh``) and ``"folded"`` (staged loads; the raw codes go to the matrix unit as fp16
+subnormals and the scales are folded into the query and P operands, which halves the instructions per code;
+``kivi_attention_folded.cuh``). ``"auto"`` takes the first of ``AUTO_VARIANTS[bits]`` that can serve the call
+(:func:`staged_unsupported`, :func:`folded_unsupported`).
 
 Built on first use with ``torch.utils.cpp_extension.load`` (needs a CUDA build of torch, the CUDA compiler
 ``nvcc`` of the same major version, and ``ninja``; about a minute, then cached under ``TORCH_EXTENSIONS_DIR``).
@@ -26,17 +28,19 @@ import torch
 
 from .splitk import plan_splits
 
-__all__ = ["enabled", "ops", "reset", "unsupported", "staged_unsupported", "misaligned", "kivi_decode_attention_cuda",
-           "BLOCK"]
+__all__ = ["enabled", "ops", "reset", "unsupported", "staged_unsupported", "folded_unsupported", "misaligned",
+           "kivi_decode_attention_cuda", "BLOCK"]
 
 _DIR = Path(__file__).resolve().parent.parent / "csrc"
 _state: dict = {}
 BLOCK = 64  # tokens per warp-block of the kernel (KiviCfg::BN)
 WARPS = 4
-VARIANTS = {"registers": 6, "staged": 7}  # kivi_attention_cuda.h: KIVI_VARIANT_*
-# "auto" takes the staged variant for this many bits only: on an H100 at B=8, T=32k (Llama-3-8B heads) it was
-# 9% faster than the registers variant for int2 and 6% slower for int4 (benchmarks/KERNEL_NOTES.md, v7)
-AUTO_STAGED_BITS = 2
+VARIANTS = {"registers": 6, "staged": 7, "folded": 8}  # kivi_attention_cuda.h: KIVI_VARIANT_*
+# What "auto" tries, in order, for each bit width (the first that can serve the call): on an H100 at B=8, T=32k
+# (Llama-3-8B heads, benchmarks/KERNEL_NOTES.md, v8) int2 took 92.9 us folded, 103.7 staged, 115.5 registers
+# (from CUDA graphs); int4 took 130-132 us folded or registers and 137 staged, and the registers variant
+# serves every call
+AUTO_VARIANTS = {2: ("folded", "staged", "registers"), 4: ("registers",)}
 
 
 def enabled() -> bool:
@@ -136,6 +140,27 @@ def staged_unsupported(q, k_codes, k_scale, k_min, v_scale, v_min, group: int) -
     return None
 
 
+def folded_unsupported(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits: int, group: int) -> str | None:
+    """Why the folded variant cannot serve a call that :func:`unsupported` accepts, or None when it can: what the
+    staged variant needs (:func:`staged_unsupported`), V codes contiguous per token, and query rows per kv head
+    that fit its mma column slots, ``min(group, 64) / 8`` (one copy of the query rows per K group of a 64-token
+    block and per V group of 64 channels)."""
+    _, Hq, NQ, D = q.shape
+    rows = Hq // k_codes.shape[1] * NQ
+    if not (group in (16, 32) or group % 64 == 0):
+        return f"group={group}; the folded variant takes 16, 32 or a multiple of 64"
+    slots = min(group, 64) // 8
+    if rows > slots:
+        return (f"{Hq // k_codes.shape[1]} query heads per kv head x {NQ} query tokens = {rows} rows; the folded "
+                f"variant takes at most min(group, 64) / 8 = {slots} at group={group}")
+    why = staged_unsupported(q, k_codes, k_scale, k_min, v_scale, v_min, group)
+    if why is not None:
+        return why
+    if v_codes.stride(2) != D * bits // 8:
+        return f"v_codes is not contiguous per token (stride {v_codes.stride(2)}, allowed {D * bits // 8})"
+    return None
+
+
 def _occupancy(mod, bits: int, D: int, nt: int, variant: int, group: int, device: torch.device) -> int:
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = ("occ", bits, D, nt, variant, group, index)
@@ -158,20 +183,23 @@ def kivi_decode_attention_cuda(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_sc
                                bits: int, group: int, residual: int, qk_scale: float, out: torch.Tensor,
                                max_len: int, num_splits: int | None = None, variant: str = "auto") -> torch.Tensor:
     """Run the CUDA kernel into ``out`` (arguments already validated, :func:`unsupported` returned None);
-    ``variant`` "auto", "staged" (ValueError where :func:`staged_unsupported` objects) or "registers"."""
+    ``variant`` "auto", "staged", "folded" (ValueError where :func:`staged_unsupported` /
+    :func:`folded_unsupported` objects) or "registers"."""
     mod = ops()
     if mod is None:
         raise RuntimeError("the CUDA KIVI kernel is not available (see the warning from its build)")
     B, Hq, NQ, D = q.shape
     H = k_codes.shape[1]
     nt = 1 if Hq // H * NQ <= 8 else 2
-    if variant == "auto" and bits != AUTO_STAGED_BITS:
-        variant = "registers"
-    if variant != "registers":
-        why = staged_unsupported(q, k_codes, k_scale, k_min, v_scale, v_min, group)
-        if why is not None and variant == "staged":
-            raise ValueError(f"cuda_variant='staged' cannot serve this call: {why}; allowed: 'registers' or 'auto'")
-        variant = "registers" if why is not None else "staged"
+    why_not = dict(registers=lambda: None,
+                   staged=lambda: staged_unsupported(q, k_codes, k_scale, k_min, v_scale, v_min, group),
+                   folded=lambda: folded_unsupported(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits, group))
+    if variant == "auto":
+        variant = next(v for v in AUTO_VARIANTS[bits] if why_not[v]() is None)
+    else:
+        why = why_not[variant]()
+        if why is not None:
+            raise ValueError(f"cuda_variant={variant!r} cannot serve this call: {why}; allowed: 'registers' or 'auto'")
     vid = VARIANTS[variant]
     resident = _occupancy(mod, bits, D, nt, vid, group, q.device)
     n_main, split_len = plan(B * H, max_len, residual, q.device, resident, num_splits)

@@ -1,0 +1,363 @@
+// Variant 8 of the CUDA KIVI decode attention, "folded": the scales and minima leave the per-code work. The
+// main path's mma operands are the raw codes; each code's scale goes into the other operand, each minimum into
+// one extra mma a k-step.
+//
+//  * K (per-channel groups along tokens): q . k_t = sum_c (q_c s_gc) code_tc + sum_c q_c m_gc. The score mma's B
+//    operand is the query scaled by the K scales of a group (one HMUL2 per 2 channels and block). A 64-token
+//    block holds 64 / group groups, so the B operand's 8 columns hold one copy of the query rows per group
+//    (RS = min(group, 64) / 8 slots each, rows <= RS), and a lane's tokens, which lie in one group, take the
+//    columns of that group: the C columns 2c, 2c+1 of lane (g, c) are its own when (2c + j) / RS == g / RS.
+//  * V (per-token groups along channels): sum_t p_t v_tc = sum_t (p_t s_tg) code_tc + sum_t p_t m_tg. A lane's
+//    V channels are taken in sets of 64 (channels 64 set + 8g .. + 7), so that the 16 rows of an m-tile span
+//    64 / group groups, and the P.V mma's B operand is P scaled by each token's scale of the lane's group, with
+//    the same column slots as K.
+//  * The minima: one more mma with A = the minima (rows g and g + 8 of lane g: its group's) and B = the unscaled
+//    query / P: its C entries are sum_c q_c m_gc / sum_t p_t m_tg of the lane's group.
+//  * Codes reach the operands as fp16 subnormals: a code at bit p of a 16-bit half is code * 2^(p - 24) exactly,
+//    one AND per two codes, no conversion and no offset to subtract (the registers variant spends a shift, a
+//    LOP3, an HSUB2 and an HFMA2 per two codes). The power of two comes back per score row (one FFMA a score,
+//    with the minima term) and per output channel (once, at the end).
+//
+// Loads as in the staged variant (kivi_attention_staged.cuh): each warp copies its next block's K codes, K scales
+// and V scales into shared memory with cp.async; the V codes come one block ahead into registers, from rows of
+// a compile-time length, so that all of a block's V loads share one address. Everything else (the tail in
+// 16-token units, the split merge) is the registers variant's, in its own layout: the tail runs with a fresh
+// online-softmax state after the main blocks, and the CTA merges 8 states (4 warps x main and tail).
+//
+// Rounding: the other variants round each dequantized K and V value to fp16 (one FMA); this one rounds the
+// products q s and p s to fp16 and keeps code * scale + minimum exact. Tests hold every variant to the same
+// tolerance against the fp32 reference, and the benchmark prints each variant's error against it.
+
+#pragma once
+
+#include "kivi_attention_staged.cuh"
+
+namespace kvlab {
+
+// Bit position of a lane's code n (0..7) in the word it is taken from (fold_code): int2, 8 codes in 16 bits:
+// n < 5 at 2n, n >= 5 at 2(n - 5) after a shift by 10; int4, codes 0-3 in the low 16 bits of a word, 4-7 in the
+// high: 4 (n % 2), after a shift by 8 for n % 4 >= 2.
+template <int BITS>
+__host__ __device__ constexpr int fold_pos(int n) {
+  return BITS == 2 ? (n < 5 ? 2 * n : 2 * (n - 5)) : 4 * (n % 2);
+}
+
+// 2^(24 - fold_pos(n)): the subnormal code n times this is the code.
+template <int BITS>
+__device__ __forceinline__ float fold_factor(int n) {
+  return __int_as_float((127 + 24 - fold_pos<BITS>(n)) << 23);
+}
+
+// 2^(fold_pos(n) - 24), its inverse.
+template <int BITS>
+__device__ __forceinline__ float fold_unit(int n) {
+  return __int_as_float((127 - 24 + fold_pos<BITS>(n)) << 23);
+}
+
+template <int BITS>
+__device__ __forceinline__ uint32_t fold_shift(uint32_t y) {
+  return BITS == 2 ? y >> 10 : y >> 8;
+}
+
+// Code n of a pair of words side by side (lo / hi halves as pair_words makes them; ys = fold_shift of each) as
+// two fp16 subnormals code * 2^(fold_pos - 24).
+template <int BITS>
+__device__ __forceinline__ uint32_t fold_code(int n, uint32_t lo, uint32_t hi, uint32_t slo, uint32_t shi) {
+  const bool upper = BITS == 4 && n >= 4;
+  const bool shifted = BITS == 2 ? n >= 5 : (n % 4) >= 2;
+  const uint32_t src = upper ? (shifted ? shi : hi) : (shifted ? slo : lo);
+  return src & ((((1u << BITS) - 1u) << fold_pos<BITS>(n)) * 0x10001u);
+}
+
+// The A operand of m-tile i (rows g, g + 8: codes 2i, 2i + 1) from pair_words' y and their fold_shift ys.
+template <int BITS>
+__device__ __forceinline__ void fold_operand(uint32_t (&a)[4], int i, const uint32_t (&y)[4], const uint32_t (&ys)[4]) {
+  a[0] = fold_code<BITS>(2 * i, y[0], y[1], ys[0], ys[1]);
+  a[1] = fold_code<BITS>(2 * i + 1, y[0], y[1], ys[0], ys[1]);
+  a[2] = fold_code<BITS>(2 * i, y[2], y[3], ys[2], ys[3]);
+  a[3] = fold_code<BITS>(2 * i + 1, y[2], y[3], ys[2], ys[3]);
+}
+
+__device__ __forceinline__ uint32_t hmul2_u32(uint32_t a, uint32_t b) {
+  const __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+__device__ __forceinline__ uint32_t half2_u32(__half lo, __half hi) {
+  const __half2 r = __halves2half2(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+#ifndef KVLAB_KIVI_FOLDED_MIN_BLOCKS
+// CTAs per SM the register allocation must allow: 2 (up to 255 registers) was faster on an H100 than 3 (168
+// registers and ~140 bytes of spills after the main loop): int2, B=8, T=32k, 92.9 against 97.9 us
+#define KVLAB_KIVI_FOLDED_MIN_BLOCKS 2
+#endif
+
+// Dynamic shared memory of one CTA of the folded kernel: the staged variant's, with 8 merge states.
+template <int BITS, int D>
+__host__ __device__ constexpr int folded_smem_bytes(int group) {
+  return staged_smem_bytes<BITS, D, 1, 8>(group);
+}
+
+// Needs (checked by the caller): what the staged variant needs (group = D / DG, DG in 1, 2, 4, 8; aligned K rows
+// and scales, V scales contiguous per token), one query-row tile with rows <= RS = min(group, 64) / 8, group 16,
+// 32 or a multiple of 64, and V code rows of D * BITS / 8 bytes (a contiguous token dimension).
+template <int BITS, int D, int DG>
+__global__ void __launch_bounds__(128, KVLAB_KIVI_FOLDED_MIN_BLOCKS) kivi_decode_folded_kernel(const KiviParams p) {
+  using C = KiviCfg<BITS, D, 1>;
+  using S = StagedCfg<BITS, D>;
+  constexpr int ROWS = C::ROWS, BN = C::BN, TPT = C::TPT, KK = C::KK, KS = C::KS, W = C::WARPS;
+  constexpr int G = D / DG, RS = (G < 64 ? G : 64) / 8;  // group; column slots per group
+  constexpr int SETS = D / 64;  // V channel sets; a lane holds 8 channels of each
+  constexpr int VROW = D * BITS / 8;  // bytes of a token's V codes
+  constexpr int PBYTES = W * ROWS * C::PST * 2;
+  constexpr int stage_bytes = staged_stage_bytes<BITS, D>(G);
+  constexpr int vs0 = S::KC + staged_ngb(G) * S::KSG;  // V scales in a stage
+  using Smem = KiviSmem<D, ROWS, 2 * W>;  // states: main blocks of warp w in slot w, its tail in W + w
+  extern __shared__ __align__(16) uint8_t smem_dyn[];
+  auto& sm = *reinterpret_cast<Smem*>(smem_dyn);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
+  const int rows = p.gqa * p.nq;
+  const KiviSeq sq = seq_of(p, b, h);
+  const int main_end = (sq.nv / BN) * BN;
+  const int slot = g / RS;  // group of this lane's K tokens within a block and of its V channels within a set
+  const bool use[2] = {(2 * c) / RS == slot, (2 * c + 1) / RS == slot};  // C columns 2c, 2c+1 are this lane's
+  __half* ps = reinterpret_cast<__half*>(smem_dyn) + warp * ROWS * C::PST;  // P rows 0 .. RS - 1 are read
+  constexpr int area = 2 * stage_bytes > TailCfg<D>::BYTES ? 2 * stage_bytes : TailCfg<D>::BYTES;
+  uint8_t* stages = smem_dyn + PBYTES + warp * area;
+
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+  // O^T m-tile i of set s in oacc[4s + i]: rows = channels 64s + 8g + 2i, + 1, in units of that row's
+  // fold_unit (the code's scale in the mma); each block's minima term is added in at the block's end, so that
+  // the accumulator holds the output itself and not two large sums that cancel (the code term ~ sum p (v - m)
+  // and the minima term ~ sum p m: with both accumulated over a whole split, fp32 accumulation in the mma left
+  // a 2e-3 relative error against the reference on random data, 5x the other variants')
+  float oacc[4 * SETS][4];
+#pragma unroll
+  for (int t = 0; t < 4 * SETS; ++t)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) oacc[t][j] = 0.f;
+  uint32_t qr[KK][2];  // B column g: query row g % RS (zero past the real rows), channels 16kk + 4c ..
+  {
+    const int r = g % RS;
+    const __half* qrow = p.q + b * p.sq_b + (h * p.gqa + r / p.nq) * p.sq_h + (r % p.nq) * p.sq_t;
+#pragma unroll
+    for (int kk = 0; kk < KK; ++kk) {
+      uint2 v = make_uint2(0u, 0u);
+      if (r < rows) v = __ldg(reinterpret_cast<const uint2*>(qrow + 16 * kk + 4 * c));
+      qr[kk][0] = v.x;
+      qr[kk][1] = v.y;
+    }
+  }
+
+  const int lo = blockIdx.y * p.split_len;
+  const int hi = min(lo + p.split_len, main_end);
+  const int kgrp = G < BN ? (g * TPT) / G : 0;  // group of this lane's K tokens within a block
+  const int kx = BITS == 4 ? c : c >> 1;  // K rows in a stage are XOR-permuted (staged_row)
+  const int kbyte = g * (TPT * BITS / 8);
+  // V codes of tokens 16ks + 4c + e, this lane's 8 channels of each set, one block ahead (loading them a
+  // block earlier still, into a second set of registers, was slower on an H100: 96.7 against 92.9 us)
+  uint32_t vwd[KS][4][SETS];
+  auto load_v = [&](int t0) {
+    const uint8_t* row = sq.vc + (t0 + 4 * c) * VROW + g * BITS;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+#pragma unroll
+        for (int s = 0; s < SETS; ++s) {
+          const uint8_t* src = row + (16 * ks + e) * VROW + 8 * BITS * s;
+          vwd[ks][e][s] = BITS == 4 ? ldc32(src) : ldc16(src);
+        }
+  };
+  auto issue = [&](int st, int t0) {
+    stage_block<BITS, D, DG>(static_cast<uint32_t>(__cvta_generic_to_shared(stages + st * stage_bytes)), p, sq, t0);
+  };
+
+  const int first = lo + warp * BN;
+  if (first < hi) {
+    issue(0, first);
+    load_v(first);
+  }
+  cp_async_commit();
+  int st = 0;
+  for (int t0 = first; t0 < hi; t0 += W * BN) {
+    const int tn = t0 + W * BN;  // this warp's next block
+    if (tn < hi) issue(st ^ 1, tn);
+    cp_async_commit();
+    cp_async_wait<1>();  // this block's copies (all but the group just committed) have landed
+    __syncwarp();
+    const uint8_t* sst = stages + st * stage_bytes;
+
+    // ---- scores: S^T = codes . (Q s)^T, and the minima term
+    float sacc[C::MTK][4], bk[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < C::MTK; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sacc[i][j] = 0.f;
+    const uint8_t* kscp = sst + S::KC + kgrp * S::KSG + 8 * c;
+#pragma unroll
+    for (int kk = 0; kk < KK; ++kk) {
+      uint32_t w[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const uint8_t* src = sst + (16 * kk + 4 * c + (e ^ kx)) * S::KROW + kbyte;
+        w[e] = BITS == 4 ? *reinterpret_cast<const uint32_t*>(src) : *reinterpret_cast<const uint16_t*>(src);
+      }
+      const uint2 sc = *reinterpret_cast<const uint2*>(kscp + 32 * kk);
+      const uint2 mn = *reinterpret_cast<const uint2*>(kscp + 2 * D + 32 * kk);
+      uint32_t y[4], ys[4];
+      pair_words(y, w[0], w[1], w[2], w[3]);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ys[e] = fold_shift<BITS>(y[e]);
+      const uint32_t b0 = hmul2_u32(qr[kk][0], sc.x), b1 = hmul2_u32(qr[kk][1], sc.y);
+#pragma unroll
+      for (int i = 0; i < C::MTK; ++i) {
+        uint32_t a[4];
+        fold_operand<BITS>(a, i, y, ys);
+        mma_16816(sacc[i], a[0], a[1], a[2], a[3], b0, b1);
+      }
+      mma_16816(bk, mn.x, mn.x, mn.y, mn.y, qr[kk][0], qr[kk][1]);
+    }
+
+    // ---- online softmax over this lane's columns; P to shared memory (query row, token) as fp16
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < C::MTK; ++i) {
+        sacc[i][j] = fmaf(sacc[i][j], fold_factor<BITS>(2 * i), bk[j]);
+        sacc[i][2 + j] = fmaf(sacc[i][2 + j], fold_factor<BITS>(2 * i + 1), bk[j]);
+        mx = fmaxf(mx, fmaxf(sacc[i][j], sacc[i][2 + j]));
+      }
+      if (!use[j]) mx = -INFINITY;
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+      if constexpr (RS <= 4) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      if constexpr (RS <= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      const float m_new = fmaxf(m_r[j], mx * p.qk_scale);
+      const float alpha = fast_exp2(m_r[j] - m_new);
+      m_r[j] = m_new;
+      float lsum = 0.f;
+      // without branches: the other group's lanes write row 7, which no one reads (RS < 8 when they exist)
+      __half* prow = ps + (use[j] ? (2 * c + j) % RS : ROWS - 1) * C::PST + g * TPT;
+#pragma unroll
+      for (int i = 0; i < C::MTK; ++i) {
+        const float p0 = fast_exp2(fmaf(sacc[i][j], p.qk_scale, -m_new));
+        const float p1 = fast_exp2(fmaf(sacc[i][2 + j], p.qk_scale, -m_new));
+        lsum += p0 + p1;
+        *reinterpret_cast<__half2*>(prow + 2 * i) = __floats2half2_rn(p0, p1);
+      }
+      l_r[j] = l_r[j] * alpha + (use[j] ? lsum : 0.f);
+#pragma unroll
+      for (int t = 0; t < 4 * SETS; ++t) {
+        oacc[t][j] *= alpha;
+        oacc[t][2 + j] *= alpha;
+      }
+    }
+    __syncwarp();
+
+    // ---- output: O^T += codes^T . (P s)^T, and the minima term; V scales from the stage
+    const __half* vsp = reinterpret_cast<const __half*>(sst + vs0);
+    float bv[SETS][4];  // this block's minima term of each set (rows g and g + 8 alike)
+#pragma unroll
+    for (int s = 0; s < SETS; ++s)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) bv[s][j] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      // B column g: P row g % RS, tokens 16ks + 4c, +1 (x) and +2, +3 (y)
+      const uint2 pv = *reinterpret_cast<const uint2*>(ps + (g % RS) * C::PST + 16 * ks + 4 * c);
+      const int tl = 16 * ks + 4 * c;
+#pragma unroll
+      for (int s = 0; s < SETS; ++s) {
+        const int vg = (64 * s + 8 * g) / G;  // this lane's V group in set s
+        const uint32_t s01 = half2_u32(vsp[tl * DG + vg], vsp[(tl + 1) * DG + vg]);
+        const uint32_t s23 = half2_u32(vsp[(tl + 2) * DG + vg], vsp[(tl + 3) * DG + vg]);
+        const uint32_t m01 = half2_u32(vsp[(64 + tl) * DG + vg], vsp[(65 + tl) * DG + vg]);
+        const uint32_t m23 = half2_u32(vsp[(66 + tl) * DG + vg], vsp[(67 + tl) * DG + vg]);
+        const uint32_t b0 = hmul2_u32(pv.x, s01), b1 = hmul2_u32(pv.y, s23);
+        uint32_t y[4], ys[4];
+        pair_words(y, vwd[ks][0][s], vwd[ks][1][s], vwd[ks][2][s], vwd[ks][3][s]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) ys[e] = fold_shift<BITS>(y[e]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          uint32_t a[4];
+          fold_operand<BITS>(a, i, y, ys);
+          mma_16816(oacc[4 * s + i], a[0], a[1], a[2], a[3], b0, b1);
+        }
+        mma_16816(bv[s], m01, m01, m23, m23, pv.x, pv.y);
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < SETS; ++s)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          oacc[4 * s + i][j] = fmaf(bv[s][j], fold_unit<BITS>(2 * i), oacc[4 * s + i][j]);
+          oacc[4 * s + i][2 + j] = fmaf(bv[s][j], fold_unit<BITS>(2 * i + 1), oacc[4 * s + i][2 + j]);
+        }
+    if (tn < hi) load_v(tn);
+    __syncwarp();  // every lane is done with this stage before the next iteration copies into it
+    st ^= 1;
+  }
+  cp_async_wait<0>();
+
+  // ---- the main blocks' state: sums over the lanes of a column's query row, outputs in true scale
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    float l = l_r[j];
+    l += __shfl_xor_sync(0xffffffffu, l, 4);
+    l += __shfl_xor_sync(0xffffffffu, l, 8);
+    l += __shfl_xor_sync(0xffffffffu, l, 16);
+    if constexpr (RS <= 4) l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if constexpr (RS <= 2) l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l_r[j] = l;
+  }
+#pragma unroll
+  for (int s = 0; s < SETS; ++s)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        oacc[4 * s + i][j] *= fold_factor<BITS>(2 * i);
+        oacc[4 * s + i][2 + j] *= fold_factor<BITS>(2 * i + 1);
+      }
+
+  // ---- the tail, in the registers variant's layout with its own state (its tiles over this warp's stages)
+  {
+    uint32_t qf[1][KK][2];
+    float tm[1][2], tl[1][2];
+    float to[D / 16][1][4];
+    init_main<BITS, D, 1>(p, b, h, qf, tm, tl, to);
+    tail_units<BITS, D, 1>(p, b, h, main_end, qf, tm, tl, to, ps, stages);
+    store_state(sm, W + warp, tm, tl, to);  // synchronises the CTA before writing
+  }
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    if (!use[j]) continue;
+    const int r = (2 * c + j) % RS;
+    if (g == 0) {
+      sm.m[warp][r] = m_r[j];
+      sm.l[warp][r] = l_r[j];
+    }
+#pragma unroll
+    for (int s = 0; s < SETS; ++s)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        sm.o[warp][r][64 * s + 8 * g + 2 * i] = oacc[4 * s + i][j];
+        sm.o[warp][r][64 * s + 8 * g + 2 * i + 1] = oacc[4 * s + i][2 + j];
+      }
+  }
+  write_split<D, ROWS, 2 * W>(p, sm, b, h, rows, blockIdx.y, p.n_main);
+}
+
+}  // namespace kvlab

@@ -786,6 +786,34 @@ def test_report_tables_and_goals(tmp_path):
     assert len(fig.axes) == 1 and len(fig.axes[0].lines) >= len(report.KERNELS)
 
 
+def test_cuda_variant_table(tmp_path):
+    import json
+
+    from kvlab.kernels import report
+
+    path = _fake_results(tmp_path / "r.json")
+    raw = json.loads(path.read_text())
+    raw["sweep"] = [
+        {"kernel": "cuda-int2-folded", "B": 8, "T": 32768, "relerr_vs_reference": 7e-4},
+        {"kernel": "cuda-int2-folded", "B": 8, "T": 32768, "num_splits": None, "us": 50.0, "graph_us": 45.0,
+         "bw_frac": 0.6},
+        {"kernel": "cuda-int2-folded", "B": 8, "T": 32768, "num_splits": 4, "us": 55.0, "graph_us": 46.0},
+        {"kernel": "cuda-int2-staged", "B": 8, "T": 32768, "num_splits": None, "us": 60.0, "graph_us": 50.0},
+        {"kernel": "cuda-int2-staged", "B": 8, "T": 4096, "us": 9.0, "graph_us": 8.0},  # time against length
+        {"kernel": "cuda-int2-folded", "B": 8, "T": 32768, "us": 51.0, "graph_us": 44.0},  # the same, at T
+        {"kernel": "kivi-int4", "B": 8, "T": 32768, "us": 1.0}]
+    path.write_text(json.dumps(raw))
+    t = report.cuda_variant_table(path)
+    assert list(t.index) == [(2, "folded"), (2, "staged")]
+    assert t.loc[(2, "folded"), "x"] == pytest.approx(2.0) and t.loc[(2, "folded"), "graph x"] == pytest.approx(2.0)
+    assert t.loc[(2, "folded"), "error"] == pytest.approx(7e-4) and t["error"].isna().sum() == 1
+    assert t.loc[(2, "folded"), "bw"] == pytest.approx(0.6)
+    raw.pop("sweep")
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="no --cuda-sweep rows"):
+        report.cuda_variant_table(path)
+
+
 def test_fused_cache_table(tmp_path):
     import json
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["GOALS", "KERNELS", "fused_cache_table", "goal_check", "load_results", "plot_speedups", "speedup_table",
-           "verdict_markdown"]
+__all__ = ["GOALS", "KERNELS", "cuda_variant_table", "fused_cache_table", "goal_check", "load_results", "plot_speedups",
+           "speedup_table", "verdict_markdown"]
 
 # kivi-intN: the Triton KIVI kernel; cuda-intN: the CUDA C++ one (same cache); ggml q4_0 / q8_0 (Triton)
 KERNELS = ("kivi-int4", "kivi-int2", "cuda-int4", "cuda-int2", "q4_0", "q8_0")
@@ -167,3 +167,34 @@ def fused_cache_table(path: str | Path) -> pd.DataFrame:
     out.attrs.update({"device": raw.get("device"), "failed": raw.get("failed", {}),
                       **{k: raw.get("args", {}).get(k) for k in ("batch", "layers", "steps")}})
     return out
+
+
+def cuda_variant_table(path: str | Path) -> pd.DataFrame:
+    """The CUDA kernel's variants side by side at the reference point, from the benchmark's ``--cuda-sweep``
+    (automatic split plan): one row per (bits, variant) with ``us`` and ``graph us`` (medians), ``x`` and
+    ``graph x`` (over fp16 SDPA of the same run and timing), ``bw`` (fraction of the copy bandwidth) and
+    ``error`` (relative L2 error against the pure-torch fp32 reference). ``df.attrs`` holds ``device``.
+    Raises ValueError when the run has no such sweep."""
+    raw = json.loads(Path(path).read_text())
+    B, T = GOALS["point"]
+    point = next((g for g in raw.get("grid", []) if (g["B"], g["T"]) == (B, T)), {})
+    rows: dict[tuple[int, str], dict] = {}
+    for e in raw.get("sweep", []):
+        name = e.get("kernel", "")
+        if not name.startswith("cuda-int") or (e["B"], e["T"]) != (B, T):
+            continue
+        bits, variant = int(name[len("cuda-int")]), name.split("-", 2)[2]
+        row = rows.setdefault((bits, variant), {})
+        if "relerr_vs_reference" in e:
+            row["error"] = e["relerr_vs_reference"]
+        elif "num_splits" in e and e["num_splits"] is None and "us" in e:  # not a time-against-length row
+            row.update({"us": e["us"], "graph us": e.get("graph_us"), "bw": e.get("bw_frac")})
+    if not rows:
+        raise ValueError(f"{path}: no --cuda-sweep rows at B={B}, T={T}")
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index = pd.MultiIndex.from_tuples(df.index, names=["bits", "variant"])
+    df["x"] = point.get("sdpa_us", float("nan")) / df["us"]
+    df["graph x"] = point.get("sdpa_graph_us", float("nan")) / df["graph us"]
+    df.attrs["device"] = raw.get("device")
+    return df[["us", "x", "graph us", "graph x", "bw", "error"]].sort_index(ascending=[False, True])
+

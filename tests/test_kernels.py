@@ -86,7 +86,7 @@ def kivi_args(q, cache, lengths):
 
 LENGTHS = [37, 100, 300]  # not multiples of the block, group or residual; one batch of unequal sequences
 # KIVI attention backends: the Triton kernel everywhere, the CUDA C++ one (kvlab/csrc) on a GPU, in its
-# automatic choice and in each of its two variants
+# automatic choice and in each of its three variants
 BACKENDS = ["triton"] + (["cuda", "cuda-registers", "cuda-staged", "cuda-folded"] if CUDA else [])
 
 

@@ -505,7 +505,7 @@ __device__ void store_state(KiviSmem<D, 8 * NT, NS>& sm, int slot, float (&m_r)[
     }
 }
 
-// ---- pieces of the main path shared by both variants (kivi_attention_staged.cuh uses them too)
+// ---- pieces of the main path shared by the variants (kivi_attention_staged.cuh and the folded tail use them)
 
 // The B operand of the score mma (query row nt*8 + g, channels 16kk + 4c .. + 3; zero past the real rows) and an
 // empty online-softmax state.

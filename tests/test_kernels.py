@@ -79,6 +79,16 @@ def random_kivi(B, H, D, bits, group, residual, cap, g, win_dtype=torch.float16)
     )
 
 
+def empty_kivi(B, H, D, bits, group, residual, cap):
+    """Zeroed cache buffers in the kernels' layout, for the pack kernels to fill."""
+    shapes = dict(
+        k_codes=((B, H, D, cap * bits // 8), torch.uint8), k_scale=((B, H, cap // group, D), torch.float16),
+        k_min=((B, H, cap // group, D), torch.float16), k_fp16=((B, H, residual, D), torch.float16),
+        v_codes=((B, H, cap, D * bits // 8), torch.uint8), v_scale=((B, H, cap, D // group), torch.float16),
+        v_min=((B, H, cap, D // group), torch.float16), v_fp16=((B, H, residual, D), torch.float16))
+    return {n: torch.zeros(s, dtype=t, device=DEV) for n, (s, t) in shapes.items()}
+
+
 def kivi_args(q, cache, lengths):
     return (q, cache["k_codes"], cache["k_scale"], cache["k_min"], cache["k_fp16"], cache["v_codes"],
             cache["v_scale"], cache["v_min"], cache["v_fp16"], lengths)
@@ -437,12 +447,7 @@ def test_kivi_streaming_cache(bits):
     g = gen(fresh_seed())
     B, H, D, group, R, cap, steps = 2, 2, 64, 32, 64, 256, 4
     prefill = [62, 126]  # both cross a residual boundary (64, 128) during the steps
-    shapes = dict(
-        k_codes=((B, H, D, cap * bits // 8), torch.uint8), k_scale=((B, H, cap // group, D), torch.float16),
-        k_min=((B, H, cap // group, D), torch.float16), k_fp16=((B, H, R, D), torch.float16),
-        v_codes=((B, H, cap, D * bits // 8), torch.uint8), v_scale=((B, H, cap, D // group), torch.float16),
-        v_min=((B, H, cap, D // group), torch.float16), v_fp16=((B, H, R, D), torch.float16))
-    cache = {n: torch.zeros(s, dtype=t, device=DEV) for n, (s, t) in shapes.items()}
+    cache = empty_kivi(B, H, D, bits, group, R, cap)
     T = max(prefill) + steps
     k_all = randn(B, H, T, D, g=g, dtype=torch.float16)
     v_all = randn(B, H, T, D, g=g, dtype=torch.float16)
@@ -668,14 +673,7 @@ def test_kivi_cuda_folded_accuracy_gpu(bits):
     k, v = randn(B, H, T, D, g=g, dtype=torch.float16), randn(B, H, T, D, g=g, dtype=torch.float16)
     q = randn(B, 4 * H, 1, D, g=g, dtype=torch.float16)
     nk, nv = T // residual * residual, T - residual  # quantized with the pack kernels, as the cache does
-    cache = dict(k_codes=torch.empty(B, H, D, T * bits // 8, dtype=torch.uint8, device=DEV),
-                 k_scale=torch.empty(B, H, T // group, D, dtype=torch.float16, device=DEV),
-                 k_min=torch.empty(B, H, T // group, D, dtype=torch.float16, device=DEV),
-                 k_fp16=torch.zeros(B, H, residual, D, dtype=torch.float16, device=DEV),
-                 v_codes=torch.empty(B, H, T, D * bits // 8, dtype=torch.uint8, device=DEV),
-                 v_scale=torch.empty(B, H, T, D // group, dtype=torch.float16, device=DEV),
-                 v_min=torch.empty(B, H, T, D // group, dtype=torch.float16, device=DEV),
-                 v_fp16=torch.zeros(B, H, residual, D, dtype=torch.float16, device=DEV))
+    cache = empty_kivi(B, H, D, bits, group, residual, T)
     cache["k_fp16"][:, :, : T - nk] = k[:, :, nk:]
     cache["v_fp16"][:, :, : T - nv] = v[:, :, nv:]
     K.kivi_pack_k(k[:, :, :nk].contiguous(), cache["k_codes"], cache["k_scale"], cache["k_min"], 0, bits=bits,

@@ -178,21 +178,7 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_FOLDED_MIN_BLOCKS) kivi_decode
     stage_block<BITS, D, DG>(static_cast<uint32_t>(__cvta_generic_to_shared(stages + st * stage_bytes)), p, sq, t0);
   };
 
-  const int first = lo + warp * BN;
-  if (first < hi) {
-    issue(0, first);
-    load_v(first);
-  }
-  cp_async_commit();
-  int st = 0;
-  for (int t0 = first; t0 < hi; t0 += W * BN) {
-    const int tn = t0 + W * BN;  // this warp's next block
-    if (tn < hi) issue(st ^ 1, tn);
-    cp_async_commit();
-    cp_async_wait<1>();  // this block's copies (all but the group just committed) have landed
-    __syncwarp();
-    const uint8_t* sst = stages + st * stage_bytes;
-
+  staged_blocks(lo + warp * BN, hi, W * BN, stages, stage_bytes, issue, load_v, [&](const uint8_t* sst) {
     // ---- scores: S^T = codes . (Q s)^T, and the minima term
     float sacc[C::MTK][4], bk[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -305,11 +291,7 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_FOLDED_MIN_BLOCKS) kivi_decode
           oacc[4 * s + i][j] = fmaf(bv[s][j], fold_unit<BITS>(2 * i), oacc[4 * s + i][j]);
           oacc[4 * s + i][2 + j] = fmaf(bv[s][j], fold_unit<BITS>(2 * i + 1), oacc[4 * s + i][2 + j]);
         }
-    if (tn < hi) load_v(tn);
-    __syncwarp();  // every lane is done with this stage before the next iteration copies into it
-    st ^= 1;
-  }
-  cp_async_wait<0>();
+  });
 
   // ---- the main blocks' state: sums over the lanes of a column's query row, outputs in true scale
 #pragma unroll

@@ -94,6 +94,32 @@ __device__ __forceinline__ void stage_block(uint32_t base, const KiviParams& p, 
   }
 }
 
+// One warp's staged main loop: blocks first, first + step, .. below hi, each copied into one of two stages by
+// issue(stage, t0) a block ahead (cp.async, one commit group a block) and its V codes loaded by load_v(t0) a
+// block ahead; body(stage) computes a block once the stage's copies have landed.
+template <class Issue, class LoadV, class Body>
+__device__ __forceinline__ void staged_blocks(int first, int hi, int step, const uint8_t* stages, int stage_bytes,
+                                              Issue&& issue, LoadV&& load_v, Body&& body) {
+  if (first < hi) {
+    issue(0, first);
+    load_v(first);
+  }
+  cp_async_commit();
+  int st = 0;
+  for (int t0 = first; t0 < hi; t0 += step) {
+    const int tn = t0 + step;  // this warp's next block
+    if (tn < hi) issue(st ^ 1, tn);
+    cp_async_commit();
+    cp_async_wait<1>();  // this block's copies (all but the group just committed) have landed
+    __syncwarp();
+    body(stages + st * stage_bytes);
+    if (tn < hi) load_v(tn);
+    __syncwarp();  // every lane is done with this stage before the next iteration copies into it
+    st ^= 1;
+  }
+  cp_async_wait<0>();
+}
+
 #ifndef KVLAB_KIVI_STAGED_MIN_BLOCKS
 #define KVLAB_KIVI_STAGED_MIN_BLOCKS 3  // CTAs per SM the register allocation must allow
 #endif
@@ -151,21 +177,7 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_STAGED_MIN_BLOCKS) kivi_decode
         for (int e = 0; e < 4; ++e) load_v_codes<BITS, D, NT>(p, sq.vc, t0 + 16 * s + 4 * c + e, vwd[s][e]);
     };
 
-    const int first = lo + warp * BN;
-    if (first < hi) {
-      issue(0, first);
-      load_v(first);
-    }
-    cp_async_commit();
-    int st = 0;
-    for (int t0 = first; t0 < hi; t0 += C::WARPS * BN) {
-      const int tn = t0 + C::WARPS * BN;  // this warp's next block
-      if (tn < hi) issue(st ^ 1, tn);
-      cp_async_commit();
-      cp_async_wait<1>();  // this block's copies (all but the group just committed) have landed
-      __syncwarp();
-      const uint8_t* sst = stages + st * stage_bytes;
-
+    staged_blocks(lo + warp * BN, hi, C::WARPS * BN, stages, stage_bytes, issue, load_v, [&](const uint8_t* sst) {
       // ---- scores: S^T = K . Q^T
       float sacc[C::MTK][NT][4];
 #pragma unroll
@@ -220,11 +232,7 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_STAGED_MIN_BLOCKS) kivi_decode
         const __half2 m23 = __halves2half2(vsp[(66 + tl) * dg], vsp[(67 + tl) * dg]);
         pv_kstep<BITS, D, NT>(s, vwd[s], s01, m01, s23, m23, ps, oacc);
       }
-      if (tn < hi) load_v(tn);
-      __syncwarp();  // every lane is done with this stage before the next iteration copies into it
-      st ^= 1;
-    }
-    cp_async_wait<0>();
+    });
     tail_units<BITS, D, NT>(p, b, h, main_end, qf, m_r, l_r, oacc, ps, stages);
     store_state(sm, warp, m_r, l_r, oacc);
   }

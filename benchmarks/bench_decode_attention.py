@@ -5,9 +5,10 @@ the naive path (pure-torch unpack + dequantize + SDPA) and the fused Triton kern
 llama.cpp q4_0 / q8_0), with speedups over SDPA and the bandwidth reached on the bytes each one reads,
 as a fraction of a device-to-device copy measured in the same run. Then quantize-on-append bandwidth.
 
-Timing: ``triton.testing.do_bench`` median (it flushes L2 before every call, so nothing is served from
-cache between calls); each call is timed from the host's side, so Python and launch overhead count when
-they outlast the flush. The ``graph`` columns replay the same call captured in a CUDA graph (what a
+Timing: the median of CUDA-event timings, L2 flushed before every call by reading a 256 MB buffer (so nothing is
+served from cache between calls, and no dirty lines are left for the timed call to write back, as
+``triton.testing.do_bench``'s zeroing flush leaves them: ``--flush zero`` times that way); each call is timed
+from the host's side, so Python and launch overhead count when they outlast the flush. The ``graph`` columns replay the same call captured in a CUDA graph (what a
 decode loop under graphs sees: GPU time only, L2 not flushed between replays). Usage: ``python benchmarks/bench_decode_attention.py [--out DIR] [--sweep]``.
 Without CUDA it says so and exits 0 (the kernels' correctness runs in tests/test_kernels.py).
 """
@@ -41,15 +42,51 @@ def device_tag(name: str) -> str:
     return (m.group(1) if m else re.sub(r"[^A-Za-z0-9]+", "_", name)).lower()
 
 
+FLUSH = {"mode": "read"}  # how bench() evicts L2 before each call: "read" (default) or "zero" (do_bench's)
+
+
+def flush_l2() -> None:
+    """Evict L2 by reading a 256 MB buffer: L2 is left holding clean lines of it, as before a decode step, where
+    the preceding kernels wrote megabytes rather than L2's 50. (``triton.testing.do_bench`` zeroes the buffer
+    instead; the timed call then also writes back up to 50 MB of dirty lines: about 10 us on an H100, run s8-1
+    in KERNEL_NOTES.md. ``--flush zero`` times that way.)"""
+    if "buf" not in FLUSH:
+        FLUSH["buf"] = torch.empty(64 << 20, dtype=torch.float32, device="cuda")
+    FLUSH["buf"].sum()
+
+
 def bench(fn, warmup=25, rep=100) -> float:
-    """Median microseconds of fn() (L2 flushed before each call by do_bench), after three untimed calls
-    (compilation, and the split planner learning the kernel's occupancy, stay out of the numbers)."""
+    """Median microseconds of fn() with L2 flushed before each call (:func:`flush_l2`; with ``--flush zero``
+    ``do_bench``'s own), after three untimed calls (compilation, and the split planner learning the kernel's
+    occupancy, stay out of the numbers). ``warmup`` and ``rep`` are milliseconds, as for do_bench."""
     import triton.testing
 
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3
+    if FLUSH["mode"] == "zero":
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        flush_l2()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = start.elapsed_time(end) / 5  # ms per flush + call
+    for _ in range(max(1, int(warmup / estimate))):
+        fn()
+    n = max(1, int(rep / estimate))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        flush_l2()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return times[n // 2] * 1e3
 
 
 def bench_graph(fn) -> float | None:
@@ -83,7 +120,7 @@ def random_inputs(B: int, T: int, seed: int):
 # ---- caches ------------------------------------------------------------------------------------------
 
 
-def kivi_cache(k, v, bits):
+def kivi_cache(k, v, bits, group=GROUP):
     """Quantize fp16 k, v (B, H, T, D) into a KIVI cache with the pack kernels (L = T for every sequence)."""
     import kvlab.kernels as K
 
@@ -91,32 +128,32 @@ def kivi_cache(k, v, bits):
     nk, nv = T // RESIDUAL * RESIDUAL, max(0, T - RESIDUAL)
     c = dict(
         k_codes=torch.empty(B, H, D, T * bits // 8, dtype=torch.uint8, device="cuda"),
-        k_scale=torch.empty(B, H, T // GROUP, D, dtype=torch.float16, device="cuda"),
-        k_min=torch.empty(B, H, T // GROUP, D, dtype=torch.float16, device="cuda"),
+        k_scale=torch.empty(B, H, T // group, D, dtype=torch.float16, device="cuda"),
+        k_min=torch.empty(B, H, T // group, D, dtype=torch.float16, device="cuda"),
         k_fp16=torch.zeros(B, H, RESIDUAL, D, dtype=torch.float16, device="cuda"),
         v_codes=torch.empty(B, H, T, D * bits // 8, dtype=torch.uint8, device="cuda"),
-        v_scale=torch.empty(B, H, T, D // GROUP, dtype=torch.float16, device="cuda"),
-        v_min=torch.empty(B, H, T, D // GROUP, dtype=torch.float16, device="cuda"),
+        v_scale=torch.empty(B, H, T, D // group, dtype=torch.float16, device="cuda"),
+        v_min=torch.empty(B, H, T, D // group, dtype=torch.float16, device="cuda"),
         v_fp16=torch.zeros(B, H, RESIDUAL, D, dtype=torch.float16, device="cuda"),
     )
     chunk = 8192  # append in chunks: the inputs are slices of k and v, made contiguous a chunk at a time
     for t0 in range(0, nk, chunk):
         t1 = min(nk, t0 + chunk)
         K.kivi_pack_k(k[:, :, t0:t1].contiguous(), c["k_codes"], c["k_scale"], c["k_min"], t0, bits=bits,
-                      group=GROUP)
+                      group=group)
     for t0 in range(0, nv, chunk):
         t1 = min(nv, t0 + chunk)
         K.kivi_pack_v(v[:, :, t0:t1].contiguous(), c["v_codes"], c["v_scale"], c["v_min"], t0, bits=bits,
-                      group=GROUP)
+                      group=group)
     c["k_fp16"][:, :, : T - nk] = k[:, :, nk:]
     c["v_fp16"][:, :, : T - nv] = v[:, :, nv:]
     return c
 
 
-def kivi_bytes(B, T, bits, nq=1):
+def kivi_bytes(B, T, bits, nq=1, group=GROUP):
     nk, nv = T // RESIDUAL * RESIDUAL, max(0, T - RESIDUAL)
-    per_head = (nk * D * bits / 8 + nk // GROUP * D * 4 + (T - nk) * D * 2
-                + nv * D * bits / 8 + nv * D // GROUP * 4 + (T - nv) * D * 2)
+    per_head = (nk * D * bits / 8 + nk // group * D * 4 + (T - nk) * D * 2
+                + nv * D * bits / 8 + nv * D // group * 4 + (T - nv) * D * 2)
     return B * HKV * per_head + 2 * B * HQ * nq * D * 2  # + Q read and output written
 
 
@@ -163,11 +200,11 @@ def naive_kivi(q, c, T, bits):
     return sdpa(q, k, v)
 
 
-def fused_kivi(q, c, lengths, T, bits, backend="triton", **tune):
+def fused_kivi(q, c, lengths, T, bits, backend="triton", group=GROUP, **tune):
     import kvlab.kernels as K
 
     return K.kivi_decode_attention(q, c["k_codes"], c["k_scale"], c["k_min"], c["k_fp16"], c["v_codes"],
-                                   c["v_scale"], c["v_min"], c["v_fp16"], lengths, bits=bits, group=GROUP,
+                                   c["v_scale"], c["v_min"], c["v_fp16"], lengths, bits=bits, group=group,
                                    residual=RESIDUAL, max_len=T, backend=backend, **tune)
 
 
@@ -268,6 +305,44 @@ def sweep_cuda(results, copy_bw, variants=("registers", "staged", "folded"), spl
                 t, tg = bench(run), bench_graph(run)
                 results["sweep"].append(dict(kernel=f"cuda-int{bits}-{variant}", B=B, T=L, us=t, graph_us=tg))
                 log(f"scaling cuda-int{bits} {variant:9s} L={L:6d}: {t:8.1f} us (graph {tg:8.1f})")
+
+
+def bits_per_value(bits: int, group: int) -> float:
+    """Stored bits per quantized K or V value: the code plus its share of an fp16 scale and an fp16 minimum."""
+    return bits + 32 / group
+
+
+def group_sweep(results, copy_bw, groups):
+    """The CUDA kernel ("auto" variant) at B=8, T=32k for KIVI groups ``groups``: fewer scales per value read
+    (``bits_per_value``) against the fp16 SDPA of the same run; each group's error against the fp32 reference."""
+    import kvlab.kernels as K
+
+    B, T = 8, 32768
+    k, v, q, lengths = random_inputs(B, T, 4)
+    sdpa_us = bench(functools.partial(sdpa, q, k, v))
+    sdpa_graph = bench_graph(functools.partial(sdpa, q, k, v))
+    rows = []
+    for group in groups:
+        for bits in (4, 2):
+            c = kivi_cache(k, v, bits, group)
+            args = (q, c["k_codes"], c["k_scale"], c["k_min"], c["k_fp16"], c["v_codes"], c["v_scale"], c["v_min"],
+                    c["v_fp16"], lengths)
+            ref = K.kivi_decode_attention_ref(*args, bits=bits, group=group, residual=RESIDUAL).float()
+            run = functools.partial(fused_kivi, q, c, lengths, T, bits, backend="cuda", group=group)
+            err = rel_err(run(), ref)
+            t, tg = bench(run), bench_graph(run)
+            variant = K.kivi_cuda.choose_variant(q, c["k_codes"], c["k_scale"], c["k_min"], c["v_codes"],
+                                                 c["v_scale"], c["v_min"], bits, group)
+            nbytes = kivi_bytes(B, T, bits, group=group)
+            rows.append(dict(group=group, bits=bits, variant=variant, bits_per_value=bits_per_value(bits, group),
+                             us=t, graph_us=tg, speedup=sdpa_us / t, graph_speedup=sdpa_graph / tg if tg else None,
+                             bw_frac=nbytes / (t * 1e-6) / copy_bw, floor_speedup=(2 * B * HKV * T * D * 2) / nbytes,
+                             relerr_vs_reference=err))
+            log(f"group {group:3d} int{bits} ({variant}, {bits_per_value(bits, group):.3f} bits/value): {t:7.1f} us "
+                f"(graph {tg:7.1f}), {sdpa_us / t:4.2f}x SDPA {sdpa_us:.1f}, {rows[-1]['bw_frac']:5.1%} of copy bw, "
+                f"err vs fp32 ref {err:.2e}")
+            del c
+    results["groups"] = dict(B=B, T=T, sdpa_us=sdpa_us, sdpa_graph_us=sdpa_graph, rows=rows)
 
 
 def grid_point(results, copy_bw, tunes, B, T):
@@ -411,6 +486,16 @@ def table(results) -> str:
     for r in results.get("append", []):
         bw = f"{r['bw_frac']:5.0%} of copy bw" if r["bw_frac"] is not None else ""
         lines.append(f"append {r['kernel']:34s} {r['us']:9.1f} us  {bw}")
+    if results.get("groups"):
+        gs = results["groups"]
+        lines += ["", f"the CUDA kernel (auto variant) against the KIVI group at B={gs['B']}, T={gs['T']} (fp16 SDPA "
+                  f"{gs['sdpa_us']:.1f} us, graph {gs['sdpa_graph_us']:.1f}); floor x = fp16 bytes / bytes read",
+                  f"{'group':>5} {'bits':>4} {'variant':>9} {'bits/val':>8} | {'us':>7} {'x':>5} {'bw':>5} | "
+                  f"{'graph':>7} {'x':>5} | {'floor x':>7} | {'err':>7}"]
+        for r in gs["rows"]:
+            lines.append(f"{r['group']:>5} {r['bits']:>4} {r['variant']:>9} {r['bits_per_value']:8.3f} | "
+                         f"{r['us']:7.1f} {r['speedup']:5.2f} {r['bw_frac']:5.0%} | {r['graph_us']:7.1f} "
+                         f"{r['graph_speedup']:5.2f} | {r['floor_speedup']:7.2f} | {r['relerr_vs_reference']:7.1e}")
     goal = next((r for r in results["grid"] if r["B"] == 8 and r["T"] == 32768), None)
     for kind in ("kivi", "cuda"):
         if not goal or f"{kind}-int4_speedup" not in goal or f"{kind}-int2_speedup" not in goal:
@@ -433,21 +518,27 @@ def main(argv=None):
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     ap.add_argument("--no-append", action="store_true", help="skip the quantize-on-append timings")
+    ap.add_argument("--flush", choices=("read", "zero"), default="read",
+                    help="evict L2 before each timed call by reading 256 MB (default) or by do_bench's zeroing")
     ap.add_argument("--cuda-sweep", action="store_true",
                     help="time the CUDA kernel's variants and split counts at B=8, T=32k")
     ap.add_argument("--cuda-variants", default="registers,staged,folded", help="variants for --cuda-sweep")
     ap.add_argument("--cuda-splits", default="auto,4,6,8,12",
                     help="CTAs along the sequence for --cuda-sweep ('auto': the kernel's plan)")
     ap.add_argument("--cuda-sweep-only", action="store_true", help="stop after --cuda-sweep")
+    ap.add_argument("--groups", default="32,64,128",
+                    help="KIVI groups for the CUDA kernel at B=8, T=32k ('' skips); the grid uses group 32")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode_attention: no CUDA device; nothing to time (tests/test_kernels.py checks the kernels)")
         return 0
     import triton
 
+    FLUSH["mode"] = args.flush
     name = torch.cuda.get_device_name()
     results = dict(device=name, torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-                   started=time.strftime("%Y-%m-%d %H:%M:%S"), sweep=[], grid=[], group=GROUP, residual=RESIDUAL)
+                   started=time.strftime("%Y-%m-%d %H:%M:%S"), sweep=[], grid=[], group=GROUP, residual=RESIDUAL,
+                   flush=args.flush)
     copy_bw = copy_bandwidth()
     results["copy_bw"] = copy_bw
     log(f"{name}: copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)")
@@ -464,6 +555,9 @@ def main(argv=None):
         save()
         if args.cuda_sweep_only:
             return 0
+    if args.groups:
+        group_sweep(results, copy_bw, [int(g) for g in args.groups.split(",")])
+        save()
     tunes = sweep(results, copy_bw) if args.sweep else {}
     results["tunes"] = tunes
     log(f"tuning used: {tunes or 'defaults'}")

@@ -239,6 +239,27 @@ def test_kivi_cuda_folded_variant_conditions():
     assert "v_codes is not contiguous per token (stride 64, allowed 32)" in why(v_codes=wide)
 
 
+def test_kivi_cuda_auto_variant_choice():
+    """What cuda_variant="auto" runs: int2 folded, else staged, else registers; int4 registers at groups up to
+    32 and folded from 64 (the faster there, run s8-1), registers where folded cannot serve; a named variant
+    that cannot serve is refused with the reason."""
+    from kvlab.kernels.kivi_cuda import choose_variant
+
+    g = gen(4)
+
+    def pick(bits, group, gqa=4, variant="auto"):
+        c = random_kivi(1, 2, 128, bits, group, 128, 256, g)
+        q = randn(1, 2 * gqa, 1, 128, g=g, dtype=torch.float16)
+        return choose_variant(q, c["k_codes"], c["k_scale"], c["k_min"], c["v_codes"], c["v_scale"], c["v_min"],
+                              bits, group, variant)
+
+    assert [pick(2, 32), pick(2, 16), pick(2, 32, gqa=16)] == ["folded", "staged", "registers"]
+    assert [pick(4, 32), pick(4, 64), pick(4, 128), pick(4, 64, gqa=16)] == ["registers", "folded", "folded",
+                                                                             "registers"]
+    with pytest.raises(ValueError, match="cuda_variant='folded' cannot serve this call: .* 16 rows"):
+        pick(4, 64, gqa=16, variant="folded")
+
+
 def test_kivi_decode_attention_without_query_tokens():
     """q with no query tokens (n=0): an empty result, no launch."""
     g = gen(3)
@@ -599,6 +620,38 @@ def test_bad_inputs_raise_value_error():
             fn(*kivi_args(q.cpu(), {k: v.cpu() for k, v in cache.items()}, lengths.cpu()), **kw)
 
 
+def test_kivi_checks_are_remembered_per_geometry_only(monkeypatch):
+    """A decode loop calls kivi_decode_attention on the same buffers every step: the argument checks run once
+    per geometry (shapes, strides, dtypes, device, pointer alignment, the other arguments) and are skipped after,
+    with the same output; anything that changes what the checks read is checked again and refused."""
+    from kvlab.kernels import kivi_attention as KA
+
+    g = gen(1)
+    B, H, D, bits, group, residual, cap = 2, 2, 64, 2, 32, 64, 128
+    cache = random_kivi(B, H, D, bits, group, residual, cap, g)
+    q = randn(B, 2 * H, 1, D, g=g, dtype=torch.float16)
+    lengths = torch.tensor([70, 128], dtype=torch.int32, device=DEV)
+    kw = dict(bits=bits, group=group, residual=residual)
+    checks = []
+    real = KA._validate
+    monkeypatch.setattr(KA, "_validate", lambda *a: checks.append(1) or real(*a))
+    KA._VALIDATED.clear()
+    first = K.kivi_decode_attention(*kivi_args(q, cache, lengths), **kw)
+    again = K.kivi_decode_attention(*kivi_args(q.clone(), cache, lengths), **kw)  # a new q of the same geometry
+    assert len(checks) == 1 and torch.equal(first, again)
+    K.kivi_decode_attention(*kivi_args(q, cache, lengths), **kw, backend="triton")  # another argument: checked
+    assert len(checks) == 2
+    with pytest.raises(ValueError, match="residual=64.0"):
+        K.kivi_decode_attention(*kivi_args(q, cache, lengths), **{**kw, "residual": 64.0})
+    with pytest.raises(ValueError, match="contiguous"):
+        K.kivi_decode_attention(*kivi_args(q.transpose(0, 1).contiguous().transpose(0, 1), cache, lengths), **kw)
+    with pytest.raises(ValueError, match="out has shape"):
+        K.kivi_decode_attention(*kivi_args(q, cache, lengths), **kw, out=torch.empty_like(q)[:1])
+    with pytest.raises(ValueError, match="lengths has dtype int64"):
+        K.kivi_decode_attention(*kivi_args(q, cache, lengths.long()), **kw)
+    assert len(checks) == 6
+
+
 # ---- on the GPU only -------------------------------------------------------------------------------------
 
 
@@ -782,6 +835,29 @@ def test_report_tables_and_goals(tmp_path):
     assert "FakeGPU" in text and "Goals met: 3 of 8" in text
     fig = report.plot_speedups(df)
     assert len(fig.axes) == 1 and len(fig.axes[0].lines) >= len(report.KERNELS)
+
+
+def test_group_table(tmp_path):
+    import json
+
+    from kvlab.kernels import report
+
+    path = _fake_results(tmp_path / "r.json")
+    with pytest.raises(ValueError, match="no group sweep"):
+        report.group_table(path)
+    raw = json.loads(path.read_text())
+    raw["groups"] = {"B": 8, "T": 32768, "sdpa_us": 350.0, "sdpa_graph_us": 340.0, "rows": [
+        {"group": g, "bits": b, "variant": "folded", "bits_per_value": b + 32 / g, "us": 100.0 / b + g / 32,
+         "graph_us": 90.0 / b, "speedup": 350.0 / (100.0 / b + g / 32), "graph_speedup": 340.0 / (90.0 / b),
+         "bw_frac": 0.8, "floor_speedup": 16 / (b + 32 / g), "relerr_vs_reference": 1e-3}
+        for g in (32, 128) for b in (4, 2)]}
+    path.write_text(json.dumps(raw))
+    df = report.group_table(path)
+    assert list(df.index) == [(32, 4), (32, 2), (128, 4), (128, 2)]
+    assert df.loc[(128, 2), "bits/value"] == pytest.approx(2.25)
+    assert df.loc[(32, 4), "floor x"] == pytest.approx(3.2)
+    assert df.loc[(32, 2), "x"] == pytest.approx(350.0 / 51.0)
+    assert df.attrs["device"] == "FakeGPU"
 
 
 def test_cuda_variant_table(tmp_path):

@@ -96,6 +96,31 @@ def check_devices(tensors: dict[str, torch.Tensor]) -> torch.device:
                      "(or CPU tensors with TRITON_INTERPRET=1); use the *_ref functions elsewhere")
 
 
+def call_signature(tensors, scalars) -> tuple | None:
+    """Everything the argument checks of a kernel wrapper read: each tensor's shape, strides, dtype, device and
+    data pointer modulo 16 (the widest alignment any kernel asks for), and the other arguments; None (do not
+    memoize) when one of ``tensors`` is neither a tensor nor None. Computing it costs a fraction of the checks,
+    so a wrapper called again on the same buffers (a decode loop) skips them (:func:`remember`)."""
+    sig = []
+    for t in tensors:
+        if t is None:
+            sig.append(None)
+        elif isinstance(t, torch.Tensor):
+            sig.append((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16))
+        else:
+            return None
+    return (*sig, *((type(x), x) for x in scalars))
+
+
+def remember(memo: dict, key, value, limit: int = 4096):
+    """``memo[key] = value`` (not stored when ``key`` is None), forgetting everything past ``limit`` entries."""
+    if key is not None:
+        if len(memo) >= limit:
+            memo.clear()
+        memo[key] = value
+    return value
+
+
 def offsets_tensor(offset, B: int, device: torch.device, name: str = "offset") -> torch.Tensor:
     """``offset`` as a (B,) int32 tensor: an int is the same offset for every sequence."""
     if isinstance(offset, int):

@@ -31,7 +31,17 @@ import triton.language as tl
 
 from ..quant.packing import unpack_bits
 from . import kivi_cuda
-from ._common import FLOATS, check_arg, check_choice, check_devices, check_pow2, check_rank, next_pow2
+from ._common import (
+    FLOATS,
+    call_signature,
+    check_arg,
+    check_choice,
+    check_devices,
+    check_pow2,
+    check_rank,
+    next_pow2,
+    remember,
+)
 from ._common import torch_to_tl as _torch_to_tl
 from .kivi_quant import check_k_cache, check_v_cache
 from .splitk import split_decode
@@ -323,6 +333,30 @@ def _check(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, 
     return B, Hq, NQ, D, H
 
 
+_VALIDATED: dict = {}  # call_signature -> what _validate found (a decode loop calls on the same buffers)
+
+
+def _validate(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, bits, group, residual,
+              out, backend, cuda_variant, block_n):
+    """Check a :func:`kivi_decode_attention` call (ValueError naming the bad argument); return its geometry, why
+    the CUDA kernel cannot serve it (None when it can) and the CUDA variant that would."""
+    B, Hq, NQ, D, H = _check(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths,
+                             bits, group, residual, out)
+    check_choice("backend", backend, ("auto", "cuda", "triton"))
+    check_choice("cuda_variant", cuda_variant, ("auto", "staged", "registers", "folded"))
+    check_pow2("block_n", block_n, 32, 256)
+    check_devices(dict(q=q, k_codes=k_codes, k_scale=k_scale, k_min=k_min, k_fp16=k_fp16, v_codes=v_codes,
+                       v_scale=v_scale, v_min=v_min, v_fp16=v_fp16, lengths=lengths))
+    why, variant = "not asked for", None
+    if backend != "triton" and q.numel():
+        why = kivi_cuda.unsupported(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths,
+                                    bits, group)
+        if why is None:
+            variant = kivi_cuda.choose_variant(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits, group,
+                                               cuda_variant)
+    return B, Hq, NQ, D, H, why, variant
+
+
 def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, *,
                           bits: int, group: int, residual: int, sm_scale: float | None = None,
                           out: torch.Tensor | None = None, max_len: int | None = None,
@@ -344,21 +378,18 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
     contiguous per token), ``"folded"`` (staged loads, raw codes into the matrix unit, scales folded into the
     query and P operands; besides what staged needs, at most min(group, 64) / 8 query rows per kv head, group
     16, 32 or a multiple of 64, V codes contiguous per token), or ``"auto"`` (default): for int2 the first of
-    folded, staged, registers that can serve the call, for int4 registers (the fastest on an H100,
-    benchmarks/KERNEL_NOTES.md).
+    folded, staged, registers that can serve the call, for int4 registers at group 32 and below and folded
+    (then registers) at 64 and above (the fastest on an H100, benchmarks/KERNEL_NOTES.md).
 
     Tuning: ``num_splits`` (None: one full wave of programs; both backends), and for Triton only
     ``block_n`` (tokens per block, a power of two), ``num_warps``, ``num_stages``, ``max_regs`` (a register
     cap per thread: 128 lets 4 programs of 4 warps share an SM). The defaults are the fastest of a sweep on
     an H100 (benchmarks/KERNEL_NOTES.md).
     """
-    B, Hq, NQ, D, H = _check(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths,
-                             bits, group, residual, out)
-    check_choice("backend", backend, ("auto", "cuda", "triton"))
-    check_choice("cuda_variant", cuda_variant, ("auto", "staged", "registers", "folded"))
-    check_pow2("block_n", block_n, 32, 256)
-    check_devices(dict(q=q, k_codes=k_codes, k_scale=k_scale, k_min=k_min, k_fp16=k_fp16, v_codes=v_codes,
-                       v_scale=v_scale, v_min=v_min, v_fp16=v_fp16, lengths=lengths))
+    cache = (q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths)
+    key = call_signature((*cache, out), (bits, group, residual, backend, cuda_variant, block_n))
+    B, Hq, NQ, D, H, cuda_why, variant = _VALIDATED.get(key) or remember(
+        _VALIDATED, key, _validate(*cache, bits, group, residual, out, backend, cuda_variant, block_n))
     out = torch.empty_like(q) if out is None else out
     if q.numel() == 0:  # no sequences, heads or query tokens: nothing to attend
         return out
@@ -366,14 +397,13 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
         max_len = int(lengths.max())
     qk_scale = (D**-0.5 if sm_scale is None else sm_scale) * LOG2E
     if backend != "triton":
-        cache = (q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths)
-        why = kivi_cuda.unsupported(*cache, bits, group)
+        why = cuda_why
         if why is None and kivi_cuda.ops() is None:
             why = "the CUDA extension is not available (disabled by KVLAB_CUDA_KERNELS=0, or it failed to build)"
         if why is None:
             return kivi_cuda.kivi_decode_attention_cuda(*cache, bits=bits, group=group, residual=residual,
                                                         qk_scale=qk_scale, out=out, max_len=max_len,
-                                                        num_splits=num_splits, variant=cuda_variant)
+                                                        num_splits=num_splits, variant=variant, chosen=True)
         if backend == "cuda":
             raise ValueError(f"backend='cuda' cannot serve this call: {why}; allowed: backend='triton' or 'auto'")
     strides = {}

@@ -5,7 +5,7 @@ operand registers with plain loads (the layout argument is in ``kivi_attention_c
 next block's K codes and all scales copied into shared memory with cp.async, so that 3 CTAs fit an SM;
 ``kivi_attention_staged.cuh``) and ``"folded"`` (staged loads; the raw codes go to the matrix unit as fp16
 subnormals and the scales are folded into the query and P operands, which halves the instructions per code;
-``kivi_attention_folded.cuh``). ``"auto"`` takes the first of ``AUTO_VARIANTS[bits]`` that can serve the call
+``kivi_attention_folded.cuh``). ``"auto"`` takes the first of :func:`auto_variants` that can serve the call
 (:func:`staged_unsupported`, :func:`folded_unsupported`).
 
 Built on first use with ``torch.utils.cpp_extension.load`` (needs a CUDA build of torch, the CUDA compiler
@@ -29,7 +29,7 @@ import torch
 from .splitk import plan_splits
 
 __all__ = ["enabled", "ops", "reset", "unsupported", "staged_unsupported", "folded_unsupported", "misaligned",
-           "kivi_decode_attention_cuda", "BLOCK"]
+           "choose_variant", "kivi_decode_attention_cuda", "BLOCK"]
 
 _DIR = Path(__file__).resolve().parent.parent / "csrc"
 _state: dict = {}
@@ -38,9 +38,17 @@ WARPS = 4
 VARIANTS = {"registers": 6, "staged": 7, "folded": 8}  # kivi_attention_cuda.h: KIVI_VARIANT_*
 # What "auto" tries, in order, for each bit width (the first that can serve the call): on an H100 at B=8, T=32k
 # (Llama-3-8B heads, benchmarks/KERNEL_NOTES.md, v8) int2 took 92.9 us folded, 103.7 staged, 115.5 registers
-# (from CUDA graphs); int4 took 130-132 us folded or registers and 137 staged, and the registers variant
-# serves every call
+# (from CUDA graphs); int4 at group 32 took 130-132 us folded or registers and 137 staged, and the registers
+# variant (half the folded one's rounding error) serves every call. At groups of 64 and more the folded variant
+# is the fastest for int4 too (run s8-1, L2 flushed: 124.0 against 130.8 us at group 64, 118.3 against 128.3
+# at 128), so "auto" takes it there (:func:`auto_variants`).
 AUTO_VARIANTS = {2: ("folded", "staged", "registers"), 4: ("registers",)}
+AUTO_VARIANTS_WIDE_GROUPS = {2: ("folded", "staged", "registers"), 4: ("folded", "registers")}  # group >= 64
+
+
+def auto_variants(bits: int, group: int) -> tuple[str, ...]:
+    """The variants "auto" tries for a call, fastest first (the comment above says where the order comes from)."""
+    return (AUTO_VARIANTS_WIDE_GROUPS if group >= 64 else AUTO_VARIANTS)[bits]
 
 
 def enabled() -> bool:
@@ -179,27 +187,37 @@ def plan(batch_heads: int, max_len: int, residual: int, device: torch.device, re
     return plan_splits(batch_heads, region, WARPS * BLOCK, device, num_splits, resident, min_blocks=2)
 
 
+def choose_variant(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits: int, group: int,
+                   variant: str = "auto") -> str:
+    """The variant that serves a call :func:`unsupported` accepts: ``variant`` itself (ValueError saying why
+    where :func:`staged_unsupported` / :func:`folded_unsupported` objects), or for "auto" the first of
+    ``auto_variants(bits, group)`` that can."""
+    why_not = dict(registers=lambda: None,
+                   staged=lambda: staged_unsupported(q, k_codes, k_scale, k_min, v_scale, v_min, group),
+                   folded=lambda: folded_unsupported(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits, group))
+    if variant == "auto":
+        return next(v for v in auto_variants(bits, group) if why_not[v]() is None)
+    why = why_not[variant]()
+    if why is not None:
+        raise ValueError(f"cuda_variant={variant!r} cannot serve this call: {why}; allowed: 'registers' or 'auto'")
+    return variant
+
+
 def kivi_decode_attention_cuda(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, *,
                                bits: int, group: int, residual: int, qk_scale: float, out: torch.Tensor,
-                               max_len: int, num_splits: int | None = None, variant: str = "auto") -> torch.Tensor:
+                               max_len: int, num_splits: int | None = None, variant: str = "auto",
+                               chosen: bool = False) -> torch.Tensor:
     """Run the CUDA kernel into ``out`` (arguments already validated, :func:`unsupported` returned None);
-    ``variant`` "auto", "staged", "folded" (ValueError where :func:`staged_unsupported` /
-    :func:`folded_unsupported` objects) or "registers"."""
+    ``variant`` as :func:`choose_variant` takes it, or (``chosen=True``) what it returned for this call's
+    geometry."""
     mod = ops()
     if mod is None:
         raise RuntimeError("the CUDA KIVI kernel is not available (see the warning from its build)")
     B, Hq, NQ, D = q.shape
     H = k_codes.shape[1]
     nt = 1 if Hq // H * NQ <= 8 else 2
-    why_not = dict(registers=lambda: None,
-                   staged=lambda: staged_unsupported(q, k_codes, k_scale, k_min, v_scale, v_min, group),
-                   folded=lambda: folded_unsupported(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits, group))
-    if variant == "auto":
-        variant = next(v for v in AUTO_VARIANTS[bits] if why_not[v]() is None)
-    else:
-        why = why_not[variant]()
-        if why is not None:
-            raise ValueError(f"cuda_variant={variant!r} cannot serve this call: {why}; allowed: 'registers' or 'auto'")
+    if not chosen:
+        variant = choose_variant(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits, group, variant)
     vid = VARIANTS[variant]
     resident = _occupancy(mod, bits, D, nt, vid, group, q.device)
     n_main, split_len = plan(B * H, max_len, residual, q.device, resident, num_splits)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["GOALS", "KERNELS", "cuda_variant_table", "fused_cache_table", "goal_check", "load_results", "plot_speedups",
-           "speedup_table", "verdict_markdown"]
+__all__ = ["GOALS", "KERNELS", "cuda_variant_table", "fused_cache_table", "goal_check", "group_table", "load_results",
+           "plot_speedups", "speedup_table", "verdict_markdown"]
 
 # kivi-intN: the Triton KIVI kernel; cuda-intN: the CUDA C++ one (same cache); ggml q4_0 / q8_0 (Triton)
 KERNELS = ("kivi-int4", "kivi-int2", "cuda-int4", "cuda-int2", "q4_0", "q8_0")
@@ -198,3 +198,21 @@ def cuda_variant_table(path: str | Path) -> pd.DataFrame:
     df.attrs["device"] = raw.get("device")
     return df[["us", "x", "graph us", "graph x", "bw", "error"]].sort_index(ascending=[False, True])
 
+
+
+def group_table(path: str | Path) -> pd.DataFrame:
+    """The CUDA kernel against the KIVI group at the reference point, from the benchmark's group sweep: one row
+    per (group, bits) with the variant "auto" took, ``bits/value`` (code plus its share of the fp16 scale and
+    minimum), ``us`` / ``x`` (over fp16 SDPA of the same run) / ``bw`` (fraction of the copy bandwidth),
+    ``graph us`` / ``graph x``, ``floor x`` (fp16 bytes over the bytes read: the speedup at equal bandwidth)
+    and ``error`` against the fp32 reference. ``df.attrs`` holds ``device``. ValueError when the run has none."""
+    raw = json.loads(Path(path).read_text())
+    rows = (raw.get("groups") or {}).get("rows")
+    if not rows:
+        raise ValueError(f"{path}: no group sweep (bench_decode_attention.py --groups)")
+    df = pd.DataFrame(rows).rename(columns={"bits_per_value": "bits/value", "speedup": "x", "bw_frac": "bw",
+                                            "graph_us": "graph us", "graph_speedup": "graph x",
+                                            "floor_speedup": "floor x", "relerr_vs_reference": "error"})
+    df = df.set_index(["group", "bits"]).sort_index(ascending=[True, False])
+    df.attrs["device"] = raw.get("device")
+    return df[["variant", "bits/value", "us", "x", "bw", "graph us", "graph x", "floor x", "error"]]

@@ -652,6 +652,31 @@ def test_kivi_checks_are_remembered_per_geometry_only(monkeypatch):
     assert len(checks) == 6
 
 
+def test_ggml_checks_are_remembered_per_geometry_only(monkeypatch):
+    """As for KIVI: ggml_decode_attention checks its arguments once per geometry; a changed one is checked."""
+    from kvlab.kernels import ggml_attention as GA
+
+    g = gen(2)
+    B, H, D, T = 2, 2, 64, 64
+    shapes = K.ggml_shapes("q8_0", B, H, T, D)
+    codes = torch.randint(-127, 128, shapes["codes"][0], generator=g, device=DEV).to(torch.int8)
+    d = (torch.rand(shapes["d"][0], generator=g, device=DEV) * 0.01).half()
+    q = randn(B, 2 * H, 1, D, g=g, dtype=torch.float16)
+    lengths = torch.tensor([40, 64], dtype=torch.int32, device=DEV)
+    checks = []
+    real = GA._validate
+    monkeypatch.setattr(GA, "_validate", lambda *a: checks.append(1) or real(*a))
+    GA._VALIDATED.clear()
+    first = K.ggml_decode_attention(q, codes, d, codes, d, lengths)
+    again = K.ggml_decode_attention(q.clone(), codes, d, codes, d, lengths)
+    assert len(checks) == 1 and torch.equal(first, again)
+    with pytest.raises(ValueError, match="k_fmt='q4_1'"):
+        K.ggml_decode_attention(q, codes, d, codes, d, lengths, k_fmt="q4_1")
+    with pytest.raises(ValueError, match="block_n=48"):
+        K.ggml_decode_attention(q, codes, d, codes, d, lengths, block_n=48)
+    assert len(checks) == 3
+
+
 # ---- on the GPU only -------------------------------------------------------------------------------------
 
 

@@ -18,7 +18,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOATS, check_arg, check_choice, check_devices, check_pow2, check_rank, next_pow2
+from ._common import (
+    FLOATS,
+    call_signature,
+    check_arg,
+    check_choice,
+    check_devices,
+    check_pow2,
+    check_rank,
+    next_pow2,
+    remember,
+)
 from ._common import torch_to_tl as _torch_to_tl
 from .ggml_quant import FORMATS, ggml_dequantize_ref, ggml_shapes
 from .kivi_attention import LOG2E, attention_ref
@@ -219,6 +229,17 @@ def _check(q, k_codes, k_d, v_codes, v_d, lengths, k_fmt, v_fmt, out):
     return B, Hq, NQ, D, H
 
 
+_VALIDATED: dict = {}  # call_signature -> what _validate found (a decode loop calls on the same buffers)
+
+
+def _validate(q, k_codes, k_d, v_codes, v_d, lengths, k_fmt, v_fmt, out, block_n):
+    """Check a :func:`ggml_decode_attention` call (ValueError naming the bad argument); return its geometry."""
+    found = _check(q, k_codes, k_d, v_codes, v_d, lengths, k_fmt, v_fmt, out)
+    check_pow2("block_n", block_n, 16, 256)
+    check_devices(dict(q=q, k_codes=k_codes, k_d=k_d, v_codes=v_codes, v_d=v_d, lengths=lengths))
+    return found
+
+
 def ggml_decode_attention(q, k_codes, k_d, v_codes, v_d, lengths, *, k_fmt: str = "q8_0", v_fmt: str = "q8_0",
                           sm_scale: float | None = None, out: torch.Tensor | None = None,
                           max_len: int | None = None, num_splits: int | None = None, block_n: int = 64,
@@ -231,9 +252,9 @@ def ggml_decode_attention(q, k_codes, k_d, v_codes, v_d, lengths, *, k_fmt: str 
     ``num_splits``, ``block_n``, ``num_warps``, ``num_stages``, ``max_regs`` as in
     :func:`kivi_decode_attention`.
     """
-    B, Hq, NQ, D, H = _check(q, k_codes, k_d, v_codes, v_d, lengths, k_fmt, v_fmt, out)
-    check_pow2("block_n", block_n, 16, 256)
-    check_devices(dict(q=q, k_codes=k_codes, k_d=k_d, v_codes=v_codes, v_d=v_d, lengths=lengths))
+    key = call_signature((q, k_codes, k_d, v_codes, v_d, lengths, out), (k_fmt, v_fmt, block_n))
+    B, Hq, NQ, D, H = _VALIDATED.get(key) or remember(
+        _VALIDATED, key, _validate(q, k_codes, k_d, v_codes, v_d, lengths, k_fmt, v_fmt, out, block_n))
     if max_len is None:
         max_len = int(lengths.max())
     out = torch.empty_like(q) if out is None else out

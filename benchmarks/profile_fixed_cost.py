@@ -1,8 +1,8 @@
 """Where the fixed cost of a CUDA KIVI decode call goes: graph-replay and eager times at short and long
 sequences, and from a torch.profiler trace of graph replays the decode kernel's and the split merge's GPU time
 and the gap between them. Usage: ``python benchmarks/profile_fixed_cost.py [--out FILE.json]``; compare builds
-with ``KVLAB_CUDA_CFLAGS`` (one rebuild each). Run s8-5 (KERNEL_NOTES.md, v9) compared the merge launched as a
-programmatic dependent of the decode kernel with the plain launch. Without CUDA it says so and exits 0.
+with ``KVLAB_CUDA_CFLAGS`` (one rebuild each). Runs s8-5 and s8-6 (KERNEL_NOTES.md, v9) compared the merge launched as a
+programmatic dependent of the decode kernel, and the window units staged ahead, with the kernel as it is. Without CUDA it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()}; KVLAB_CUDA_CFLAGS={os.environ.get('KVLAB_CUDA_CFLAGS', '')!r}")
     for B, T in ((1, 4096), (8, 1024), (8, 4096), (8, 32768)):
         k, v, q, lengths = bd.random_inputs(B, T, 6)
-        for bits, variant in ((4, "registers"), (2, "folded")):
+        for bits, variant in ((4, "registers"), (4, "folded"), (2, "folded")):
             c = bd.kivi_cache(k, v, bits)
             run = functools.partial(bd.fused_kivi, q, c, lengths, T, bits, backend="cuda", cuda_variant=variant)
             r = dict(B=B, T=T, bits=bits, variant=variant, us=bd.bench(run), graph_us=bd.bench_graph(run),

@@ -659,8 +659,8 @@ def test_ggml_checks_are_remembered_per_geometry_only(monkeypatch):
     g = gen(2)
     B, H, D, T = 2, 2, 64, 64
     shapes = K.ggml_shapes("q8_0", B, H, T, D)
-    codes = torch.randint(-127, 128, shapes["codes"][0], generator=g, device=DEV).to(torch.int8)
-    d = (torch.rand(shapes["d"][0], generator=g, device=DEV) * 0.01).half()
+    codes = torch.randint(-127, 128, shapes["codes"][0], generator=g).to(device=DEV, dtype=torch.int8)
+    d = (torch.rand(shapes["d"][0], generator=g) * 0.01).to(device=DEV, dtype=torch.float16)
     q = randn(B, 2 * H, 1, D, g=g, dtype=torch.float16)
     lengths = torch.tensor([40, 64], dtype=torch.int32, device=DEV)
     checks = []

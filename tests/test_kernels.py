@@ -650,6 +650,40 @@ def test_kivi_checks_are_remembered_per_geometry_only(monkeypatch):
     with pytest.raises(ValueError, match="lengths has dtype int64"):
         K.kivi_decode_attention(*kivi_args(q, cache, lengths.long()), **kw)
     assert len(checks) == 6
+    with pytest.raises(ValueError, match=r"bits=\[2\] is not allowed"):  # unhashable: checked, not remembered
+        K.kivi_decode_attention(*kivi_args(q, cache, lengths), **{**kw, "bits": [2]})
+    if not CUDA:  # the same CPU call once Triton no longer runs interpreted: refused, not remembered
+        from kvlab.kernels import _common
+
+        monkeypatch.setattr(_common, "interpreted", lambda: False)
+        with pytest.raises(ValueError, match="tensors are on cpu"):
+            K.kivi_decode_attention(*kivi_args(q, cache, lengths), **kw)
+
+
+def test_kivi_named_variant_refused_only_on_the_cuda_path(monkeypatch):
+    """A cuda_variant that cannot serve the call is refused when the call goes to the CUDA kernel, and not when
+    backend="auto" falls back to Triton because the extension is not there (remembered checks or not)."""
+    from kvlab.kernels import kivi_attention as KA
+    from kvlab.kernels import kivi_cuda
+
+    g = gen(3)
+    B, H, D, bits, group, residual, cap = 1, 1, 64, 2, 32, 64, 128
+    cache = random_kivi(B, H, D, bits, group, residual, cap, g)
+    q = randn(B, 16 * H, 1, D, g=g, dtype=torch.float16)  # 16 query rows: neither staged nor folded can serve
+    lengths = torch.tensor([100], dtype=torch.int32, device=DEV)
+    kw = dict(bits=bits, group=group, residual=residual, cuda_variant="staged")
+    monkeypatch.setattr(kivi_cuda, "unsupported", lambda *a: None)  # as if on a GPU the kernel serves
+    KA._VALIDATED.clear()
+    monkeypatch.setattr(kivi_cuda, "ops", lambda: None)  # ... but the extension did not build
+    ref = K.kivi_decode_attention_ref(*kivi_args(q, cache, lengths), bits=bits, group=group, residual=residual)
+    for _ in range(2):
+        assert_close(K.kivi_decode_attention(*kivi_args(q, cache, lengths), **kw), ref, torch.float16)
+    with pytest.raises(ValueError, match="the CUDA extension is not available"):
+        K.kivi_decode_attention(*kivi_args(q, cache, lengths), **kw, backend="cuda")
+    monkeypatch.setattr(kivi_cuda, "ops", lambda: object())  # the extension is there: the variant is refused
+    for _ in range(2):
+        with pytest.raises(ValueError, match="cuda_variant='staged' cannot serve this call: 16 query rows"):
+            K.kivi_decode_attention(*kivi_args(q, cache, lengths), **kw)
 
 
 def test_ggml_checks_are_remembered_per_geometry_only(monkeypatch):

@@ -98,9 +98,10 @@ def check_devices(tensors: dict[str, torch.Tensor]) -> torch.device:
 
 def call_signature(tensors, scalars) -> tuple | None:
     """Everything the argument checks of a kernel wrapper read: each tensor's shape, strides, dtype, device and
-    data pointer modulo 16 (the widest alignment any kernel asks for), and the other arguments; None (do not
-    memoize) when one of ``tensors`` is neither a tensor nor None. Computing it costs a fraction of the checks,
-    so a wrapper called again on the same buffers (a decode loop) skips them (:func:`remember`)."""
+    data pointer modulo 16 (the widest alignment any kernel asks for), the other arguments with their types, and
+    whether Triton runs interpreted; None (do not memoize) when one of ``tensors`` is neither a tensor nor None
+    or an argument is unhashable. Computing it costs a fraction of the checks, so a wrapper called again on the
+    same buffers (a decode loop) skips them (:func:`remember`)."""
     sig = []
     for t in tensors:
         if t is None:
@@ -109,7 +110,12 @@ def call_signature(tensors, scalars) -> tuple | None:
             sig.append((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16))
         else:
             return None
-    return (*sig, *((type(x), x) for x in scalars))
+    key = (*sig, interpreted(), *((type(x), x) for x in scalars))
+    try:
+        hash(key)
+    except TypeError:  # e.g. a list passed for an int: the checks will say what is allowed
+        return None
+    return key
 
 
 def remember(memo: dict, key, value, limit: int = 4096):

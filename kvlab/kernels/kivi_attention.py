@@ -339,7 +339,8 @@ _VALIDATED: dict = {}  # call_signature -> what _validate found (a decode loop c
 def _validate(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, bits, group, residual,
               out, backend, cuda_variant, block_n):
     """Check a :func:`kivi_decode_attention` call (ValueError naming the bad argument); return its geometry, why
-    the CUDA kernel cannot serve it (None when it can) and the CUDA variant that would."""
+    the CUDA kernel cannot serve it (None when it can) and the CUDA variant that would, or why the variant asked
+    for cannot (raised only if the call reaches the CUDA kernel: without the extension, "auto" takes Triton)."""
     B, Hq, NQ, D, H = _check(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths,
                              bits, group, residual, out)
     check_choice("backend", backend, ("auto", "cuda", "triton"))
@@ -352,8 +353,11 @@ def _validate(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp1
         why = kivi_cuda.unsupported(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths,
                                     bits, group)
         if why is None:
-            variant = kivi_cuda.choose_variant(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits, group,
-                                               cuda_variant)
+            try:
+                variant = kivi_cuda.choose_variant(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits, group,
+                                                   cuda_variant)
+            except ValueError as e:  # kept without its traceback (whose frames hold the tensors)
+                variant = ValueError(str(e))
     return B, Hq, NQ, D, H, why, variant
 
 
@@ -401,6 +405,8 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
         if why is None and kivi_cuda.ops() is None:
             why = "the CUDA extension is not available (disabled by KVLAB_CUDA_KERNELS=0, or it failed to build)"
         if why is None:
+            if isinstance(variant, ValueError):  # the cuda_variant asked for cannot serve the call
+                raise ValueError(*variant.args)
             return kivi_cuda.kivi_decode_attention_cuda(*cache, bits=bits, group=group, residual=residual,
                                                         qk_scale=qk_scale, out=out, max_len=max_len,
                                                         num_splits=num_splits, variant=variant, chosen=True)

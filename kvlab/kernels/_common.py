@@ -101,7 +101,7 @@ def call_signature(tensors, scalars) -> tuple | None:
     data pointer modulo 16 (the widest alignment any kernel asks for), the other arguments with their types, and
     whether Triton runs interpreted; None (do not memoize) when one of ``tensors`` is neither a tensor nor None
     or an argument is unhashable. Computing it costs a fraction of the checks, so a wrapper called again on the
-    same buffers (a decode loop) skips them (:func:`remember`)."""
+    same buffers (a decode loop) skips them (:func:`checked_once`)."""
     sig = []
     for t in tensors:
         if t is None:
@@ -118,13 +118,18 @@ def call_signature(tensors, scalars) -> tuple | None:
     return key
 
 
-def remember(memo: dict, key, value, limit: int = 4096):
-    """``memo[key] = value`` (not stored when ``key`` is None), forgetting everything past ``limit`` entries."""
-    if key is not None:
-        if len(memo) >= limit:
-            memo.clear()
-        memo[key] = value
-    return value
+def checked_once(memo: dict, key, check, *args, limit: int = 4096):
+    """``check(*args)`` (the argument checks of a call, raising ValueError) the first time ``key``
+    (:func:`call_signature`) is seen, its remembered result after; a None key is checked every time. The memo
+    forgets everything past ``limit`` entries."""
+    found = None if key is None else memo.get(key)
+    if found is None:
+        found = check(*args)
+        if key is not None:
+            if len(memo) >= limit:
+                memo.clear()
+            memo[key] = found
+    return found
 
 
 def offsets_tensor(offset, B: int, device: torch.device, name: str = "offset") -> torch.Tensor:

@@ -26,8 +26,8 @@ from ._common import (
     check_devices,
     check_pow2,
     check_rank,
+    checked_once,
     next_pow2,
-    remember,
 )
 from ._common import torch_to_tl as _torch_to_tl
 from .ggml_quant import FORMATS, ggml_dequantize_ref, ggml_shapes
@@ -253,8 +253,8 @@ def ggml_decode_attention(q, k_codes, k_d, v_codes, v_d, lengths, *, k_fmt: str 
     :func:`kivi_decode_attention`.
     """
     key = call_signature((q, k_codes, k_d, v_codes, v_d, lengths, out), (k_fmt, v_fmt, block_n))
-    B, Hq, NQ, D, H = _VALIDATED.get(key) or remember(
-        _VALIDATED, key, _validate(q, k_codes, k_d, v_codes, v_d, lengths, k_fmt, v_fmt, out, block_n))
+    B, Hq, NQ, D, H = checked_once(_VALIDATED, key, _validate, q, k_codes, k_d, v_codes, v_d, lengths, k_fmt,
+                                   v_fmt, out, block_n)
     if max_len is None:
         max_len = int(lengths.max())
     out = torch.empty_like(q) if out is None else out

@@ -39,8 +39,8 @@ from ._common import (
     check_devices,
     check_pow2,
     check_rank,
+    checked_once,
     next_pow2,
-    remember,
 )
 from ._common import torch_to_tl as _torch_to_tl
 from .kivi_quant import check_k_cache, check_v_cache
@@ -392,8 +392,8 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
     """
     cache = (q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths)
     key = call_signature((*cache, out), (bits, group, residual, backend, cuda_variant, block_n))
-    B, Hq, NQ, D, H, cuda_why, variant = _VALIDATED.get(key) or remember(
-        _VALIDATED, key, _validate(*cache, bits, group, residual, out, backend, cuda_variant, block_n))
+    B, Hq, NQ, D, H, cuda_why, variant = checked_once(_VALIDATED, key, _validate, *cache, bits, group, residual,
+                                                       out, backend, cuda_variant, block_n)
     out = torch.empty_like(q) if out is None else out
     if q.numel() == 0:  # no sequences, heads or query tokens: nothing to attend
         return out

@@ -43,12 +43,12 @@ VARIANTS = {"registers": 6, "staged": 7, "folded": 8}  # kivi_attention_cuda.h: 
 # is the fastest for int4 too (run s8-1, L2 flushed: 124.0 against 130.8 us at group 64, 118.3 against 128.3
 # at 128), so "auto" takes it there (:func:`auto_variants`).
 AUTO_VARIANTS = {2: ("folded", "staged", "registers"), 4: ("registers",)}
-AUTO_VARIANTS_WIDE_GROUPS = {2: ("folded", "staged", "registers"), 4: ("folded", "registers")}  # group >= 64
+AUTO_VARIANTS_INT4_WIDE_GROUPS = ("folded", "registers")  # int4 at groups of 64 and more
 
 
 def auto_variants(bits: int, group: int) -> tuple[str, ...]:
     """The variants "auto" tries for a call, fastest first (the comment above says where the order comes from)."""
-    return (AUTO_VARIANTS_WIDE_GROUPS if group >= 64 else AUTO_VARIANTS)[bits]
+    return AUTO_VARIANTS_INT4_WIDE_GROUPS if bits == 4 and group >= 64 else AUTO_VARIANTS[bits]
 
 
 def enabled() -> bool:

@@ -199,7 +199,6 @@ def cuda_variant_table(path: str | Path) -> pd.DataFrame:
     return df[["us", "x", "graph us", "graph x", "bw", "error"]].sort_index(ascending=[False, True])
 
 
-
 def group_table(path: str | Path) -> pd.DataFrame:
     """The CUDA kernel against the KIVI group at the reference point, from the benchmark's group sweep: one row
     per (group, bits) with the variant "auto" took, ``bits/value`` (code plus its share of the fp16 scale and

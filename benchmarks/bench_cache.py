@@ -34,9 +34,9 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, QuantizedCache
 
 import kvlab
-from kvlab import cpu_kernels
-from kvlab.cache import CompressedCache, cache_kwarg
-from kvlab.evaluate import load_windows
+from kvlab.evaluation.evaluate import load_windows
+from kvlab.kernels import cpu as cpu_kernels
+from kvlab.storage.cache import CompressedCache, cache_kwarg
 
 POLICIES = {"kivi-2": "kivi:bits=2", "kivi-4": "kivi:bits=4", "q4_0": "q4_0"}
 LENGTHS = (128, 512, 1024, 2048, 8192)

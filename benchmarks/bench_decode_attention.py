@@ -461,7 +461,7 @@ def table(results) -> str:
     names = KERNELS
     hdr = (f"{'B':>3} {'T':>7} | {'sdpa':>8} {'bw':>5} | {'naive4':>8} | "
            + " | ".join(f"{n:>9} {'x':>5} {'bw':>5}" for n in names))
-    lines += ["kivi-intN: the Triton kernel; cuda-intN: the CUDA C++ kernel (kvlab/csrc), same cache", "",
+    lines += ["kivi-intN: the Triton kernel; cuda-intN: the CUDA C++ kernel (kvlab/kernels/csrc), same cache", "",
               hdr, "-" * len(hdr)]
     for r in results["grid"]:
         naive = f"{r['naive-int4_us']:8.1f}" if "naive-int4_us" in r else f"{'-':>8}"

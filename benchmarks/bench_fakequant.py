@@ -20,9 +20,9 @@ from contextlib import contextmanager
 import torch
 
 import kvlab
-from kvlab import hooks
-from kvlab.evaluate import evaluate_policy, load_windows
-from kvlab.ppl import window_nll
+from kvlab.emulation import hooks
+from kvlab.evaluation.evaluate import evaluate_policy, load_windows
+from kvlab.evaluation.ppl import window_nll
 
 SCHEMES = ["fp16", "q4_0", "kivi:bits=2,group=32,residual=128", "kivi:bits=4", "int:bits=8",
            "q4_0:rotate=hadamard", "signmag:v=2"]

@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/bench_lossless.py [--ctx 512] [--windows 4] [--layers 0,15,29] [--repeats 5]
 Dumps K (pre and post RoPE) and V of the embedded model on WikiText-2 (pydoc if WikiText-2 is not
-reachable), then times ``kvlab.lossless.encode`` / ``decode`` on each tensor. Prints per codec the pooled
+reachable), then times ``kvlab.evaluation.lossless.encode`` / ``decode`` on each tensor. Prints per codec the pooled
 ratio, the median throughputs, and their ratio to the ``store`` codec (container and crc32s only, no
 coding) measured in the same run.
 """
@@ -20,9 +20,9 @@ import torch
 import zstandard
 
 import kvlab
-import kvlab.lossless as L
-from kvlab.dump import dump, load_dump
-from kvlab.evaluate import load_windows
+import kvlab.evaluation.lossless as L
+from kvlab.evaluation.dump import dump, load_dump
+from kvlab.evaluation.evaluate import load_windows
 
 
 def _median_s(fn, repeats: int) -> float:

@@ -15,7 +15,7 @@ import time
 import torch
 
 import kvlab
-from kvlab.evaluate import load_windows
+from kvlab.evaluation.evaluate import load_windows
 
 
 def main():

@@ -1,14 +1,14 @@
 """kvlab: a research lab for KV-cache compression in transformer LLMs."""
 
-from . import quant
-from .cache import CompressedCache
-from .corpus import CORPORA, load_corpus
-from .dump import dump, load_dump
-from .hooks import capture, compress, measure
-from .models import DEFAULT_MODEL, load_model
-from .policy import Policy, parse_policy
-from .ppl import PplResult, make_windows, tokenize, window_nll
-from .sweep import sweep
+from kvlab import quant
+from kvlab.emulation.hooks import capture, compress, measure
+from kvlab.evaluation.corpus import CORPORA, load_corpus
+from kvlab.evaluation.dump import dump, load_dump
+from kvlab.evaluation.ppl import PplResult, make_windows, tokenize, window_nll
+from kvlab.evaluation.sweep import sweep
+from kvlab.model.loading import DEFAULT_MODEL, load_model
+from kvlab.quant.policy import Policy, parse_policy
+from kvlab.storage.cache import CompressedCache
 
 __all__ = [
     "CORPORA",

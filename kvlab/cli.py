@@ -35,7 +35,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_ppl(a) -> int:
-    from .evaluate import baseline_ppl, scheme_report
+    from kvlab.evaluation.evaluate import baseline_ppl, scheme_report
 
     policy = a.policy or a.scheme
     if policy is None:
@@ -60,8 +60,8 @@ def cmd_ppl(a) -> int:
 
 
 def cmd_errors(a) -> int:
-    from .evaluate import error_table, load_windows
-    from .models import load_model
+    from kvlab.evaluation.evaluate import error_table, load_windows
+    from kvlab.model.loading import load_model
 
     model, tok = load_model(a.model)
     _, w = load_windows(tok, a.corpus, a.ctx, a.windows, a.data_dir)
@@ -72,8 +72,8 @@ def cmd_errors(a) -> int:
 
 
 def cmd_sweep(a) -> int:
-    from .study import summarize
-    from .sweep import sweep
+    from kvlab.evaluation.sweep import sweep
+    from kvlab.study.analysis import summarize
 
     kinds = ("ppl", "errors") if a.errors else ("ppl",)
     tables = sweep(a.configs, model_name=a.model, corpus=a.corpus, data_dir=a.data_dir, ctx=a.ctx,
@@ -94,7 +94,7 @@ def cmd_sweep(a) -> int:
 
 
 def cmd_schemes(a) -> int:
-    from .quant.catalog import format_schemes, schemes_table
+    from kvlab.quant.catalog import format_schemes, schemes_table
 
     rows = schemes_table()
     print(json.dumps(rows) if a.json else format_schemes(rows))
@@ -105,7 +105,7 @@ def cmd_study(a) -> int:
     import os
     import time
 
-    from .runner import run_notebooks
+    from kvlab.study.runner import run_notebooks
 
     params = {"smoke": a.smoke}
     if a.smoke:  # smoke figures and tables must not overwrite the rendered findings
@@ -121,7 +121,7 @@ def cmd_study(a) -> int:
             params[key] = getattr(a, key)
     if a.inplace and not a.smoke and a.corpus is None:
         # the committed notebooks are the findings: never re-render them on the pydoc fallback by accident
-        from .corpus import load_corpus
+        from kvlab.evaluation.corpus import load_corpus
 
         try:
             load_corpus("wikitext-2-v1", data_dir=data_dir)

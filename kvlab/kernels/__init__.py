@@ -7,42 +7,46 @@
 - :mod:`.splitk`: the split plan and the log-sum-exp merge of flash-decoding.
 
 The kernels need a CUDA device (:func:`available`), or CPU tensors with ``TRITON_INTERPRET=1`` set before
-this package is imported (tests). Elsewhere use the references.
+the first kernel is used (tests). Elsewhere use the references. The names below are imported on first use,
+so ``import kvlab`` (and the study support, which reads saved results) never imports triton; the compiled
+CPU kernels of the cache are :mod:`.cpu`, the CUDA C++ loader :mod:`.kivi_cuda`, and every packed layout's
+buffer shapes live in :mod:`.layout`.
 """
 
-from ._common import available, interpreted
-from .ggml_attention import ggml_decode_attention, ggml_decode_attention_ref
-from .ggml_quant import FORMATS, ggml_dequantize_ref, ggml_pack, ggml_pack_ref, ggml_shapes
-from .kivi_attention import (
-    attention_ref,
-    kivi_decode_attention,
-    kivi_decode_attention_ref,
-    kivi_dequantize_k_ref,
-    kivi_dequantize_v_ref,
-)
-from .kivi_quant import kivi_pack_k, kivi_pack_k_ref, kivi_pack_v, kivi_pack_v_ref
-from .splitk import merge_splits, merge_splits_ref, plan_splits
+from __future__ import annotations
 
-__all__ = [
-    "FORMATS",
-    "attention_ref",
-    "available",
-    "ggml_decode_attention",
-    "ggml_decode_attention_ref",
-    "ggml_dequantize_ref",
-    "ggml_pack",
-    "ggml_pack_ref",
-    "ggml_shapes",
-    "interpreted",
-    "kivi_decode_attention",
-    "kivi_decode_attention_ref",
-    "kivi_dequantize_k_ref",
-    "kivi_dequantize_v_ref",
-    "kivi_pack_k",
-    "kivi_pack_k_ref",
-    "kivi_pack_v",
-    "kivi_pack_v_ref",
-    "merge_splits",
-    "merge_splits_ref",
-    "plan_splits",
-]
+import importlib
+
+_EXPORTS = {
+    "FLOATS": "_common",
+    "available": "_common",
+    "check_pow2": "_common",
+    "interpreted": "_common",
+    "ggml_decode_attention": "ggml_attention",
+    "ggml_decode_attention_ref": "ggml_attention",
+    "FORMATS": "ggml_quant",
+    "ggml_dequantize_ref": "ggml_quant",
+    "ggml_pack": "ggml_quant",
+    "ggml_pack_ref": "ggml_quant",
+    "ggml_shapes": "ggml_quant",
+    "attention_ref": "kivi_attention",
+    "kivi_decode_attention": "kivi_attention",
+    "kivi_decode_attention_ref": "kivi_attention",
+    "kivi_dequantize_k_ref": "kivi_attention",
+    "kivi_dequantize_v_ref": "kivi_attention",
+    "kivi_pack_k": "kivi_quant",
+    "kivi_pack_k_ref": "kivi_quant",
+    "kivi_pack_v": "kivi_quant",
+    "kivi_pack_v_ref": "kivi_quant",
+    "merge_splits": "splitk",
+    "merge_splits_ref": "splitk",
+    "plan_splits": "splitk",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

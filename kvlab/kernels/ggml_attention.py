@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
+from kvlab.kernels._common import (
     FLOATS,
     call_signature,
     check_arg,
@@ -29,10 +29,10 @@ from ._common import (
     checked_once,
     next_pow2,
 )
-from ._common import torch_to_tl as _torch_to_tl
-from .ggml_quant import FORMATS, ggml_dequantize_ref, ggml_shapes
-from .kivi_attention import LOG2E, attention_ref
-from .splitk import split_decode
+from kvlab.kernels._common import torch_to_tl as _torch_to_tl
+from kvlab.kernels.ggml_quant import FORMATS, ggml_dequantize_ref, ggml_shapes
+from kvlab.kernels.kivi_attention import LOG2E, attention_ref
+from kvlab.kernels.splitk import split_decode
 
 __all__ = ["ggml_decode_attention", "ggml_decode_attention_ref"]
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
+from kvlab.kernels._common import (
     FLOATS,
     cdiv,
     check_arg,
@@ -30,7 +30,7 @@ from ._common import (
     next_pow2,
     offsets_tensor,
 )
-from ._common import round_half_away as _round_half_away
+from kvlab.kernels._common import round_half_away as _round_half_away
 
 __all__ = ["FORMATS", "ggml_pack", "ggml_pack_ref", "ggml_shapes"]
 

@@ -29,9 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant.packing import unpack_bits
-from . import kivi_cuda
-from ._common import (
+from kvlab.kernels import kivi_cuda
+from kvlab.kernels._common import (
     FLOATS,
     call_signature,
     check_arg,
@@ -42,9 +41,10 @@ from ._common import (
     checked_once,
     next_pow2,
 )
-from ._common import torch_to_tl as _torch_to_tl
-from .kivi_quant import check_k_cache, check_v_cache
-from .splitk import split_decode
+from kvlab.kernels._common import torch_to_tl as _torch_to_tl
+from kvlab.kernels.kivi_quant import check_k_cache, check_v_cache
+from kvlab.kernels.splitk import split_decode
+from kvlab.quant.packing import unpack_bits
 
 LOG2E = 1.4426950408889634
 

@@ -1,4 +1,4 @@
-"""The CUDA C++ KIVI decode attention (``kvlab/csrc/kivi_attention_*``): the same function as the Triton kernel
+"""The CUDA C++ KIVI decode attention (``kvlab/kernels/csrc/kivi_attention_*``): the same function as the Triton kernel
 in :mod:`.kivi_attention`, on the same cache, written so that every packed code reaches the matrix unit's
 operand registers with plain loads (the layout argument is in ``kivi_attention_cuda.cuh``). Three variants:
 ``"registers"`` (every code and scale loaded straight into registers, one block ahead), ``"staged"`` (the
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .splitk import plan_splits
+from kvlab.kernels.splitk import plan_splits
 
 __all__ = ["enabled", "ops", "reset", "unsupported", "staged_unsupported", "folded_unsupported", "misaligned",
            "choose_variant", "kivi_decode_attention_cuda", "BLOCK"]
 
-_DIR = Path(__file__).resolve().parent.parent / "csrc"
+_DIR = Path(__file__).resolve().parent / "csrc"
 _state: dict = {}
 BLOCK = 64  # tokens per warp-block of the kernel (KiviCfg::BN)
 WARPS = 4

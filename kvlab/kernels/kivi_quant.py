@@ -23,8 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant.packing import pack_bits
-from ._common import (
+from kvlab.kernels._common import (
     FLOATS,
     cdiv,
     check_arg,
@@ -35,8 +34,9 @@ from ._common import (
     next_pow2,
     offsets_tensor,
 )
-from ._common import div_correct as _div
-from ._common import round_to_code as _round_to_code
+from kvlab.kernels._common import div_correct as _div
+from kvlab.kernels._common import round_to_code as _round_to_code
+from kvlab.quant.packing import pack_bits
 
 __all__ = ["kivi_pack_k", "kivi_pack_k_ref", "kivi_pack_v", "kivi_pack_v_ref"]
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, next_pow2, num_sms
+from kvlab.kernels._common import cdiv, next_pow2, num_sms
 
 __all__ = ["merge_splits", "merge_splits_ref", "plan_splits", "split_decode"]
 

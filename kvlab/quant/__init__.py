@@ -1,38 +1,22 @@
-"""Quantizer zoo: every scheme behind one interface (see :mod:`kvlab.quant.base`)."""
+"""Quantizer zoo: every scheme behind one interface (:mod:`kvlab.quant.base`), one scheme (or one family)
+per file. Every module of this folder other than the infrastructure below is a scheme file and is
+imported here, which registers it: adding a scheme is adding one file."""
 
 from __future__ import annotations
 
-from .base import Packed, Quantizer, check_tensor, hadamard, parse_spec
-from .packing import pack_bits, packed_len, unpack_bits
+import importlib
+import pkgutil
 
-_REGISTRY: dict[str, type[Quantizer]] = {}
+from kvlab.quant.base import Packed, Quantizer, check_tensor, hadamard, parse_spec
+from kvlab.quant.packing import pack_bits, packed_len, unpack_bits
+from kvlab.quant.registry import available, get, register
 
+#: modules of this folder that are not schemes
+INFRASTRUCTURE = frozenset({"base", "catalog", "packing", "policy", "registry"})
 
-def register(cls: type[Quantizer]) -> type[Quantizer]:
-    """Class decorator: make ``cls`` reachable by ``get(cls.name + ':...')``."""
-    if not cls.name or cls.name in _REGISTRY:
-        raise ValueError(f"cannot register quantizer name {cls.name!r} (empty or taken)")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def available() -> list[str]:
-    """Names of every registered scheme."""
-    return sorted(_REGISTRY)
-
-
-def get(spec: str | Quantizer) -> Quantizer:
-    """Build a quantizer from a spec string such as ``"kivi:bits=2,group=32"``."""
-    if isinstance(spec, Quantizer):
-        return spec
-    name, kwargs = parse_spec(spec)
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown scheme {name!r} in spec {spec!r}; available: {', '.join(available())}")
-    return _REGISTRY[name].from_kwargs(kwargs)
-
-
-# importing the scheme modules registers them (one scheme, or one family, per file)
-from . import fp8, fpmant, ggml, identity, kivi, kvquant, signmag, uniform  # noqa: E402,F401
+for _m in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _m not in INFRASTRUCTURE and not _m.startswith("_"):
+        importlib.import_module(f"{__name__}.{_m}")
 
 __all__ = [
     "Packed",

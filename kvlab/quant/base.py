@@ -179,6 +179,11 @@ class Quantizer:
         shape = (*packs[0].shape[:2], sum(p.shape[2] for p in packs), packs[0].shape[3])
         return Packed(tensors, shape, packs[0].dtype)
 
+    def stored_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the scheme receives from the model: the values an fp16 deployment holds (x cast to fp16 and
+        back to x's dtype). ``none`` overrides it to keep x as it is."""
+        return x.to(torch.float16).to(x.dtype)
+
     def fp16_tokens(self, L: int) -> torch.Tensor:
         """(L,) bool: tokens held unquantized (fp16 window, sinks) when the cache holds L tokens."""
         return torch.zeros(L, dtype=torch.bool)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import available, get
-from .base import Quantizer
+from kvlab.quant.base import Quantizer
+from kvlab.quant.registry import available, get
 
 D_GRID = (64, 128)
 T_GRID = (512, 4096)

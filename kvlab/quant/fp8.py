@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register
-from .base import Quantizer, check_choice
+from kvlab.quant.base import Quantizer, check_choice
+from kvlab.quant.registry import register
 
 FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 

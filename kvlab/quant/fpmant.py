@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register
-from .base import Quantizer, check_choice
-from .packing import pack_bits, packed_len, unpack_bits
+from kvlab.quant.base import Quantizer, check_choice
+from kvlab.quant.packing import pack_bits, packed_len, unpack_bits
+from kvlab.quant.registry import register
 
 MANTISSA = tuple(range(10))  # 10 would be fp16 itself (the ``fp16`` scheme)
 _FP16_MAX = torch.finfo(torch.float16).max

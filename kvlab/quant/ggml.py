@@ -28,9 +28,9 @@ from typing import ClassVar
 
 import torch
 
-from . import register
-from .base import Quantizer
-from .packing import pack_bits, unpack_bits
+from kvlab.quant.base import Quantizer
+from kvlab.quant.packing import pack_bits, unpack_bits
+from kvlab.quant.registry import register
 
 BLOCK = 32
 

@@ -7,8 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from . import register
-from .base import Packed, Quantizer
+from kvlab.quant.base import Packed, Quantizer
+from kvlab.quant.registry import register
 
 
 @register
@@ -24,6 +24,9 @@ class NoQuant(Quantizer):
 
     def dequantize(self, packed):
         return packed.tensors["x"].clone()
+
+    def stored_input(self, x):
+        return x
 
     def _bits(self, T, D):
         return T * D * 32  # accounted as float32, the dtype the study's models run in

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register
-from .base import Packed, Quantizer, check_choice, hadamard
-from .packing import pack_bits, packed_len, unpack_bits
-from .uniform import affine_bound, affine_params, from_codes, to_codes
+from kvlab.quant.base import Packed, Quantizer, check_choice, hadamard
+from kvlab.quant.packing import pack_bits, packed_len, unpack_bits
+from kvlab.quant.registry import register
+from kvlab.quant.uniform import affine_bound, affine_params, from_codes, to_codes
 
 
 @register

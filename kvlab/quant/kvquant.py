@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import register
-from .base import Packed, Quantizer, check_choice, hadamard
-from .packing import pack_bits, packed_len, unpack_bits
+from kvlab.quant.base import Packed, Quantizer, check_choice, hadamard
+from kvlab.quant.packing import pack_bits, packed_len, unpack_bits
+from kvlab.quant.registry import register
 
 KMEANS_ITERS = 25
 

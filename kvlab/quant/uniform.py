@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register
-from .base import Quantizer, check_choice
-from .packing import pack_bits, packed_len, unpack_bits
+from kvlab.quant.base import Quantizer, check_choice
+from kvlab.quant.packing import pack_bits, packed_len, unpack_bits
+from kvlab.quant.registry import register
 
 BITS = (2, 3, 4, 5, 6, 8)
 

@@ -1,0 +1,172 @@
+"""High-level evaluation entry points shared by the CLI, the sweep and the notebooks."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from kvlab.evaluation.corpus import load_corpus
+from kvlab.evaluation.ppl import PplResult, make_windows, tokenize, window_nll
+from kvlab.model.loading import DEFAULT_MODEL, load_model
+
+__all__ = ["resolve_corpus", "load_windows", "baseline_ppl"]
+
+
+def resolve_corpus(corpus: str, data_dir: str | None = None) -> tuple[str, str]:
+    """``"auto"`` -> WikiText-2 (v1, test) if reachable, else Python's pydoc topics; returns (name, text)."""
+    if corpus != "auto":
+        return corpus, load_corpus(corpus, data_dir=data_dir)
+    try:
+        return "wikitext-2-v1", load_corpus("wikitext-2-v1", data_dir=data_dir)
+    except FileNotFoundError:
+        print("kvlab: WikiText-2 not reachable (no --data-dir/KVLAB_DATA_DIR, no hub); using corpus 'pydoc'",
+              file=sys.stderr)
+        return "pydoc", load_corpus("pydoc")
+
+
+def load_windows(tokenizer, corpus: str = "auto", ctx: int = 512, windows: int = 24, data_dir=None):
+    """Tokenize the corpus and cut (n, ctx) windows. Returns (corpus_name, windows)."""
+    name, text = resolve_corpus(corpus, data_dir)
+    ids = tokenize(tokenizer, text, max_tokens=ctx * windows)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        w = make_windows(ids, ctx, windows)
+    for c in caught:
+        print(f"kvlab: {c.message}", file=sys.stderr)
+    return name, w
+
+
+def baseline_ppl(model_name=None, corpus="auto", ctx=512, windows=24, data_dir=None, progress=True,
+                 model=None, tokenizer=None) -> PplResult:
+    """Perplexity of the unmodified model."""
+    if model is None:
+        model, tokenizer = load_model(model_name)
+    name, w = load_windows(tokenizer, corpus, ctx, windows, data_dir)
+    nll = window_nll(model, w, progress=progress)
+    return PplResult.from_nll(nll, w, model=model_name or DEFAULT_MODEL, corpus=name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# schemes inside the model
+# ---------------------------------------------------------------------------------------------------
+_BASE_LOGPROBS: dict = {}
+_BASE_CACHE_BYTES = 4 << 30  # keep the unmodified model's log-probs in memory up to this size
+
+
+def _base_logprobs(model, windows, i):
+    """log-softmax of the unmodified model on window i, memoized per (model, windows) when it fits."""
+    import torch
+
+    from kvlab.evaluation.ppl import tokens_sha256
+
+    key = (id(model), tokens_sha256(windows), i)
+    if key in _BASE_LOGPROBS:
+        return _BASE_LOGPROBS[key]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=windows[i : i + 1].to(device), use_cache=False).logits.float(), -1)
+    if (len(_BASE_LOGPROBS) + 1) * lp.numel() * 4 <= _BASE_CACHE_BYTES:
+        _BASE_LOGPROBS[key] = lp
+    return lp
+
+
+def model_geometry(model) -> tuple[int, int, int]:
+    """(layers, kv heads, head_dim) of a transformers causal LM."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
+
+
+def evaluate_policy(model, windows, policy, emulation: str = "prefill", kl: bool = True,
+                    progress: bool = True) -> dict:
+    """Per-window NLL (and mean logits KL vs the unmodified model) with ``policy`` on every layer.
+
+    ``emulation``: ``prefill`` (decode-exact, one pass per window), ``static`` (quantize everything,
+    then prefill) or ``decode`` (token by token through a real :class:`kvlab.CompressedCache`).
+    Returns {"window_nll": [...], "window_kl": [...] or None, "seconds": wall time}.
+    """
+    import time
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from kvlab.emulation import hooks
+    from kvlab.evaluation.ppl import nll_per_window
+    from kvlab.quant.policy import parse_policy
+    from kvlab.storage.cache import CompressedCache
+
+    if emulation not in ("prefill", "static", "decode"):
+        raise ValueError(f"emulation={emulation!r} is not allowed; allowed: prefill, static, decode")
+    policy = parse_policy(policy)
+    device = next(model.parameters()).device
+    nll, kls = [], []
+    t0 = time.perf_counter()
+    for i in tqdm(range(windows.shape[0]), desc=policy.spec[:48], disable=not progress, leave=False):
+        ids = windows[i : i + 1].to(device)
+        with torch.no_grad():
+            if emulation == "decode":
+                cache = CompressedCache(policy, config=model.config)
+                logits = torch.cat([model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+                                    for t in range(ids.shape[1])], dim=1)
+            else:
+                with hooks.compress(model, policy, emulation=emulation):
+                    logits = model(input_ids=ids, use_cache=False).logits
+        nll.append(float(nll_per_window(logits, ids)[0]))
+        if kl:
+            lp, lq = _base_logprobs(model, windows, i).double(), torch.log_softmax(logits.double(), -1)
+            kls.append(float((lp.exp() * (lp - lq)).sum(-1).clamp_min(0).mean()))
+    return {"window_nll": nll, "window_kl": kls if kl else None, "seconds": time.perf_counter() - t0}
+
+
+def error_table(model, windows, policy, emulation: str = "prefill", progress: bool = True):
+    """Per-layer, per-kv-head tensor and attention-output errors of ``policy``, averaged over windows.
+    Returns a tidy pandas DataFrame (one row per layer x head)."""
+    import pandas as pd
+    import torch
+    from tqdm.auto import tqdm
+
+    from kvlab.emulation import hooks
+
+    device = next(model.parameters()).device
+    rows = []
+    with hooks.measure(model, policy, emulation=emulation) as measured, torch.no_grad():
+        for i in tqdm(range(windows.shape[0]), desc="errors", disable=not progress, leave=False):
+            model(input_ids=windows[i : i + 1].to(device), use_cache=False)
+        rows = list(measured)
+    df = pd.DataFrame(rows)
+    return df.groupby(["layer", "head"], as_index=False).mean()
+
+
+def scheme_report(model_name=None, corpus="auto", ctx=512, windows=24, data_dir=None, policy="fp16",
+                  emulation="prefill", progress=True, model=None, tokenizer=None, seed=0) -> dict:
+    """Everything the ``ppl --scheme`` CLI prints: PPL, delta vs the fp16 scheme on the same windows with
+    a paired bootstrap CI, mean logits KL, bits per value and bytes per token."""
+    import math
+
+    from kvlab.evaluation.ppl import PplResult
+    from kvlab.metrics import paired_delta_ci
+    from kvlab.quant.policy import parse_policy
+
+    pol = parse_policy(policy)
+    if model is None:
+        model, tokenizer = load_model(model_name)
+    name, w = load_windows(tokenizer, corpus, ctx, windows, data_dir)
+    n_layers, n_heads, head_dim = model_geometry(model)
+    pol.check_model(n_layers, n_heads)
+    ref = evaluate_policy(model, w, "fp16", emulation="prefill", kl=False, progress=progress)
+    res = evaluate_policy(model, w, pol, emulation=emulation, kl=True, progress=progress)
+    import torch
+
+    r = PplResult.from_nll(torch.tensor(res["window_nll"], dtype=torch.float64), w,
+                           model=model_name or DEFAULT_MODEL, corpus=name)
+    delta, lo, hi = paired_delta_ci(ref["window_nll"], res["window_nll"], seed=seed)
+    r.extra.update({
+        "scheme": pol.spec, "emulation": emulation,
+        "bits_per_value": pol.bits_per_value(n_layers, n_heads, ctx, head_dim),
+        "bytes_per_token": pol.bytes_per_token(n_layers, n_heads, ctx, head_dim),
+        "fp16_ppl": math.exp(sum(ref["window_nll"]) / len(ref["window_nll"])),
+        "delta_ppl": delta, "delta_ppl_ci": [lo, hi],
+        "kl": sum(res["window_kl"]) / len(res["window_kl"]), "window_kl": res["window_kl"],
+        "seconds": res["seconds"],
+    })
+    return r.to_dict()

@@ -1,0 +1,191 @@
+"""``CompressedCache``: a drop-in transformers ``Cache`` that really stores the packed KV of a policy.
+
+Usage::
+
+    cache = kvlab.CompressedCache("kivi:bits=2", config=model.config)
+    out = model.generate(ids, max_new_tokens=64, **{cache_kwarg(model): cache})
+    cache.nbytes()  # {"codes": ..., "metadata": ..., "fp16": ..., "total": ..., "reserved": ...}
+
+(``cache_kwarg(model)`` is ``"cache"`` on transformers >= 5.2x, whose ``past_key_values`` still works but
+is deprecated, and ``"past_key_values"`` before, which knows no ``cache``.)
+
+Each layer keeps, for K and for V of every group of kv heads sharing a scheme, a *stream*: the fp16
+sinks, the packed runs of quantized tokens (``kvlab.quant`` storage, never dequantized copies) and the
+fp16 window. On every update the new tokens join the window; tokens that the scheme's
+``fp16_tokens(L)`` rule says are quantized at the new length L leave the window and are quantized
+together (KIVI: K in whole ``residual`` blocks, V one token at a time; llama.cpp blocks: every token on
+arrival). Incoming K/V are cast to fp16 first, as an fp16 deployment would hold them (the ``none``
+scheme keeps them as they are).
+
+Runs that the scheme's ``concat`` joins by plain concatenation are appended in place into storage with
+spare room on the token axis (a run's bytes are copied once, not the whole prefix on every step); that
+room is reported as ``reserved`` by :meth:`CompressedCache.nbytes`, apart from the bytes of the data.
+Attention reads the dequantized tensors, computed on every step from the packed storage straight into
+the returned (B, H, L, D) tensor; for ``q4_0``/``q4_1``/``q8_0``, ``kivi`` and the float casts this
+decoding is done here in fewer passes, with the same float32 operations as the scheme's
+``dequantize`` (bit-identical results, tested), and every other scheme goes through its ``dequantize``.
+On CPU, for ``q4_0``/``q4_1``/``q8_0`` and 2/4-bit ``kivi`` (no rotation), both quantizing the new tokens
+and decoding a run are one call each into compiled kernels (:mod:`kvlab.cpu_kernels`, bit-identical to the
+torch code, which stays the fallback: ``KVLAB_CPU_KERNELS=0`` or no C++ compiler).
+
+Refused up front with a ValueError (they would be silently wrong): models with sliding-window or chunked
+attention layers, recency policies (``recent=``/``old=``), schemes that are not causal (their stored
+values depend on later tokens) and schemes that quantize K before RoPE.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from transformers.cache_utils import Cache
+
+from kvlab import kernels as K
+from kvlab import quant
+from kvlab.quant import Quantizer
+from kvlab.quant.policy import parse_policy
+from kvlab.storage.fused import FusedKiviLayer, FusedLayer, check_fused_config, fused_layer
+from kvlab.storage.layers import CompressedLayer, layers_nbytes, read_packed, stored_input
+
+__all__ = ["CompressedCache", "FusedCache", "cache_kwarg", "read_packed", "stored_input"]
+
+def cache_kwarg(model) -> str:
+    """The keyword under which ``model.generate`` / ``model(...)`` take a cache in the installed
+    transformers: ``"cache"`` where the model's forward declares it, else ``"past_key_values"``."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _layer_types(text_config) -> list[str]:
+    """The attention type of every layer: ``layer_types`` where the config lists them, else inferred as
+    transformers does (a ``sliding_window`` or ``attention_chunk_size`` on the config applies to every
+    layer, unless ``use_sliding_window`` is False)."""
+    types = getattr(text_config, "layer_types", None)
+    if types:
+        return list(types)
+    if getattr(text_config, "sliding_window", None) is not None and getattr(text_config, "use_sliding_window", True):
+        kind = "sliding_attention"
+    elif getattr(text_config, "attention_chunk_size", None) is not None:
+        kind = "chunked_attention"
+    else:
+        kind = "full_attention"
+    return [kind] * text_config.num_hidden_layers
+
+
+def _check_scheme(q: Quantizer, which: str) -> None:
+    if not q.causal:
+        raise ValueError(f"CompressedCache: scheme {q.spec} for {which.upper()} is not causal (its scales see the "
+                         "whole sequence), so a cache that quantizes tokens as they arrive cannot store it; "
+                         "allowed: causal schemes (per-token groups, kivi, llama.cpp blocks, casts)")
+    if which == "k" and q.prerope:
+        raise ValueError(f"CompressedCache: scheme {q.spec} quantizes K before RoPE; the cache holds post-RoPE K "
+                         "(use kvlab.emulation.hooks.compress to emulate it)")
+
+
+class CompressedCache(Cache):
+    """A transformers cache holding every layer's K/V compressed by ``policy`` (a spec or Policy).
+
+    ``config`` (the model's config) lets the cache check the model up front (layer count for
+    ``keep_last``, listed heads, no sliding-window layers); without it, policies that need the layer
+    count are refused. Shapes: ``update`` takes and returns K/V as (B, kv heads, T, D).
+
+    ``fused=True`` (CUDA): layers whose heads share one scheme the fused kernels serve (``kivi`` 2/4-bit,
+    ``q4_0``/``q8_0``) are stored in the kernels' packed layout and attended by the fused decode kernel
+    (:mod:`kvlab.fused_cache`); other layers stay as here. Needs the model's attention implementation set
+    to ``"kvlab_fused"`` first (``kvlab.storage.fused.use_fused_attention(model)``); ``max_len`` preallocates
+    that many tokens (else the buffers grow).
+    """
+
+    def __init__(self, policy, config=None, *, fused: bool = False, max_len: int | None = None):
+        self.policy = parse_policy(policy)
+        if self.policy.recent:
+            raise ValueError(f"CompressedCache: recency policies (recent={self.policy.recent}, old=...) are not "
+                             "stored by the cache; allowed: policies without recent/old (use kvlab.emulation.hooks.compress "
+                             "to emulate them)")
+        for which in ("k", "v"):
+            for spec in (getattr(self.policy, which), self.policy.keep):
+                _check_scheme(quant.get(spec).for_tensor(which), which)
+        self.n_layers = None
+        if config is not None:
+            text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+            types = _layer_types(text)
+            other = sorted(set(types) - {"full_attention"})
+            if other:
+                raise ValueError(f"CompressedCache supports models whose layers all use full attention; this model "
+                                 f"has {', '.join(f'{types.count(t)} {t}' for t in other)} layers of "
+                                 f"{len(types)} (sliding-window layers would be silently wrong)")
+            self.n_layers = text.num_hidden_layers
+            self.policy.check_model(self.n_layers, text.num_key_value_heads)
+        elif self.policy.keep_last:
+            raise ValueError("CompressedCache: a policy with keep_last needs the model's layer count; pass "
+                             "config=model.config")
+        self._splits: dict = {}
+        self.fused, self.max_len = bool(fused), max_len
+        if self.fused:
+            check_fused_config(config, type(self).__name__)
+        super().__init__(layers=[])
+
+    def _new_layer(self, idx: int, n_heads: int):
+        """Layer ``idx``: with ``fused``, a :mod:`kvlab.fused_cache` layer (packed for the fused kernels) where
+        the policy gives every head of the layer one scheme the kernels serve; else a CompressedLayer (whose
+        full K/V the fused attention function hands to SDPA)."""
+        n = self.n_layers or 10**9
+        if self.fused:
+            ks = {self.policy.quantizer(idx, h, "k", n).spec for h in range(n_heads)}
+            vs = {self.policy.quantizer(idx, h, "v", n).spec for h in range(n_heads)}
+            if len(ks) == 1 and len(vs) == 1:
+                try:
+                    return fused_layer(self.policy.quantizer(idx, 0, "k", n), self.policy.quantizer(idx, 0, "v", n),
+                                       self.max_len)
+                except ValueError:  # a scheme the kernels do not serve (fp16 layers of keep_first, ...)
+                    pass
+        return CompressedLayer(self.policy, idx, n, self._splits)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Store new K/V (B, kv heads, t, D) of layer ``layer_idx``; return all of it (B, kv heads, L, D), or
+        with ``fused`` for a fused layer the new tokens only, tagged for the fused attention function."""
+        while len(self.layers) <= layer_idx:
+            self.layers.append(self._new_layer(len(self.layers), key_states.shape[1]))
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held: ``codes`` (packed codes), ``metadata`` (scales, minima, outliers), ``fp16``
+        (values held unquantized: fp16 windows and sinks; every value of the fp16/bf16/none casts),
+        ``total`` (their sum) and ``reserved`` (allocated room for later runs, not in ``total``)."""
+        return layers_nbytes(self.layers)
+
+
+def _head_dim(text) -> int:
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
+class FusedCache(CompressedCache):
+    """A CompressedCache whose every layer is packed for the fused kernels (see the module docstring), refusing
+    up front what ``CompressedCache(fused=True)`` would leave unfused. ``policy``: one scheme for K and V of
+    every layer and head (``"kivi:bits=4"``, ``"kivi:bits=2,group=32,residual=128"``, ``"q4_0"``,
+    ``"k=q8_0;v=q4_0"``); ``config``: the model's config, whose attention implementation must be
+    ``"kvlab_fused"`` (:func:`use_fused_attention`); ``max_len``: tokens to preallocate for (prompt + new
+    tokens), else buffers grow as needed.
+    """
+
+    def __init__(self, policy, config, max_len: int | None = None):
+        super().__init__(policy, config, fused=True, max_len=max_len)  # the model, policy and device checks
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        n_layers, n_heads = text.num_hidden_layers, text.num_key_value_heads
+        self.k, self.v = (self.policy.quantizer(0, 0, w, n_layers) for w in "kv")
+        for w in "kv":
+            specs = {self.policy.quantizer(layer, h, w, n_layers).spec for layer in range(n_layers)
+                     for h in range(n_heads)}
+            if len(specs) > 1:
+                raise ValueError(f"FusedCache: the policy uses {len(specs)} schemes for {w.upper()} "
+                                 f"({', '.join(sorted(specs))}); allowed: one scheme for every layer and head "
+                                 "(kvlab.CompressedCache stores mixed policies)")
+        layer = fused_layer(self.k, self.v, max_len)  # validates the pair and max_len
+        if isinstance(layer, FusedKiviLayer):
+            D = _head_dim(text)
+            K.check_pow2("head_dim", D, 16, 256)
+            if D % layer.group:
+                raise ValueError(f"FusedCache: kivi group={layer.group} does not divide head_dim={D}")
+        else:
+            K.check_pow2("head_dim", _head_dim(text), 32, 256)
+
+    def _new_layer(self, idx: int, n_heads: int) -> FusedLayer:
+        return fused_layer(self.k, self.v, self.max_len)

@@ -1,0 +1,460 @@
+"""The packed storage of :class:`kvlab.CompressedCache`: one layer's streams of packed runs and fp16
+windows, the fast readers that decode runs straight into the returned tensor, and the batch operations
+generate() calls. See :mod:`kvlab.storage.cache` for the storage rules."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from kvlab.kernels import cpu as cpu_kernels
+from kvlab.quant import Packed, Quantizer
+from kvlab.quant.policy import Policy
+
+__all__ = ["CompressedLayer", "PackedBatchOps", "layers_nbytes", "read_packed", "stored_input"]
+
+_CODE_NAMES = ("codes", "qh")
+_FP16_NAMES = ("fp16", "x")  # a scheme's fp16 window; the values of the fp16/bf16/none casts
+
+
+def stored_input(q: Quantizer, x: torch.Tensor) -> torch.Tensor:
+    """What a scheme receives from the model (:meth:`Quantizer.stored_input`)."""
+    return q.stored_input(x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# decoding packed runs into the output
+# ---------------------------------------------------------------------------------------------------
+def _unpack_into(packed: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    """Codes packed as :func:`kvlab.quant.pack_bits` (bits 2 or 4; uint8 (..., n)) -> ``out`` (..., n, 8/bits)
+    of any dtype: code ``i`` of each byte goes to ``out[..., i]``."""
+    k, mask = 8 // bits, 2**bits - 1
+    torch.bitwise_and(packed, mask, out=out[..., 0])
+    for i in range(1, k - 1):
+        torch.bitwise_and(packed >> (bits * i), mask, out=out[..., i])
+    torch.bitwise_right_shift(packed, bits * (k - 1), out=out[..., k - 1])
+
+
+def _read_cast(q, t, shape, out):  # fp16 / bf16 / none: the stored values, converted
+    out.copy_(t["x"])
+
+
+def _read_ggml(q, t, shape, out):  # q4_0 / q4_1 / q8_0: d * (q - 2**(b-1)), or d * q + m
+    if out.dtype == torch.float32 and cpu_kernels.usable(out):
+        cpu_kernels.ops().ggml_read(t["codes"], t["scale"], t.get("min"), q.nbits, out)
+        return
+    B, H, T, D = shape
+    o = out.view(B, H, T, D // 32, 32)
+    if q.nbits == 8:
+        o.copy_(t["codes"].view(torch.int8).view(B, H, T, D // 32, 32))
+    else:
+        qs = t["codes"].view(B, H, T, D // 32, 16)  # ggml's qs[j] = q[j] | q[j + 16] << 4
+        torch.bitwise_and(qs, 15, out=o[..., :16])
+        torch.bitwise_right_shift(qs, 4, out=o[..., 16:])
+        if not q.asym:
+            o.sub_(8)
+    o.mul_(t["scale"].unsqueeze(-1))  # fp16 scale and minimum: exact in float32
+    if q.asym:
+        o.add_(t["min"].unsqueeze(-1))
+
+
+def _read_kivi(q, t, shape, out):  # codes * scale + min, K grouped along tokens, V along head_dim
+    if out.dtype == torch.float32 and cpu_kernels.usable(out):
+        cpu_kernels.ops().kivi_read(t["codes"], t["scale"], t["min"], q.bits, q.group, q.tensor == "k", out)
+        return
+    B, H, T, D = shape
+    g, k = q.group, 8 // q.bits
+    if q.tensor == "k":  # codes (B, H, D, T*bits/8) packed along tokens; scale, min (B, H, T/g, D)
+        _unpack_into(t["codes"], q.bits, out.transpose(-1, -2).view(B, H, D, T // k, k))
+        o, scale, lo = out.view(B, H, T // g, g, D), t["scale"].unsqueeze(3), t["min"].unsqueeze(3)
+    else:  # codes (B, H, T, D*bits/8) packed along head_dim; scale, min (B, H, T, D/g)
+        _unpack_into(t["codes"], q.bits, out.view(B, H, T, D // k, k))
+        o, scale, lo = out.view(B, H, T, D // g, g), t["scale"].unsqueeze(-1), t["min"].unsqueeze(-1)
+    o.mul_(scale).add_(lo)  # fp16 scale and minimum: exact in float32
+
+
+def _reader(q: Quantizer):
+    """A function ``(q, tensors, shape, out)`` that writes the dequantized run into the float32 ``out``,
+    bit-identical to ``q.dequantize``; None where only ``q.dequantize`` knows how. Except ``_read_cast``
+    they run on CPU only (integer ops written into float ``out=`` tensors, which CUDA refuses)."""
+    if q.rotate != "none":
+        return None
+    if q.name in ("fp16", "bf16", "none"):
+        return _read_cast
+    if q.name in ("q4_0", "q4_1", "q8_0"):
+        return _read_ggml
+    if q.name == "kivi" and q.bits in (2, 4):
+        return _read_kivi
+    return None
+
+
+def read_packed(q: Quantizer, packed: Packed, out: torch.Tensor) -> None:
+    """Write ``q.dequantize(packed)`` into ``out`` (B, H, T, D), a view of any float dtype, without
+    building the dequantized tensor first where the scheme has a fast path here."""
+    reader = _reader(q)
+    if reader is _read_kivi and packed.tensors["fp16"].shape[-2]:  # a run with its own window: not from a cache
+        reader = None
+    if reader is not _read_cast and out.device.type != "cpu":
+        reader = None
+    if reader is None:
+        out.copy_(q.dequantize(packed))
+        return
+    if reader is _read_cast or out.dtype == torch.float32:
+        reader(q, packed.tensors, packed.shape, out)
+        return
+    tmp = torch.empty(out.shape, dtype=torch.float32, device=out.device)  # the schemes decode in float32
+    reader(q, packed.tensors, packed.shape, tmp)
+    out.copy_(tmp)
+
+
+def _quantize_cpu(q: Quantizer, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """``q.quantize_all(x).tensors`` from the compiled CPU kernels (bit-identical) for q4_0 / q4_1 / q8_0 and
+    KIVI 2/4-bit on CPU; None where they do not apply (other schemes, rotations, shapes the scheme refuses,
+    non-finite values: the scheme's own code then raises its error)."""
+    if q.rotate != "none" or x.dim() != 4 or x.dtype not in (torch.float16, torch.float32) or not x.numel():
+        return None
+    B, H, T, D = x.shape
+    if q.name in ("q4_0", "q4_1", "q8_0") and D % 32 == 0:
+        if not cpu_kernels.usable(x):
+            return None
+        out = cpu_kernels.ops().ggml_quantize(x, q.nbits, q.asym)
+        names = ("codes", "scale", "min")
+    elif q.name == "kivi" and q.bits in (2, 4) and (T % q.group == 0 if q.tensor == "k" else D % q.group == 0):
+        if (T if q.tensor == "k" else D) % (8 // q.bits) or not cpu_kernels.usable(x):
+            return None
+        out = cpu_kernels.ops().kivi_quantize(x, q.bits, q.group, q.tensor == "k")
+        names = ("codes", "scale", "min")
+        if out:
+            out = [*out, x.new_empty(B, H, 0, D, dtype=torch.float16)]
+            names = (*names, "fp16")
+    else:
+        return None
+    return dict(zip(names, out)) if out else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# packed storage of one stream
+# ---------------------------------------------------------------------------------------------------
+def _join_dims(q: Quantizer, a: Packed, b: Packed) -> dict[str, int] | None:
+    """The dim along which ``q.concat`` joins each tensor of runs a and b, where it joins every tensor by
+    plain concatenation (checked); None otherwise."""
+    merged = q.concat([a, b])
+    if merged is None or set(merged.tensors) != set(a.tensors):
+        return None
+    dims = {}
+    for name, m in merged.tensors.items():
+        ta, tb = a.tensors[name], b.tensors[name]
+        found = [d for d in range(m.dim()) if m.shape[d] == ta.shape[d] + tb.shape[d]
+                 and all(m.shape[e] == ta.shape[e] == tb.shape[e] for e in range(m.dim()) if e != d)]
+        if len(found) != 1 or not torch.equal(m, torch.cat([ta, tb], dim=found[0])):
+            return None
+        dims[name] = found[0]
+    return dims
+
+
+class _Runs:
+    """The packed runs of one stream. Runs that ``q.concat`` joins by concatenation live in one set of
+    tensors with spare room along their join dim (grown by an eighth, and by at least 64 tokens' worth,
+    when full), so an append copies only the new run; other runs stay a list."""
+
+    def __init__(self, q: Quantizer):
+        self.q = q
+        self.runs: list[Packed] = []  # before the first join, or when runs do not join
+        self.dims: dict[str, int] | None = None  # join dim of each tensor, once the runs are joined
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.used: dict[str, int] = {}
+        self.shape: tuple[int, ...] = ()
+        self.dtype = None
+        self._joined: Packed | None = None  # views of the storage, until the next append
+
+    def append(self, run: Packed) -> None:
+        if self.dims is None:
+            if len(self.runs) == 1:
+                dims = _join_dims(self.q, self.runs[0], run)
+                if dims is not None:
+                    first = self.runs.pop()
+                    self.dims, self.shape, self.dtype = dims, (*first.shape[:2], 0, first.shape[3]), first.dtype
+                    self.buffers = {n: t.narrow(dims[n], 0, 0) for n, t in first.tensors.items()}  # no room yet
+                    self.used = dict.fromkeys(first.tensors, 0)
+                    self._append(first)
+                    self._append(run)
+                    return
+            self.runs.append(run)
+            return
+        self._append(run)
+
+    def _append(self, run: Packed) -> None:
+        for name, t in run.tensors.items():
+            d, used, buf = self.dims[name], self.used[name], self.buffers[name]
+            n = t.shape[d]
+            if n == 0:  # e.g. KIVI's empty fp16 window
+                continue
+            if used + n > buf.shape[d]:
+                grown = list(t.shape)
+                grown[d] = used + n + max((used + n) // 8, -(-64 * n // run.shape[2]))
+                new = torch.empty(grown, dtype=t.dtype, device=t.device)
+                new.narrow(d, 0, used).copy_(buf.narrow(d, 0, used))
+                self.buffers[name] = buf = new
+            buf.narrow(d, used, n).copy_(t)
+            self.used[name] = used + n
+        self.shape = (*self.shape[:2], self.shape[2] + run.shape[2], self.shape[3])
+        self._joined = None
+
+    def packs(self) -> list[Packed]:
+        """The stored runs, oldest first (views of the storage)."""
+        if self.dims is None:
+            return self.runs
+        if self._joined is None:
+            tensors = {n: b.narrow(self.dims[n], 0, self.used[n]) for n, b in self.buffers.items()}
+            self._joined = Packed(tensors, self.shape, self.dtype)
+        return [self._joined]
+
+    def reserved(self) -> int:
+        """Bytes of room allocated beyond the stored runs."""
+        return sum((b.numel() - b.numel() // b.shape[self.dims[n]] * self.used[n]) * b.element_size()
+                   for n, b in self.buffers.items() if b.shape[self.dims[n]])
+
+    def map_batch(self, fn) -> None:
+        """Apply ``fn`` (a function of a tensor along its batch dim 0) to every stored tensor."""
+        runs = []
+        for p in self.runs:
+            tensors = {n: fn(t) for n, t in p.tensors.items()}
+            runs.append(Packed(tensors, (next(iter(tensors.values())).shape[0], *p.shape[1:]), p.dtype))
+        self.runs = runs
+        self.buffers = {n: fn(b.narrow(self.dims[n], 0, self.used[n])) for n, b in self.buffers.items()}
+        if self.buffers:
+            self.shape = (next(iter(self.buffers.values())).shape[0], *self.shape[1:])
+        self._joined = None
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when it is a view holding on to a storage over twice its size (a window sliced out of
+    a long prefill), so that the bytes held are the bytes counted."""
+    return t.clone() if t.untyped_storage().nbytes() > 2 * t.numel() * t.element_size() else t
+
+
+class _Stream:
+    """K or V of some kv heads of one layer under one quantizer."""
+
+    def __init__(self, q: Quantizer, heads: list[int], splits: dict):
+        self.q, self.heads = q, heads
+        self.spec = q.spec
+        self.splits = splits  # (spec, L) -> (sinks, quantized), shared by the cache's streams
+        self.length = 0
+        self.sinks: torch.Tensor | None = None  # (B, h, S, D) fp16
+        self.window: torch.Tensor | None = None  # (B, h, W, D) fp16 (or the input dtype for `none`)
+        self.runs = _Runs(q)
+        self.n_quantized = 0
+        self.dtype = None
+
+    def _split(self, L: int) -> tuple[int, int]:
+        """(sinks, quantized) token counts at length L from the scheme's rule [sinks | quantized | window]."""
+        key = (self.spec, L)
+        if key not in self.splits:
+            fp16 = self.q.fp16_tokens(L)
+            n_sinks = min(int(getattr(self.q, "sinks", 0)), L)
+            n_q = int((~fp16).sum())
+            if not bool(fp16[:n_sinks].all()) or bool(fp16[n_sinks : n_sinks + n_q].any()):
+                raise ValueError(f"{self.q.spec}: its fp16 tokens at L={L} are not [sinks | quantized | window]")
+            self.splits[key] = (n_sinks, n_q)
+        return self.splits[key]
+
+    def admit(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Add new tokens x (B, h, t, D) of the model's dtype to the window (as fp16); return the tokens
+        that the scheme's rule now quantizes, taken out of the window, or None."""
+        self.dtype = x.dtype
+        x = x if self.q.name == "none" else x.to(torch.float16)
+        self.window = x if self.window is None or not self.window.shape[2] else torch.cat([self.window, x], dim=2)
+        self.length += x.shape[2]
+        n_sinks, n_q = self._split(self.length)
+        have_sinks = 0 if self.sinks is None else self.sinks.shape[2]
+        if n_sinks > have_sinks:  # sinks fill first, from the oldest window tokens
+            take = n_sinks - have_sinks
+            head, self.window = self.window[:, :, :take], _compact(self.window[:, :, take:])
+            self.sinks = _compact(head) if self.sinks is None else torch.cat([self.sinks, head], dim=2)
+        if n_q < self.n_quantized:
+            raise ValueError(f"{self.q.spec}: quantized tokens went from {self.n_quantized} to {n_q}")
+        if n_q == self.n_quantized:
+            return None
+        take = n_q - self.n_quantized
+        if take == self.window.shape[2]:
+            chunk, self.window = self.window, None
+        else:
+            chunk, self.window = self.window[:, :, :take], _compact(self.window[:, :, take:])
+        self.n_quantized = n_q
+        return chunk
+
+    def quantize(self, chunk: torch.Tensor) -> Packed:
+        """The scheme's storage of ``chunk`` (fp16 values, as admitted), decoding to the model's dtype."""
+        fast = _quantize_cpu(self.q, chunk)
+        if fast is not None:
+            return Packed(fast, tuple(chunk.shape), self.dtype)
+        return dataclasses.replace(self.q.quantize_all(chunk), dtype=self.dtype)
+
+    def update(self, x: torch.Tensor) -> None:  # x (B, h, t, D) in the model's dtype
+        chunk = self.admit(x)
+        if chunk is not None:
+            self.runs.append(self.quantize(chunk))
+
+    def read_into(self, out: torch.Tensor) -> None:
+        """Write sinks, dequantized runs and window into ``out`` (B, h, L, D) of the model's dtype."""
+        at = 0
+        if self.sinks is not None:
+            out[:, :, : self.sinks.shape[2]].copy_(self.sinks)
+            at = self.sinks.shape[2]
+        for p in self.runs.packs():
+            read_packed(self.q, p, out[:, :, at : at + p.shape[2]])
+            at += p.shape[2]
+        if self.window is not None and self.window.shape[2]:
+            out[:, :, at:].copy_(self.window)
+
+    def nbytes(self) -> dict[str, int]:
+        out = {"codes": 0, "metadata": 0, "fp16": 0}
+        for t in (self.sinks, self.window):
+            if t is not None:
+                out["fp16"] += t.numel() * t.element_size()
+        for r in self.runs.packs():
+            for name, t in r.tensors.items():
+                kind = "codes" if name in _CODE_NAMES else "fp16" if name in _FP16_NAMES else "metadata"
+                out[kind] += t.numel() * t.element_size()
+        return out
+
+    def map_batch(self, fn) -> None:
+        self.sinks = None if self.sinks is None else fn(self.sinks)
+        self.window = None if self.window is None else fn(self.window)
+        self.runs.map_batch(fn)
+
+
+class PackedBatchOps:
+    """The batch operations of generate() (beam search reordering, repeats, selection) for a cache layer
+    whose stored tensors ``_map_batch(fn)`` rewrites along their batch dim; its packed storage stays where it
+    is (no offloading). Mixed into CompressedLayer and the fused layers of :mod:`kvlab.fused_cache`."""
+
+    def _map_batch(self, fn) -> None:
+        raise NotImplementedError
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: reorder the batch of every stored tensor (codes and scales included)."""
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+
+class CompressedLayer(PackedBatchOps, DynamicLayer):
+    """One attention layer's compressed K/V."""
+
+    is_croppable = False
+
+    def __init__(self, policy: Policy, layer_idx: int, n_layers: int, splits: dict | None = None):
+        super().__init__()
+        self.policy, self.layer_idx, self.n_layers = policy, layer_idx, n_layers
+        self.splits = {} if splits is None else splits
+        self.streams: dict[str, list[_Stream]] = {}
+        self.cumulative_length = 0
+
+    def lazy_initialization(self, key_states, value_states):
+        self.device = key_states.device
+        self.keys = torch.tensor([], dtype=key_states.dtype, device=self.device)  # unused, kept for the API
+        self.values = torch.tensor([], dtype=value_states.dtype, device=self.device)
+        n_heads = key_states.shape[1]
+        for which in ("k", "v"):
+            groups: dict[str, _Stream] = {}
+            for h in range(n_heads):
+                q = self.policy.quantizer(self.layer_idx, h, which, self.n_layers)
+                if q.spec not in groups:
+                    groups[q.spec] = _Stream(q, [], self.splits)
+                groups[q.spec].heads.append(h)
+            self.streams[which] = list(groups.values())
+        self.is_initialized = True
+
+    def _update_one(self, which: str, x: torch.Tensor) -> torch.Tensor:  # x (B, H, t, D)
+        B, H, _, D = x.shape
+        streams = self.streams[which]
+        if len(streams) == 1 and len(streams[0].heads) == H:  # one scheme for every head
+            streams[0].update(x)
+            return self._read_one(which, x)
+        out = torch.empty(B, H, self.cumulative_length, D, dtype=x.dtype, device=x.device)
+        for s in streams:
+            lo, hi = s.heads[0], s.heads[-1] + 1
+            if s.heads == list(range(lo, hi)):  # a run of heads: views, no gather / scatter
+                s.update(x[:, lo:hi])
+                s.read_into(out[:, lo:hi])
+            else:
+                s.update(x[:, s.heads])
+                part = torch.empty(B, len(s.heads), self.cumulative_length, D, dtype=x.dtype, device=x.device)
+                s.read_into(part)
+                out[:, s.heads] = part
+        return out
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        (ks, *k_rest), (vs, *v_rest) = self.streams["k"], self.streams["v"]
+        if not k_rest and not v_rest and ks.spec == vs.spec and len(ks.heads) == key_states.shape[1]:
+            self._update_pair(ks, vs, key_states, value_states)
+            return self._read_one("k", key_states), self._read_one("v", value_states)
+        return self._update_one("k", key_states), self._update_one("v", value_states)
+
+    @staticmethod
+    def _update_pair(ks: _Stream, vs: _Stream, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K and V under one scheme, every head: their tokens are quantized in one call, stacked on the
+        batch dim (a causal scheme quantizes each (batch, head) slice on its own), halving the calls."""
+        ck, cv = ks.admit(k), vs.admit(v)
+        if ck is None or cv is None or ck.shape != cv.shape:
+            for s, c in ((ks, ck), (vs, cv)):
+                if c is not None:
+                    s.runs.append(s.quantize(c))
+            return
+        run, B = ks.quantize(torch.cat([ck, cv])), ck.shape[0]
+        for s, rows in ((ks, slice(0, B)), (vs, slice(B, 2 * B))):
+            s.runs.append(Packed({n: t[rows] for n, t in run.tensors.items()}, (B, *run.shape[1:]), run.dtype))
+
+    def _read_one(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, L, D) from the one stream of ``which`` (K or V), shaped and typed like ``x``."""
+        out = torch.empty(x.shape[0], x.shape[1], self.cumulative_length, x.shape[3], dtype=x.dtype, device=x.device)
+        self.streams[which][0].read_into(out)
+        return out
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def reset(self) -> None:
+        self.streams, self.cumulative_length, self.is_initialized = {}, 0, False
+
+    def _map_batch(self, fn) -> None:
+        for streams in self.streams.values():
+            for s in streams:
+                s.map_batch(fn)
+
+    def nbytes(self) -> dict[str, int]:
+        out = {"codes": 0, "metadata": 0, "fp16": 0, "reserved": 0}
+        for streams in self.streams.values():
+            for s in streams:
+                for k, v in s.nbytes().items():
+                    out[k] += v
+                out["reserved"] += s.runs.reserved()
+        return out
+
+
+def layers_nbytes(layers) -> dict[str, int]:
+    """Sum of the layers' ``nbytes()`` (codes, metadata, fp16, reserved), plus ``total`` (held bytes:
+    codes + metadata + fp16; ``reserved`` room is not held data)."""
+    out = {"codes": 0, "metadata": 0, "fp16": 0, "reserved": 0}
+    for layer in layers:
+        for k, v in layer.nbytes().items():
+            out[k] += v
+    out["total"] = out["codes"] + out["metadata"] + out["fp16"]
+    return out

@@ -1,0 +1,48 @@
+"""The CUDA C++ KIVI kernels (kvlab/kernels/csrc/kivi_attention_cuda.cu) compile, without a GPU.
+
+Their numerical tests need a GPU (tests/test_kernels.py, tests/test_fused_cache.py, run through the device
+tool). This one runs wherever ``nvcc`` is installed, CI included: it compiles the kernels' translation unit
+(every template instance the binding launches, and the launchers; no torch headers) for sm_90 and reads
+ptxas's resource report, so that a change that breaks the build or makes the timed configurations spill to
+local memory (or the staged variant lose its 3 CTAs per SM, the folded one its 2) fails here first.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+CSRC = Path(__file__).resolve().parents[2] / "kvlab" / "kernels" / "csrc"
+REGISTERS = [(bits, d, nt) for bits in (4, 2) for d in (128, 64) for nt in (1, 2)]
+STAGED = [(bits, d, dg) for bits in (4, 2) for d in (128, 64) for dg in (1, 2, 4, 8)]
+FOLDED = STAGED  # same instances: (bits, D, D / group)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA compiler nvcc")
+def test_cuda_kivi_kernels_compile_without_spills(tmp_path):
+    cmd = ["nvcc", "-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", "-c", "-Xptxas", "-v",
+           "-I", str(CSRC), "-o", str(tmp_path / "kivi.o"), str(CSRC / "kivi_attention_cuda.cu")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = run.stdout + run.stderr
+    # ptxas -v: per entry function, "Compiling entry function '<mangled>'", then spills, then registers
+    entries = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores.*?Used (\d+) registers",
+                         report, flags=re.S)
+    found = {name: (int(spill), int(regs)) for name, spill, regs in entries}
+    print({n[-40:]: v for n, v in found.items()})  # (spill bytes, registers), shown with -s
+    for bits, d, nt in REGISTERS:
+        spill, regs = found[f"_ZN5kvlab18kivi_decode_kernelILi{bits}ELi{d}ELi{nt}EEEvNS_10KiviParamsE"]
+        if nt == 1:  # up to 8 query rows per kv head (GQA 4 or 8, one query token): the configuration timed
+            assert spill == 0, f"kivi_decode_kernel<{bits}, {d}, {nt}> spills {spill} bytes to local memory"
+    for bits, d, dg in STAGED:
+        spill, regs = found[f"_ZN5kvlab25kivi_decode_staged_kernelILi{bits}ELi{d}ELi1ELi{dg}EEEvNS_10KiviParamsE"]
+        assert spill == 0, f"kivi_decode_staged_kernel<{bits}, {d}, 1, {dg}> spills {spill} bytes"
+        assert regs <= 168, f"kivi_decode_staged_kernel<{bits}, {d}, 1, {dg}> uses {regs} registers (3 CTAs: 168)"
+    for bits, d, dg in FOLDED:
+        spill, regs = found[f"_ZN5kvlab25kivi_decode_folded_kernelILi{bits}ELi{d}ELi{dg}EEEvNS_10KiviParamsE"]
+        assert spill == 0, f"kivi_decode_folded_kernel<{bits}, {d}, {dg}> spills {spill} bytes"
+        assert regs <= 255, f"kivi_decode_folded_kernel<{bits}, {d}, {dg}> uses {regs} registers (2 CTAs: 255)"

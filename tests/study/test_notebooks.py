@@ -1,0 +1,61 @@
+"""Every notebook executes headless with papermill in smoke mode and records its metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kvlab.study.runner import notebooks, run_notebooks
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("smoke")
+    params = {"smoke": True, "data_dir": data_dir, "fig_dir": str(out / "figures"),
+              "results_dir": str(out / "results"), "out_dir": str(out / "metrics")}
+    paths = run_notebooks(out_dir=out / "executed", parameters=params, progress=False)
+    return out, paths
+
+
+def _metrics(out, name):
+    return json.loads((out / "metrics" / f"{name}.metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_every_notebook_executed(smoke):
+    out, paths = smoke
+    assert [p.name for p in paths] == [p.name for p in notebooks()]
+    assert len(paths) >= 4
+    assert len(list((out / "figures").glob("*.png"))) >= 5
+
+
+@pytest.mark.slow
+def test_01_metrics(smoke):
+    m = _metrics(smoke[0], "01_dump_tensors")
+    assert m["corpus"] == "wikitext-2-v1"
+    assert m["outlier_ratio_k_pre"] > 1 and m["outlier_ratio_v"] > 1 and m["kurtosis_v"] > 0
+
+
+@pytest.mark.slow
+def test_02_metrics(smoke):
+    m = _metrics(smoke[0], "02_error_heatmaps")
+    assert len(m["worst_heads"]) == 6
+    assert all(0 < v <= 1 for v in m["k_share_worst"].values())
+    assert m["mixed_bytes_per_token_4096"] > m["base_bytes_per_token_4096"]
+    assert m["bytes_per_token_4096"]["fp16"] > m["bytes_per_token_4096"]["q4_0"]
+
+
+@pytest.mark.slow
+def test_03_metrics(smoke):
+    m = _metrics(smoke[0], "03_cosine_vs_perplexity")
+    assert m["n_configs"] >= 4 and m["delta_ppl"]["fp16"] == 0
+    assert all(-1 <= v <= 1 for v in m["spearman"].values() if v is not None and not math.isnan(v))
+
+
+@pytest.mark.slow
+def test_04_metrics(smoke):
+    m = _metrics(smoke[0], "04_negative_result")
+    assert 2.5 < m["truncate_mse_ratio_8bit"] < 6  # truncation: ~4x the MSE of rounding
+    assert m["bits_per_value"]["signmag:v=1"] < 2

@@ -1,0 +1,42 @@
+"""kvlab.cli: the ppl command end to end, and its refusals of bad input (one line, exit 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+
+def test_cli_ppl_json_is_deterministic(data_dir):
+    cmd = [sys.executable, "-m", "kvlab", "ppl", "--corpus", f"{data_dir}/wikitext-2-v1/test.txt",
+           "--ctx", "128", "--windows", "2", "--json"]
+    runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout) for _ in range(2)]
+    assert runs[0] == runs[1]
+    d = runs[0]
+    for key in ("ppl", "nll", "n_tokens_scored", "window_nll", "tokens_sha256", "model", "corpus", "ctx"):
+        assert key in d
+    assert d["n_tokens_scored"] == 2 * 127 and len(d["window_nll"]) == 2
+    assert d["ppl"] == pytest.approx(math.exp(sum(d["window_nll"]) / 2))
+
+
+@pytest.mark.parametrize("args, match", [(["--ctx", "1"], "ctx=1"), (["--windows", "0"], "windows=0"),
+                                         (["--corpus", "nonexistent-corpus"], "unknown corpus")])
+def test_cli_bad_inputs(args, match):
+    r = subprocess.run([sys.executable, "-m", "kvlab", "ppl", *args], capture_output=True, text=True)
+    assert r.returncode == 2 and match in r.stderr
+
+
+def test_cli_study_inplace_refuses_the_pydoc_fallback(monkeypatch, tmp_path, capsys):
+    """Re-rendering the committed findings without WikiText-2 reachable is refused before any notebook runs
+    (an explicit --corpus still renders on purpose)."""
+    from kvlab.cli import main
+
+    monkeypatch.delenv("KVLAB_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert main(["study", "--inplace", "--only", "05", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--inplace renders the committed findings on WikiText-2" in err and str(tmp_path) in err

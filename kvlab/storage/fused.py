@@ -2,7 +2,7 @@
 
 Usage::
 
-    from kvlab.storage.fused import FusedCache, use_fused_attention
+    from kvlab.storage import FusedCache, use_fused_attention
 
     use_fused_attention(model)  # registers "kvlab_fused" and selects it; returns the previous name
     cache = FusedCache("kivi:bits=4", config=model.config)

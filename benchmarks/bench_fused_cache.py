@@ -106,8 +106,8 @@ def main(argv=None) -> int:
     import triton
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
-    from kvlab.storage.cache import CompressedCache, cache_kwarg
     from kvlab.storage import FusedCache, use_fused_attention
+    from kvlab.storage.cache import CompressedCache, cache_kwarg
 
     cfg = LlamaConfig(num_hidden_layers=args.layers, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
                       head_dim=128, intermediate_size=14336, vocab_size=args.vocab,

@@ -23,8 +23,8 @@ import kvlab.quant as kq  # noqa: E402
 import kvlab.storage.cache  # noqa: E402
 import kvlab.storage.fused as fc  # noqa: E402
 from kvlab.quant.policy import parse_policy  # noqa: E402
-from kvlab.storage.cache import CompressedCache, cache_kwarg  # noqa: E402
 from kvlab.storage import FusedCache  # noqa: E402
+from kvlab.storage.cache import CompressedCache, cache_kwarg  # noqa: E402
 from kvlab.storage.fused import fused_attention, fused_layer, use_fused_attention  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")

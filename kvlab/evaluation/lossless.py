@@ -401,7 +401,8 @@ def layer_ratios(table: pd.DataFrame, codec: str = "best", k_tensor: str = "k_po
 
 
 def _lossless(q) -> bool:
-    return q.name == "fp16" and q.rotate == "none"
+    lay = q.layout()  # held as plain fp16 values: the tensors this module codes losslessly
+    return lay is not None and lay.kind == "cast" and lay.bits == 16 and lay.fmt == "fp16"
 
 
 def mixed_bits_per_value(policy, lossless: dict[tuple[int, str], float], n_layers: int, n_kv_heads: int,

@@ -1,13 +1,27 @@
 """The one quantizer interface: validation, rotation, spec strings and byte accounting live here once.
 
 A quantizer works on K or V of one attention layer, shape (B, H, T, D) = (batch, kv heads, tokens,
-head_dim). Subclasses are small dataclasses that implement ``_quantize`` / ``_dequantize`` and
-``_bits(T, D)`` (the bits stored for one (T, D) head slice), plus ``_check_dims`` and ``error_bound``
-where the scheme has a grouping or a step.
+head_dim). Subclasses are small dataclasses that must implement ``_quantize`` / ``_dequantize``,
+``_bits(T, D)`` (the bits stored for one (T, D) head slice) and ``error_bound`` (abstract methods), plus
+``_check_dims`` where the scheme has a grouping.
+
+What storage and analysis may ask of a scheme is declared here, never read off its name:
+
+- ``causal``: a token's stored value depends only on tokens up to its own group, so a cache can quantize
+  tokens as they arrive; False for an *oracle*, which looks at the whole window (whole-axis ranges, a
+  codebook fitted on the window): usable in emulation as a ceiling, refused by the cache.
+- ``prerope``: K is quantized before RoPE.
+- ``choices``: the allowed values of the parameters that have a closed set (``kvlab schemes`` lists them).
+- ``n_sinks``: leading tokens kept in fp16 (attention sinks).
+- ``layout()``: the packed layout the compiled CPU kernels and the fused GPU kernels read, or None where
+  only the scheme's own ``dequantize`` knows how (the fast packed path).
+- ``window_dtype``, ``stored_input``: what the cache holds for tokens waiting unquantized.
+- ``family_label()``: the family a study groups the scheme with (for colours and tables).
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -15,7 +29,7 @@ from typing import ClassVar
 
 import torch
 
-__all__ = ["Packed", "Quantizer", "check_tensor", "hadamard", "parse_spec", "tensor_bytes"]
+__all__ = ["Layout", "Packed", "Quantizer", "check_tensor", "hadamard", "parse_spec", "tensor_bytes"]
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -33,6 +47,26 @@ class Packed:
 
     def nbytes(self) -> int:
         return sum(tensor_bytes(t) for t in self.tensors.values())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A packed layout that kernels outside :mod:`kvlab.quant` read directly (the fast packed path).
+
+    ``kind``: ``"cast"`` (values held as a float dtype, ``fmt`` "fp16" / "bf16" / "none"), ``"block"``
+    (llama.cpp blocks of 32 values along head_dim: ``bits``-bit codes, an fp16 scale and with ``asym`` an
+    fp16 minimum per block; ``fmt`` the ggml type name), or ``"group"`` (KIVI: ``bits``-bit affine codes in
+    groups of ``group`` along ``along`` ("token" for K, "channel" for V), an fp16 scale and minimum per group,
+    the last ``window`` tokens in fp16).
+    """
+
+    kind: str
+    bits: int
+    fmt: str = ""
+    asym: bool = False
+    group: int = 0
+    along: str = ""
+    window: int = 0
 
 
 def check_tensor(x: torch.Tensor, what: str = "x") -> None:
@@ -85,6 +119,9 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"bad item {item!r} in spec {spec!r}; expected key=value")
+        if key.strip() in kwargs:
+            raise ValueError(f"spec {spec!r} sets {key.strip()} twice ({key.strip()}={kwargs[key.strip()]} and "
+                             f"{item!r}); allowed: each key once")
         kwargs[key.strip()] = value.strip()
     return name.strip(), kwargs
 
@@ -117,8 +154,9 @@ def _check_choice(owner: str, key: str, value, allowed) -> None:
 
 
 @dataclass
-class Quantizer:
-    """Base class. Subclasses set ``name`` and implement ``_quantize``, ``_dequantize`` and ``_bits``.
+class Quantizer(abc.ABC):
+    """Base class. Subclasses set ``name`` and implement ``_quantize``, ``_dequantize``, ``_bits`` and
+    ``error_bound``; the capabilities of the module docstring have defaults here.
 
     ``rotate="hadamard"`` rotates head_dim by an orthonormal Walsh-Hadamard matrix before quantizing and
     rotates back after dequantizing; in attention this equals rotating Q (for K) and the output (for V).
@@ -130,6 +168,10 @@ class Quantizer:
     #: a token's stored value never depends on tokens after the group it is quantized with; False
     #: for schemes that use statistics of the whole sequence (whole-axis or global scales)
     causal: ClassVar[bool] = True
+    #: allowed values of the parameters that have a closed set, {field: (values...)}
+    choices: ClassVar[dict[str, tuple]] = {}
+    #: dtype of the tokens the cache holds unquantized (fp16 window, sinks); None: the input's own dtype
+    window_dtype: ClassVar[torch.dtype | None] = torch.float16
 
     rotate: str = "none"
 
@@ -137,22 +179,43 @@ class Quantizer:
         _check_choice(self.name, "rotate", self.rotate, ("none", "hadamard"))
 
     # ---- to implement -------------------------------------------------------------------------
-    def _quantize(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # x: (B, H, T, D) float32
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _quantize(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x (B, H, T, D) float32 (rotated when rotate=hadamard) -> the tensors to store."""
 
+    @abc.abstractmethod
     def _dequantize(self, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-        raise NotImplementedError
+        """The stored tensors of a (B, H, T, D) ``shape`` -> x_hat (B, H, T, D) float32."""
 
+    @abc.abstractmethod
     def _bits(self, T: int, D: int) -> float:
         """Bits stored for one head's (T, D) slice, every code, scale, index and window counted."""
-        raise NotImplementedError
 
-    def _check_dims(self, T: int, D: int) -> None:
-        """Raise ValueError if the scheme cannot hold a (T, D) head slice (group vs head_dim, ...)."""
-
+    @abc.abstractmethod
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
         """Element-wise bound on |x - roundtrip(x)| (in the rotated basis when rotate=hadamard)."""
-        raise NotImplementedError
+
+    def _check_dims(self, T: int, D: int) -> None:  # noqa: B027 (optional: schemes without a grouping accept any)
+        """Raise ValueError if the scheme cannot hold a (T, D) head slice (group vs head_dim, ...)."""
+
+    # ---- optional capabilities (defaults) -----------------------------------------------------
+    @property
+    def oracle(self) -> bool:
+        """True when the scheme looks at the whole window (not causal): a ceiling, not a deployable cache."""
+        return not self.causal
+
+    @property
+    def n_sinks(self) -> int:
+        """Leading tokens held in fp16 (attention sinks)."""
+        return 0
+
+    def layout(self) -> Layout | None:
+        """The packed layout kernels outside kvlab.quant read directly, or None (see :class:`Layout`)."""
+        return None
+
+    def family_label(self) -> str:
+        """The family a study groups this scheme with: its name, ``+hadamard`` when it rotates."""
+        return self.name + ("+hadamard" if self.rotate == "hadamard" else "")
 
     def for_tensor(self, which: str) -> Quantizer:
         """The quantizer to use for K (``"k"``) or V (``"v"``). Schemes that treat K and V differently

@@ -21,7 +21,7 @@ def _summary(q: Quantizer) -> str:
 
 
 def _params(q: Quantizer) -> list[dict]:
-    choices = dict(getattr(q, "choices", {}), rotate=ROTATE)
+    choices = dict(q.choices, rotate=ROTATE)
     names = [f.name for f in dataclasses.fields(q) if f.init and f.name != "rotate"] + ["rotate"]  # as spec
     defaults = {f.name: f.default for f in dataclasses.fields(q)}
     return [

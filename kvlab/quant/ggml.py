@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from kvlab.quant.base import Quantizer
+from kvlab.quant.base import Layout, Quantizer
 from kvlab.quant.packing import pack_bits, unpack_bits
 from kvlab.quant.registry import register
 
@@ -53,6 +53,11 @@ class _GGMLBlock(Quantizer):
 
     nbits: ClassVar[int]
     asym: ClassVar[bool]
+
+    def layout(self):
+        if self.nbits == 5 or self.rotate != "none":  # the kernels read unrotated 4- and 8-bit blocks only
+            return None
+        return Layout("block", self.nbits, fmt=self.name, asym=self.asym, group=BLOCK, along="channel")
 
     def _check_dims(self, T, D):
         if D % BLOCK:

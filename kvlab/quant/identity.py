@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from kvlab.quant.base import Packed, Quantizer
+from kvlab.quant.base import Layout, Packed, Quantizer
 from kvlab.quant.registry import register
 
 
@@ -17,6 +17,16 @@ class NoQuant(Quantizer):
     """Identity: stores the tensor unchanged, in its own dtype. For checking that hooks change nothing."""
 
     name = "none"
+    window_dtype = None  # the cache holds the caller's values as they are
+
+    def layout(self):
+        return Layout("cast", 32, fmt=self.name)
+
+    def _quantize(self, x):  # not reached: quantize is overridden (no float32 detour)
+        return {"x": x.clone()}
+
+    def _dequantize(self, tensors, shape):
+        return tensors["x"].clone()
 
     def quantize(self, x):  # no float32 detour: the caller's bits come back exactly
         self.check(x)
@@ -46,6 +56,9 @@ class _Cast(Quantizer):
 
     def _dequantize(self, tensors, shape):
         return tensors["x"].float()
+
+    def layout(self):
+        return Layout("cast", 16, fmt=self.name) if self.rotate == "none" else None
 
     def _bits(self, T, D):
         return T * D * 16

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlab.quant.base import Packed, Quantizer, check_choice, hadamard
+from kvlab.quant.base import Layout, Packed, Quantizer, check_choice, hadamard
 from kvlab.quant.packing import pack_bits, packed_len, unpack_bits
 from kvlab.quant.registry import register
 from kvlab.quant.uniform import affine_bound, affine_params, from_codes, to_codes
@@ -63,9 +63,19 @@ class KIVI(Quantizer):
             check_choice(self.name, key, getattr(self, key), allowed)
         if not isinstance(self.group, int) or self.group < 1:
             raise ValueError(f"kivi: group={self.group!r} is not allowed; allowed: a positive integer")
-        if not isinstance(self.residual, int) or self.residual < 1 or self.residual % self.group:
-            raise ValueError(f"kivi: residual={self.residual!r} is not allowed; allowed: a positive "
-                             f"multiple of group={self.group}")
+        if not isinstance(self.residual, int) or self.residual < 1:
+            raise ValueError(f"kivi: residual={self.residual!r} is not allowed; allowed: a positive integer")
+        if self.residual % self.group:  # name group first: residual is often the default the user never set
+            up = -(-self.residual // self.group) * self.group
+            raise ValueError(f"kivi: group={self.group} does not divide residual={self.residual} (K is quantized in "
+                             f"blocks of residual tokens made of whole groups); allowed: a group dividing "
+                             f"{self.residual} (e.g. 32), or residual={up} with group={self.group}")
+
+    def layout(self):
+        if self.rotate != "none":  # the kernels read unrotated codes
+            return None
+        return Layout("group", self.bits, fmt="kivi", asym=True, group=self.group,
+                      along="token" if self.tensor == "k" else "channel", window=self.residual)
 
     def _check_dims(self, T, D):
         if self.tensor == "v" and D % self.group:

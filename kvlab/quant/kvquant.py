@@ -102,6 +102,10 @@ class KVQuant(Quantizer):
             raise ValueError(f"kvquant: sinks={self.sinks!r} is not allowed; allowed: an integer >= 0")
 
     @property
+    def n_sinks(self) -> int:
+        return self.sinks
+
+    @property
     def prerope(self) -> bool:
         return self.tensor == "k"
 

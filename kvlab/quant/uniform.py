@@ -108,6 +108,9 @@ class IntQuant(Quantizer):
     def causal(self) -> bool:  # whole-axis channel scales and global scales see the whole sequence
         return self.axis == "token" and self.group != "global"
 
+    def family_label(self) -> str:
+        return "int (truncate)" if self.rounding == "truncate" else super().family_label()
+
     def _check_dims(self, T, D):
         if self.axis == "token" and isinstance(self.group, int) and self.group and D % self.group:
             raise ValueError(f"int: group={self.group} does not divide head_dim D={D}; "

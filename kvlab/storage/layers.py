@@ -37,57 +37,54 @@ def _unpack_into(packed: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     torch.bitwise_right_shift(packed, bits * (k - 1), out=out[..., k - 1])
 
 
-def _read_cast(q, t, shape, out):  # fp16 / bf16 / none: the stored values, converted
+def _read_cast(lay, t, shape, out):  # fp16 / bf16 / none: the stored values, converted
     out.copy_(t["x"])
 
 
-def _read_ggml(q, t, shape, out):  # q4_0 / q4_1 / q8_0: d * (q - 2**(b-1)), or d * q + m
+def _read_ggml(lay, t, shape, out):  # llama.cpp blocks: d * (q - 2**(b-1)), or d * q + m
     if out.dtype == torch.float32 and cpu_kernels.usable(out):
-        cpu_kernels.ops().ggml_read(t["codes"], t["scale"], t.get("min"), q.nbits, out)
+        cpu_kernels.ops().ggml_read(t["codes"], t["scale"], t.get("min"), lay.bits, out)
         return
     B, H, T, D = shape
     o = out.view(B, H, T, D // 32, 32)
-    if q.nbits == 8:
+    if lay.bits == 8:
         o.copy_(t["codes"].view(torch.int8).view(B, H, T, D // 32, 32))
     else:
         qs = t["codes"].view(B, H, T, D // 32, 16)  # ggml's qs[j] = q[j] | q[j + 16] << 4
         torch.bitwise_and(qs, 15, out=o[..., :16])
         torch.bitwise_right_shift(qs, 4, out=o[..., 16:])
-        if not q.asym:
+        if not lay.asym:
             o.sub_(8)
     o.mul_(t["scale"].unsqueeze(-1))  # fp16 scale and minimum: exact in float32
-    if q.asym:
+    if lay.asym:
         o.add_(t["min"].unsqueeze(-1))
 
 
-def _read_kivi(q, t, shape, out):  # codes * scale + min, K grouped along tokens, V along head_dim
+def _read_kivi(lay, t, shape, out):  # codes * scale + min, K grouped along tokens, V along head_dim
     if out.dtype == torch.float32 and cpu_kernels.usable(out):
-        cpu_kernels.ops().kivi_read(t["codes"], t["scale"], t["min"], q.bits, q.group, q.tensor == "k", out)
+        cpu_kernels.ops().kivi_read(t["codes"], t["scale"], t["min"], lay.bits, lay.group, lay.along == "token", out)
         return
     B, H, T, D = shape
-    g, k = q.group, 8 // q.bits
-    if q.tensor == "k":  # codes (B, H, D, T*bits/8) packed along tokens; scale, min (B, H, T/g, D)
-        _unpack_into(t["codes"], q.bits, out.transpose(-1, -2).view(B, H, D, T // k, k))
+    g, k = lay.group, 8 // lay.bits
+    if lay.along == "token":  # codes (B, H, D, T*bits/8) packed along tokens; scale, min (B, H, T/g, D)
+        _unpack_into(t["codes"], lay.bits, out.transpose(-1, -2).view(B, H, D, T // k, k))
         o, scale, lo = out.view(B, H, T // g, g, D), t["scale"].unsqueeze(3), t["min"].unsqueeze(3)
     else:  # codes (B, H, T, D*bits/8) packed along head_dim; scale, min (B, H, T, D/g)
-        _unpack_into(t["codes"], q.bits, out.view(B, H, T, D // k, k))
+        _unpack_into(t["codes"], lay.bits, out.view(B, H, T, D // k, k))
         o, scale, lo = out.view(B, H, T, D // g, g), t["scale"].unsqueeze(-1), t["min"].unsqueeze(-1)
     o.mul_(scale).add_(lo)  # fp16 scale and minimum: exact in float32
 
 
+_READERS = {"cast": _read_cast, "block": _read_ggml, "group": _read_kivi}
+
+
 def _reader(q: Quantizer):
-    """A function ``(q, tensors, shape, out)`` that writes the dequantized run into the float32 ``out``,
-    bit-identical to ``q.dequantize``; None where only ``q.dequantize`` knows how. Except ``_read_cast``
-    they run on CPU only (integer ops written into float ``out=`` tensors, which CUDA refuses)."""
-    if q.rotate != "none":
-        return None
-    if q.name in ("fp16", "bf16", "none"):
-        return _read_cast
-    if q.name in ("q4_0", "q4_1", "q8_0"):
-        return _read_ggml
-    if q.name == "kivi" and q.bits in (2, 4):
-        return _read_kivi
-    return None
+    """A function ``(layout, tensors, shape, out)`` that writes the dequantized run into the float32 ``out``,
+    bit-identical to ``q.dequantize``, for the packed layouts a scheme declares (:meth:`Quantizer.layout`);
+    None where only ``q.dequantize`` knows how. Except ``_read_cast`` they run on CPU only (integer ops
+    written into float ``out=`` tensors, which CUDA refuses)."""
+    lay = q.layout()
+    return None if lay is None else _READERS.get(lay.kind)
 
 
 def read_packed(q: Quantizer, packed: Packed, out: torch.Tensor) -> None:
@@ -102,29 +99,31 @@ def read_packed(q: Quantizer, packed: Packed, out: torch.Tensor) -> None:
         out.copy_(q.dequantize(packed))
         return
     if reader is _read_cast or out.dtype == torch.float32:
-        reader(q, packed.tensors, packed.shape, out)
+        reader(q.layout(), packed.tensors, packed.shape, out)
         return
     tmp = torch.empty(out.shape, dtype=torch.float32, device=out.device)  # the schemes decode in float32
-    reader(q, packed.tensors, packed.shape, tmp)
+    reader(q.layout(), packed.tensors, packed.shape, tmp)
     out.copy_(tmp)
 
 
 def _quantize_cpu(q: Quantizer, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
-    """``q.quantize_all(x).tensors`` from the compiled CPU kernels (bit-identical) for q4_0 / q4_1 / q8_0 and
-    KIVI 2/4-bit on CPU; None where they do not apply (other schemes, rotations, shapes the scheme refuses,
-    non-finite values: the scheme's own code then raises its error)."""
-    if q.rotate != "none" or x.dim() != 4 or x.dtype not in (torch.float16, torch.float32) or not x.numel():
+    """``q.quantize_all(x).tensors`` from the compiled CPU kernels (bit-identical) for the llama.cpp 4/8-bit
+    block and KIVI 2/4-bit group layouts on CPU; None where they do not apply (other layouts, shapes the
+    scheme refuses, non-finite values: the scheme's own code then raises its error)."""
+    lay = q.layout()
+    if lay is None or x.dim() != 4 or x.dtype not in (torch.float16, torch.float32) or not x.numel():
         return None
     B, H, T, D = x.shape
-    if q.name in ("q4_0", "q4_1", "q8_0") and D % 32 == 0:
+    if lay.kind == "block" and lay.bits in (4, 8) and D % lay.group == 0:
         if not cpu_kernels.usable(x):
             return None
-        out = cpu_kernels.ops().ggml_quantize(x, q.nbits, q.asym)
+        out = cpu_kernels.ops().ggml_quantize(x, lay.bits, lay.asym)
         names = ("codes", "scale", "min")
-    elif q.name == "kivi" and q.bits in (2, 4) and (T % q.group == 0 if q.tensor == "k" else D % q.group == 0):
-        if (T if q.tensor == "k" else D) % (8 // q.bits) or not cpu_kernels.usable(x):
+    elif (lay.kind == "group" and lay.bits in (2, 4)
+          and (T % lay.group == 0 if lay.along == "token" else D % lay.group == 0)):
+        if (T if lay.along == "token" else D) % (8 // lay.bits) or not cpu_kernels.usable(x):
             return None
-        out = cpu_kernels.ops().kivi_quantize(x, q.bits, q.group, q.tensor == "k")
+        out = cpu_kernels.ops().kivi_quantize(x, lay.bits, lay.group, lay.along == "token")
         names = ("codes", "scale", "min")
         if out:
             out = [*out, x.new_empty(B, H, 0, D, dtype=torch.float16)]
@@ -254,7 +253,7 @@ class _Stream:
         key = (self.spec, L)
         if key not in self.splits:
             fp16 = self.q.fp16_tokens(L)
-            n_sinks = min(int(getattr(self.q, "sinks", 0)), L)
+            n_sinks = min(self.q.n_sinks, L)
             n_q = int((~fp16).sum())
             if not bool(fp16[:n_sinks].all()) or bool(fp16[n_sinks : n_sinks + n_q].any()):
                 raise ValueError(f"{self.q.spec}: its fp16 tokens at L={L} are not [sinks | quantized | window]")
@@ -265,7 +264,7 @@ class _Stream:
         """Add new tokens x (B, h, t, D) of the model's dtype to the window (as fp16); return the tokens
         that the scheme's rule now quantizes, taken out of the window, or None."""
         self.dtype = x.dtype
-        x = x if self.q.name == "none" else x.to(torch.float16)
+        x = x if self.q.window_dtype is None else x.to(self.q.window_dtype)
         self.window = x if self.window is None or not self.window.shape[2] else torch.cat([self.window, x], dim=2)
         self.length += x.shape[2]
         n_sinks, n_q = self._split(self.length)

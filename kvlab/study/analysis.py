@@ -34,11 +34,7 @@ def family(spec: str) -> str:
     """The scheme family of a config, for colours and grouping: 'kivi', 'q4_0', 'int', 'signmag'..."""
     p = parse_policy(spec)
     q = quant.get(p.k)
-    name = q.name
-    if name == "int" and getattr(q, "rounding", "nearest") == "truncate":
-        return "int (truncate)"
-    if getattr(q, "rotate", "none") == "hadamard":
-        name += "+hadamard"
+    name = q.family_label()
     if p.keep_first or p.keep_last or p.keep_k_heads or p.keep_v_heads or p.recent or p.k != p.v:
         name = "mixed policy"
     return name

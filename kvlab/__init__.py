@@ -4,7 +4,7 @@ from kvlab import quant
 from kvlab.emulation.hooks import capture, compress, measure
 from kvlab.evaluation.corpus import CORPORA, load_corpus
 from kvlab.evaluation.dump import dump, load_dump
-from kvlab.evaluation.ppl import PplResult, make_windows, tokenize, window_nll
+from kvlab.evaluation.ppl import PplResult, make_windows, resolve_bos, tokenize, window_nll
 from kvlab.evaluation.sweep import sweep
 from kvlab.model.loading import DEFAULT_MODEL, load_model
 from kvlab.quant.policy import Policy, parse_policy
@@ -26,6 +26,7 @@ __all__ = [
     "measure",
     "parse_policy",
     "quant",
+    "resolve_bos",
     "sweep",
     "tokenize",
     "window_nll",

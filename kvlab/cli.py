@@ -31,6 +31,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder holding wikitext-2-v1/{test,valid}.txt")
     p.add_argument("--ctx", type=_positive("ctx"), default=512)
     p.add_argument("--windows", type=_positive("windows"), default=24)
+    p.add_argument("--bos", default="auto", choices=("auto", "always", "never"),
+                   help="start every window with the BOS token: auto (where the tokenizer adds one when "
+                        "encoding), always, never. A window with BOS is BOS + ctx-1 text tokens; BOS is never "
+                        "scored")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -41,16 +45,17 @@ def cmd_ppl(a) -> int:
     if policy is None:
         if a.emulation != "prefill":
             raise ValueError("--emulation needs --scheme or --policy")
-        d = baseline_ppl(a.model, a.corpus, a.ctx, a.windows, a.data_dir).to_dict()
+        d = baseline_ppl(a.model, a.corpus, a.ctx, a.windows, a.data_dir, bos=a.bos).to_dict()
     else:
         if a.policy and a.scheme:
             raise ValueError("give --scheme (one scheme everywhere) or --policy (a policy spec), not both")
-        d = scheme_report(a.model, a.corpus, a.ctx, a.windows, a.data_dir, policy, a.emulation)
+        d = scheme_report(a.model, a.corpus, a.ctx, a.windows, a.data_dir, policy, a.emulation, bos=a.bos)
     if a.json:
         print(json.dumps(d))
         return 0
     line = (f"{d['model']} on {d['corpus']}: PPL {d['ppl']:.4f} (NLL {d['nll']:.5f}) over "
-            f"{d['n_tokens_scored']} tokens, {d['windows']} windows x ctx {d['ctx']}")
+            f"{d['n_tokens_scored']} tokens, {d['windows']} windows x ctx {d['ctx']} "
+            f"({'BOS + ctx-1 text tokens' if d['bos_token_id'] is not None else 'no BOS'})")
     if policy is not None:
         lo, hi = d["delta_ppl_ci"]
         line += (f"\n  {d['scheme']}: {d['bits_per_value']:.3f} bits/value, {d['bytes_per_token']:.0f} B/token; "
@@ -64,7 +69,7 @@ def cmd_errors(a) -> int:
     from kvlab.model.loading import load_model
 
     model, tok = load_model(a.model)
-    _, w = load_windows(tok, a.corpus, a.ctx, a.windows, a.data_dir)
+    _, w = load_windows(tok, a.corpus, a.ctx, a.windows, a.data_dir, bos=a.bos)
     df = error_table(model, w, a.policy or a.scheme, emulation=a.emulation)
     df.insert(0, "scheme", a.policy or a.scheme)
     print(df.to_json(orient="records") if a.json else df.to_string(index=False, float_format="%.5g"))
@@ -78,7 +83,7 @@ def cmd_sweep(a) -> int:
     kinds = ("ppl", "errors") if a.errors else ("ppl",)
     tables = sweep(a.configs, model_name=a.model, corpus=a.corpus, data_dir=a.data_dir, ctx=a.ctx,
                    windows=a.windows, out=a.out, kinds=kinds, emulation=a.emulation,
-                   error_windows=a.error_windows, shard=a.shard, progress=not a.json)
+                   error_windows=a.error_windows, shard=a.shard, progress=not a.json, bos=a.bos)
     ppl = tables.get("ppl")
     if ppl is None or not (ppl["config"] == "fp16").any():
         print(f"kvlab sweep: this shard's configs are under {a.out}; the summary needs fp16's rows (shard 0): "

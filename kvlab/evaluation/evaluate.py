@@ -6,7 +6,7 @@ import sys
 import warnings
 
 from kvlab.evaluation.corpus import load_corpus
-from kvlab.evaluation.ppl import PplResult, make_windows, tokenize, window_nll
+from kvlab.evaluation.ppl import PplResult, make_windows, resolve_bos, tokenize, window_nll
 from kvlab.model.loading import DEFAULT_MODEL, load_model
 
 __all__ = ["resolve_corpus", "load_windows", "baseline_ppl"]
@@ -24,26 +24,30 @@ def resolve_corpus(corpus: str, data_dir: str | None = None) -> tuple[str, str]:
         return "pydoc", load_corpus("pydoc")
 
 
-def load_windows(tokenizer, corpus: str = "auto", ctx: int = 512, windows: int = 24, data_dir=None):
-    """Tokenize the corpus and cut (n, ctx) windows. Returns (corpus_name, windows)."""
+def load_windows(tokenizer, corpus: str = "auto", ctx: int = 512, windows: int = 24, data_dir=None,
+                 bos: str = "auto"):
+    """Tokenize the corpus and cut (n, ctx) windows, each starting with the BOS token as ``bos`` resolves
+    (:func:`kvlab.evaluation.ppl.resolve_bos`). Returns (corpus_name, windows)."""
+    bos_id = resolve_bos(tokenizer, bos)
     name, text = resolve_corpus(corpus, data_dir)
     ids = tokenize(tokenizer, text, max_tokens=ctx * windows)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        w = make_windows(ids, ctx, windows)
+        w = make_windows(ids, ctx, windows, bos=bos_id)
     for c in caught:
         print(f"kvlab: {c.message}", file=sys.stderr)
     return name, w
 
 
 def baseline_ppl(model_name=None, corpus="auto", ctx=512, windows=24, data_dir=None, progress=True,
-                 model=None, tokenizer=None) -> PplResult:
-    """Perplexity of the unmodified model."""
+                 model=None, tokenizer=None, bos="auto") -> PplResult:
+    """Perplexity of the unmodified model (``bos``: see :func:`load_windows`)."""
     if model is None:
         model, tokenizer = load_model(model_name)
-    name, w = load_windows(tokenizer, corpus, ctx, windows, data_dir)
+    name, w = load_windows(tokenizer, corpus, ctx, windows, data_dir, bos=bos)
     nll = window_nll(model, w, progress=progress)
-    return PplResult.from_nll(nll, w, model=model_name or DEFAULT_MODEL, corpus=name)
+    return PplResult.from_nll(nll, w, model=model_name or DEFAULT_MODEL, corpus=name, bos=bos,
+                              bos_token_id=resolve_bos(tokenizer, bos))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,7 +142,7 @@ def error_table(model, windows, policy, emulation: str = "prefill", progress: bo
 
 
 def scheme_report(model_name=None, corpus="auto", ctx=512, windows=24, data_dir=None, policy="fp16",
-                  emulation="prefill", progress=True, model=None, tokenizer=None, seed=0) -> dict:
+                  emulation="prefill", progress=True, model=None, tokenizer=None, seed=0, bos="auto") -> dict:
     """Everything the ``ppl --scheme`` CLI prints: PPL, delta vs the fp16 scheme on the same windows with
     a paired bootstrap CI, mean logits KL, bits per value and bytes per token."""
     import math
@@ -150,7 +154,7 @@ def scheme_report(model_name=None, corpus="auto", ctx=512, windows=24, data_dir=
     pol = parse_policy(policy)
     if model is None:
         model, tokenizer = load_model(model_name)
-    name, w = load_windows(tokenizer, corpus, ctx, windows, data_dir)
+    name, w = load_windows(tokenizer, corpus, ctx, windows, data_dir, bos=bos)
     n_layers, n_heads, head_dim = model_geometry(model)
     pol.check_model(n_layers, n_heads)
     ref = evaluate_policy(model, w, "fp16", emulation="prefill", kl=False, progress=progress)
@@ -158,7 +162,8 @@ def scheme_report(model_name=None, corpus="auto", ctx=512, windows=24, data_dir=
     import torch
 
     r = PplResult.from_nll(torch.tensor(res["window_nll"], dtype=torch.float64), w,
-                           model=model_name or DEFAULT_MODEL, corpus=name)
+                           model=model_name or DEFAULT_MODEL, corpus=name, bos=bos,
+                           bos_token_id=resolve_bos(tokenizer, bos))
     delta, lo, hi = paired_delta_ci(ref["window_nll"], res["window_nll"], seed=seed)
     r.extra.update({
         "scheme": pol.spec, "emulation": emulation,

@@ -1,8 +1,11 @@
 """Perplexity harness: non-overlapping windows from the start of a tokenized corpus.
 
-Window ``i`` is tokens ``[i*ctx, (i+1)*ctx)`` of the corpus tokenized without special tokens; every token
-after the first in a window is scored, so a window contributes ``ctx - 1`` predictions. Per-window mean
-NLLs are kept so schemes can be paired window by window.
+The corpus is tokenized without special tokens. Without BOS, window ``i`` is text tokens
+``[i*ctx, (i+1)*ctx)``; with BOS (as llama.cpp's perplexity tool and the usual harnesses do for a tokenizer
+that adds one), window ``i`` is the BOS token followed by text tokens ``[i*(ctx-1), (i+1)*(ctx-1))``, so a
+window is ``ctx`` tokens either way and fits a context of ``ctx``. Every token after the first in a window
+is scored: a window contributes ``ctx - 1`` predictions, and the BOS is context, never a target.
+Per-window mean NLLs are kept so schemes can be paired window by window.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["PplResult", "make_windows", "nll_per_window", "tokenize", "tokens_sha256", "window_nll"]
+__all__ = ["BOS_MODES", "PplResult", "make_windows", "nll_per_window", "resolve_bos", "tokenize", "tokens_sha256",
+           "window_nll"]
+
+BOS_MODES = ("auto", "always", "never")
 
 
 def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
@@ -34,13 +40,37 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def make_windows(ids: torch.Tensor, ctx: int, windows: int) -> torch.Tensor:
-    """(N,) ids -> (n, ctx) windows, the first ``windows`` non-overlapping ones that fit."""
+def resolve_bos(tokenizer, bos: str = "auto") -> int | None:
+    """The BOS token id that starts every window, or None. ``bos``: ``"auto"`` (a BOS where the tokenizer
+    puts one when it encodes with special tokens), ``"always"`` (the tokenizer's BOS token, which it must
+    have) or ``"never"``."""
+    if bos not in BOS_MODES:
+        raise ValueError(f"bos={bos!r} is not allowed; allowed: {', '.join(BOS_MODES)}")
+    if bos == "never":
+        return None
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos == "always":
+        if bos_id is None:
+            raise ValueError(f"bos='always' but the tokenizer ({type(tokenizer).__name__}) has no BOS token; "
+                             "allowed here: bos='auto' or 'never'")
+        return int(bos_id)
+    probe = "Hello world"
+    with_special = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    if bos_id is not None and len(with_special) > len(plain) and with_special[0] == bos_id:
+        return int(bos_id)
+    return None
+
+
+def make_windows(ids: torch.Tensor, ctx: int, windows: int, bos: int | None = None) -> torch.Tensor:
+    """(N,) ids -> (n, ctx) windows, the first ``windows`` non-overlapping ones that fit. With ``bos`` (a
+    token id), each window is that token followed by ``ctx - 1`` text tokens."""
     if not isinstance(ctx, int) or ctx < 2:
         raise ValueError(f"ctx={ctx!r} is too small; allowed: an integer >= 2 (one token is context, one scored)")
     if not isinstance(windows, int) or windows < 1:
         raise ValueError(f"windows={windows!r} is not allowed; allowed: an integer >= 1")
-    n_avail = ids.numel() // ctx
+    text = ctx if bos is None else ctx - 1  # text tokens per window
+    n_avail = ids.numel() // text
     if n_avail == 0:
         raise ValueError(f"the corpus has {ids.numel()} tokens, fewer than one window of ctx={ctx}; "
                          "use a smaller ctx or a longer corpus")
@@ -48,7 +78,10 @@ def make_windows(ids: torch.Tensor, ctx: int, windows: int) -> torch.Tensor:
         warnings.warn(f"windows={windows} requested but the corpus holds only {n_avail} windows of "
                       f"ctx={ctx}; using {n_avail}", stacklevel=2)
         windows = n_avail
-    return ids[: windows * ctx].reshape(windows, ctx)
+    w = ids[: windows * text].reshape(windows, text)
+    if bos is not None:
+        w = torch.cat([torch.full((windows, 1), bos, dtype=w.dtype), w], dim=1)
+    return w
 
 
 def tokens_sha256(windows: torch.Tensor) -> str:
@@ -77,7 +110,8 @@ def window_nll(model, windows: torch.Tensor, progress: bool = True, desc: str = 
 
 @dataclass
 class PplResult:
-    """One perplexity evaluation. ``window_nll`` is kept for pairing schemes window by window."""
+    """One perplexity evaluation. ``window_nll`` is kept for pairing schemes window by window. ``bos``: the
+    BOS mode asked for (auto, always, never); ``bos_token_id``: the token that starts every window, or None."""
 
     ppl: float
     nll: float
@@ -88,6 +122,8 @@ class PplResult:
     corpus: str
     ctx: int
     windows: int
+    bos: str = "auto"
+    bos_token_id: int | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -101,5 +137,6 @@ class PplResult:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["window_layout"] = "BOS + ctx-1 text tokens" if self.bos_token_id is not None else "ctx text tokens"
         d.update(d.pop("extra"))
         return d

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from kvlab._io import atomic_write_bytes
 from kvlab.evaluation.evaluate import error_table, evaluate_policy, load_windows, model_geometry
-from kvlab.evaluation.ppl import tokens_sha256
+from kvlab.evaluation.ppl import resolve_bos, tokens_sha256
 from kvlab.model.loading import DEFAULT_MODEL, load_model
 from kvlab.quant.policy import parse_policy
 
@@ -50,9 +50,15 @@ def parse_shard(shard) -> tuple[int, int]:
     return i, n
 
 
-def config_key(kind: str, policy_spec: str, emulation: str, model: str, tokens: str) -> str:
-    """Stable 16-hex-digit key of one config on one set of inputs."""
-    text = "|".join([kind, policy_spec, emulation, model, tokens])
+def config_key(kind: str, policy_spec: str, emulation: str, model: str, tokens: str,
+               bos_token_id: int | None = None) -> str:
+    """Stable 16-hex-digit key of one config on one set of inputs. ``bos_token_id``: the token that starts
+    every window, or None; a key without one is the key of before the ``bos`` option, so results stored
+    then (windows without BOS) stay valid."""
+    parts = [kind, policy_spec, emulation, model, tokens]
+    if bos_token_id is not None:
+        parts.append(f"bos={int(bos_token_id)}")
+    text = "|".join(parts)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -81,13 +87,15 @@ def merge(out: str | Path, kinds=KINDS) -> dict[str, pd.DataFrame]:
 def sweep(configs, model=None, tokenizer=None, model_name: str | None = None, corpus: str = "auto",
           data_dir: str | None = None, ctx: int = 512, windows: int = 24, out: str | Path = "data/results",
           kinds=("ppl",), emulation: str = "prefill", error_windows: int = 2, shard=None,
-          progress: bool = True) -> dict[str, pd.DataFrame]:
+          progress: bool = True, bos: str = "auto") -> dict[str, pd.DataFrame]:
     """Run every policy spec in ``configs`` and return their tidy tables {"ppl": df, "errors": df}: the rows
     of this call's configs (this shard's) on this call's windows. ``out/ppl.csv`` and ``out/errors.csv``
     are rewritten with every finished config in ``out``, earlier runs on other inputs included.
 
     The ``fp16`` scheme is always added (delta PPL is measured against it on the same windows).
-    ``error_windows``: windows used for the per-layer/head error tables (the first ones).
+    ``error_windows``: windows used for the per-layer/head error tables (the first ones). ``bos``: whether
+    windows start with the BOS token (auto, always, never: :func:`kvlab.evaluation.ppl.resolve_bos`); rows
+    of windows with one carry a ``bos_token_id`` column.
     """
     for kind in kinds:
         if kind not in KINDS:
@@ -101,7 +109,8 @@ def sweep(configs, model=None, tokenizer=None, model_name: str | None = None, co
     n_layers, n_heads, head_dim = model_geometry(model)
     for p in policies:
         p.check_model(n_layers, n_heads)
-    corpus_name, w = load_windows(tokenizer, corpus, ctx, windows, data_dir)
+    bos_id = resolve_bos(tokenizer, bos)
+    corpus_name, w = load_windows(tokenizer, corpus, ctx, windows, data_dir, bos=bos)
     tok_hash = tokens_sha256(w)
     w_err = w[: max(1, min(error_windows, w.shape[0]))]
     err_hash = tokens_sha256(w_err)
@@ -114,9 +123,10 @@ def sweep(configs, model=None, tokenizer=None, model_name: str | None = None, co
         meta = {"config": spec, "policy": pol.spec, "emulation": emulation, "model": model_id,
                 "corpus": corpus_name, "ctx": int(w.shape[1]),
                 "bits_per_value": pol.bits_per_value(n_layers, n_heads, int(w.shape[1]), head_dim),
-                "bytes_per_token_4096": pol.bytes_per_token(n_layers, n_heads, 4096, head_dim)}
+                "bytes_per_token_4096": pol.bytes_per_token(n_layers, n_heads, 4096, head_dim),
+                **({} if bos_id is None else {"bos_token_id": bos_id})}
         if "ppl" in kinds:
-            key = config_key("ppl", pol.spec, emulation, model_id, tok_hash)
+            key = config_key("ppl", pol.spec, emulation, model_id, tok_hash, bos_id)
             path = out / "ppl" / f"{key}.csv"
             keys["ppl"].append(key)
             if not path.exists():
@@ -127,7 +137,7 @@ def sweep(configs, model=None, tokenizer=None, model_name: str | None = None, co
                 _write_csv(rows, path)
         if "errors" in kinds:
             key = config_key("errors", pol.spec, emulation if emulation != "decode" else "prefill", model_id,
-                             err_hash)
+                             err_hash, bos_id)
             path = out / "errors" / f"{key}.csv"
             keys["errors"].append(key)
             if not path.exists():

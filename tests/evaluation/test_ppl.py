@@ -136,3 +136,74 @@ def test_real_model_ppl_is_deterministic(model, tokenizer):
     b = window_nll(model, w, progress=False)
     assert torch.equal(a, b)
     assert 1.0 < math.exp(a.mean()) < 200
+
+
+# ---------------------------------------------------------------------------------------------------
+# BOS: the first token of every window when the tokenizer adds one; context, never a target
+# ---------------------------------------------------------------------------------------------------
+class _BosTokenizer:
+    """Encodes a character per token (ids 3..), with BOS id 2 in front when ``add_special_tokens``."""
+
+    bos_token_id = 2
+
+    def __init__(self, adds_bos: bool = True):
+        self.adds_bos = adds_bos
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [3 + ord(c) % 50 for c in text]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens and self.adds_bos else []) + ids}
+
+
+def test_smollm2_tokenizer_adds_no_bos(tokenizer):
+    """The embedded model's tokenizer has a BOS token (<|im_start|>, id 1) but adds none when encoding, so
+    ``auto`` resolves to no BOS and its windows (and stored results) are those of before the option."""
+    assert tokenizer.bos_token_id == 1
+    assert kvlab.resolve_bos(tokenizer, "auto") is None and kvlab.resolve_bos(tokenizer, "never") is None
+    assert kvlab.resolve_bos(tokenizer, "always") == 1
+    _, auto = load_windows(tokenizer, "pydoc", ctx=32, windows=2, bos="auto")
+    _, never = load_windows(tokenizer, "pydoc", ctx=32, windows=2, bos="never")
+    assert torch.equal(auto, never)
+
+
+def test_resolve_bos_follows_the_tokenizer():
+    assert kvlab.resolve_bos(_BosTokenizer(), "auto") == 2
+    assert kvlab.resolve_bos(_BosTokenizer(adds_bos=False), "auto") is None
+    assert kvlab.resolve_bos(_BosTokenizer(), "never") is None
+    no_bos = _BosTokenizer(adds_bos=False)
+    no_bos.bos_token_id = None
+    with pytest.raises(ValueError, match="no BOS token"):
+        kvlab.resolve_bos(no_bos, "always")
+    with pytest.raises(ValueError, match="bos='yes' is not allowed; allowed: auto, always, never"):
+        kvlab.resolve_bos(_BosTokenizer(), "yes")
+
+
+def test_windows_with_bos_are_bos_then_ctx_minus_1_text_tokens():
+    w = make_windows(torch.arange(10, 100), 5, 3, bos=2)
+    assert w.tolist() == [[2, 10, 11, 12, 13], [2, 14, 15, 16, 17], [2, 18, 19, 20, 21]]
+    with pytest.warns(UserWarning, match="only 2 windows"):
+        assert make_windows(torch.arange(9), 5, 3, bos=2).shape == (2, 5)
+
+
+def test_bos_is_context_never_a_target():
+    """Every text token of a window is scored (ctx-1 targets, the first text token included, predicted from
+    BOS), the BOS never."""
+    w = make_windows(torch.randint(3, 10, (64,), generator=torch.Generator().manual_seed(0)), 16, 4, bos=2)
+    nll = window_nll(_Uniform(10), w, progress=False)
+    r = PplResult.from_nll(nll, w, model="u", corpus="c", bos="always", bos_token_id=2)
+    assert r.ppl == pytest.approx(10.0, rel=1e-12) and r.n_tokens_scored == 4 * 15
+    d = r.to_dict()
+    assert d["bos"] == "always" and d["bos_token_id"] == 2 and d["window_layout"] == "BOS + ctx-1 text tokens"
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0, 1] = 50.0  # BOS predicts text token 1 surely; the next predictions are uniform
+    assert nll_per_window(logits, torch.tensor([[2, 1, 0]])).item() == pytest.approx(math.log(4) / 2, rel=1e-6)
+
+
+def test_ppl_json_records_bos(tokenizer, capsys):
+    from kvlab.cli import main
+
+    assert main(["ppl", "--corpus", "pydoc", "--ctx", "16", "--windows", "2", "--bos", "always", "--json"]) == 0
+    d = __import__("json").loads(capsys.readouterr().out)
+    assert d["bos"] == "always" and d["bos_token_id"] == 1 and d["n_tokens_scored"] == 30
+    assert d["window_layout"] == "BOS + ctx-1 text tokens"
+    _, w = load_windows(tokenizer, "pydoc", ctx=16, windows=2, bos="always")
+    assert d["tokens_sha256"] == tokens_sha256(w) and (w[:, 0] == 1).all()

@@ -97,7 +97,7 @@ def evaluate_policy(model, windows, policy, emulation: str = "prefill", kl: bool
     from kvlab.emulation import hooks
     from kvlab.evaluation.ppl import nll_per_window
     from kvlab.quant.policy import parse_policy
-    from kvlab.storage.cache import CompressedCache
+    from kvlab.storage.cache import CompressedCache, cache_kwarg
 
     if emulation not in ("prefill", "static", "decode"):
         raise ValueError(f"emulation={emulation!r} is not allowed; allowed: prefill, static, decode")
@@ -109,8 +109,8 @@ def evaluate_policy(model, windows, policy, emulation: str = "prefill", kl: bool
         ids = windows[i : i + 1].to(device)
         with torch.no_grad():
             if emulation == "decode":
-                cache = CompressedCache(policy, config=model.config)
-                logits = torch.cat([model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+                kw = {cache_kwarg(model): CompressedCache(policy, config=model.config)}
+                logits = torch.cat([model(input_ids=ids[:, t : t + 1], use_cache=True, **kw).logits
                                     for t in range(ids.shape[1])], dim=1)
             else:
                 with hooks.compress(model, policy, emulation=emulation):

@@ -13,7 +13,7 @@ from kvlab.evaluation.evaluate import load_windows
 from kvlab.evaluation.ppl import nll_per_window
 from kvlab.metrics import cosine, kl_div, logits_kl, mse, nmse, paired_delta_ci
 from kvlab.quant.policy import parse_policy
-from kvlab.storage.cache import CompressedCache
+from kvlab.storage.cache import CompressedCache, cache_kwarg
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def _decode_nll(model, ids, spec):
     logits = []
     with torch.no_grad():
         for t in range(ids.shape[1]):
-            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache})
             logits.append(out.logits)
     return nll_per_window(torch.cat(logits, dim=1), ids)
 

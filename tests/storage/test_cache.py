@@ -77,6 +77,36 @@ def test_both_cache_keywords(model, prompt, dynamic_tokens, keyword):
     assert cache.get_seq_length() == prompt.shape[1] + 7
 
 
+def test_kvlab_calls_warn_no_deprecation(model, prompt):
+    """kvlab's own calls (generate through the cache, the ``decode`` emulation's forward loop) pass the cache
+    under ``cache_kwarg(model)``: no FutureWarning (transformers 5.2x deprecates ``past_key_values``) and no
+    DeprecationWarning raised from transformers or kvlab."""
+    from kvlab.evaluation.evaluate import evaluate_policy
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _generate(model, prompt, CompressedCache("q8_0", config=model.config), new=4)
+        evaluate_policy(model, prompt[:, :6], "q8_0", emulation="decode", kl=False, progress=False)
+    bad = [f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, FutureWarning)
+           or (issubclass(w.category, DeprecationWarning) and ("transformers" in w.filename or "kvlab" in w.filename))]
+    assert not bad, bad
+
+
+def test_cache_kwarg_on_transformers_without_cache_keyword():
+    """Before the ``cache`` keyword (transformers < 5.2x, down to the 4.57 that pyproject allows), a
+    model's forward takes ``past_key_values`` only, and that is the keyword kvlab passes."""
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return input_ids
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, past_key_values=None, use_cache=None):
+            return input_ids
+
+    assert cache_kwarg(Old()) == "past_key_values" and cache_kwarg(New()) == "cache"
+
+
 def test_manual_decode_loop_none_is_bit_identical(model, prompt):
     kw = cache_kwarg(model)
     caches = [DynamicCache(), CompressedCache("none", config=model.config)]

@@ -31,18 +31,9 @@ from kvlab.kernels._common import (
     offsets_tensor,
 )
 from kvlab.kernels._common import round_half_away as _round_half_away
+from kvlab.kernels.layout import FORMATS, QK, ggml_shapes  # the layout lives in kvlab.kernels.layout
 
 __all__ = ["FORMATS", "ggml_pack", "ggml_pack_ref", "ggml_shapes"]
-
-FORMATS = ("q4_0", "q8_0")
-QK = 32  # elements per block
-
-
-def ggml_shapes(fmt: str, B: int, H: int, cap: int, D: int) -> dict:
-    """Shapes and dtypes of the ``codes`` and ``d`` buffers of a (B, H, cap, D) cache in format ``fmt``."""
-    check_choice("fmt", fmt, FORMATS)
-    width, dtype = (D // 2, torch.uint8) if fmt == "q4_0" else (D, torch.int8)
-    return {"codes": ((B, H, cap, width), dtype), "d": ((B, H, cap, D // QK), torch.float16)}
 
 
 @triton.jit

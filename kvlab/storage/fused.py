@@ -252,7 +252,7 @@ def _shift_window(win: torch.Tensor, held: int, new: torch.Tensor, leave: int):
 
 class FusedKiviLayer(FusedLayer):
     """KIVI (2 or 4 bits, ``group``, ``residual``): packed K (per channel, groups of tokens) and V (per
-    token, groups of channels) as :mod:`kvlab.kernels.kivi_quant` lays them out, plus fp16 windows of
+    token, groups of channels) as :mod:`kvlab.kernels.layout` lays them out, plus fp16 windows of
     ``residual`` tokens each (``k_fp16`` holds ``L mod residual`` tokens, ``v_fp16`` ``min(L, residual)``)."""
 
     def __init__(self, bits: int, group: int, residual: int, max_len: int | None = None):
@@ -261,7 +261,7 @@ class FusedKiviLayer(FusedLayer):
         self.bits, self.group, self.residual = bits, group, residual
 
     def _counts(self, L: int) -> tuple[int, int]:  # (quantized K tokens, quantized V tokens)
-        return L // self.residual * self.residual, max(0, L - self.residual)
+        return layout.kivi_counts(L, self.residual)
 
     def _max_queries(self) -> int:
         return min(MAX_FUSED_QUERIES, self.residual)
@@ -270,17 +270,8 @@ class FusedKiviLayer(FusedLayer):
         K.check_pow2("head_dim", D, 16, 256)
         if D % self.group or self.group > D:
             raise ValueError(f"kivi group={self.group} must divide head_dim={D} (V is grouped along head_dim)")
-        f16, u8, R, g = torch.float16, torch.uint8, self.residual, self.group
-        self.bufs = {
-            "k_codes": torch.empty(B, H, D, 0, dtype=u8, device=device),
-            "k_scale": torch.empty(B, H, 0, D, dtype=f16, device=device),
-            "k_min": torch.empty(B, H, 0, D, dtype=f16, device=device),
-            "v_codes": torch.empty(B, H, 0, D * self.bits // 8, dtype=u8, device=device),
-            "v_scale": torch.empty(B, H, 0, D // g, dtype=f16, device=device),
-            "v_min": torch.empty(B, H, 0, D // g, dtype=f16, device=device),
-            "k_fp16": torch.empty(B, H, R, D, dtype=f16, device=device),
-            "v_fp16": torch.empty(B, H, R, D, dtype=f16, device=device),
-        }
+        self.bufs = layout.kivi_empty(B, H, D, bits=self.bits, group=self.group, residual=self.residual, cap_k=0,
+                                      device=device)._asdict()
 
     def _caps(self) -> tuple[int, int]:
         return self.bufs["k_codes"].shape[-1] * 8 // self.bits, self.bufs["v_codes"].shape[2]
@@ -305,10 +296,9 @@ class FusedKiviLayer(FusedLayer):
 
     def _decode(self, q, scaling):
         b = self.bufs
-        return K.kivi_decode_attention(q, b["k_codes"], b["k_scale"], b["k_min"], b["k_fp16"], b["v_codes"],
-                                     b["v_scale"], b["v_min"], b["v_fp16"], self.lengths, bits=self.bits,
-                                     group=self.group, residual=self.residual, sm_scale=scaling,
-                                     max_len=self.cumulative_length)
+        return K.kivi_decode_attention(q, *[b[n] for n in layout.KIVI_BUFFERS], self.lengths, bits=self.bits,
+                                       group=self.group, residual=self.residual, sm_scale=scaling,
+                                       max_len=self.cumulative_length)
 
     def _dequantize(self):
         b, L = self.bufs, self.cumulative_length
@@ -322,15 +312,12 @@ class FusedKiviLayer(FusedLayer):
 
     def _used_bytes(self):
         (B, H, D), L = self.shape, self.cumulative_length
-        nk, nv = self._counts(L)
-        return {"codes": B * H * (nk + nv) * D * self.bits // 8,
-                "metadata": B * H * 2 * 2 * (nk // self.group * D + nv * (D // self.group)),
-                "fp16": B * H * 2 * D * ((L - nk) + (L - nv))}
+        return layout.kivi_bytes(B, H, D, L, bits=self.bits, group=self.group, residual=self.residual)
 
 
 class FusedGgmlLayer(FusedLayer):
     """llama.cpp ``q4_0`` / ``q8_0`` (K and V each): every token quantized on arrival into the layout of
-    :func:`kvlab.kernels.ggml_shapes`; no fp16 window."""
+    :func:`kvlab.kernels.layout.ggml_shapes`; no fp16 window."""
 
     def __init__(self, k_fmt: str, v_fmt: str, max_len: int | None = None):
         super().__init__(max_len)
@@ -343,7 +330,7 @@ class FusedGgmlLayer(FusedLayer):
         K.check_pow2("head_dim", D, 32, 256)
         self.bufs = {}
         for n, fmt in (("k", self.k_fmt), ("v", self.v_fmt)):
-            shapes = K.ggml_shapes(fmt, B, H, 0, D)
+            shapes = layout.ggml_shapes(fmt, B, H, 0, D)
             self.bufs[f"{n}_codes"] = torch.empty(shapes["codes"][0], dtype=shapes["codes"][1], device=device)
             self.bufs[f"{n}_d"] = torch.empty(shapes["d"][0], dtype=torch.float16, device=device)
 
@@ -368,8 +355,7 @@ class FusedGgmlLayer(FusedLayer):
 
     def _used_bytes(self):
         (B, H, D), L = self.shape, self.cumulative_length
-        codes = sum(D // 2 if fmt == "q4_0" else D for fmt in (self.k_fmt, self.v_fmt))
-        return {"codes": B * H * L * codes, "metadata": B * H * L * 2 * (D // 32) * 2, "fp16": 0}
+        return layout.ggml_bytes(self.k_fmt, self.v_fmt, B, H, D, L)
 
 
 _GGML = ("q4_0", "q8_0")

@@ -23,6 +23,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import kvlab.kernels as K  # noqa: E402
+from kvlab.kernels import layout  # noqa: E402
 from kvlab.kernels._common import div_correct  # noqa: E402
 from kvlab.quant.packing import pack_bits  # noqa: E402
 
@@ -62,36 +63,28 @@ def fresh_seed() -> int:
 
 
 def random_kivi(B, H, D, bits, group, residual, cap, g, win_dtype=torch.float16):
-    """Random codes (every value reachable) and positive fp16 scales, in the cache layout."""
-    def codes(*shape):
-        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(DEV)
-
-    def scales(*shape):
-        return (torch.rand(*shape, generator=g) * 0.2 + 0.01).to(device=DEV, dtype=torch.float16)
-
-    return dict(
-        k_codes=codes(B, H, D, cap * bits // 8), k_scale=scales(B, H, cap // group, D),
-        k_min=randn(B, H, cap // group, D, g=g, dtype=torch.float16),
-        k_fp16=randn(B, H, residual, D, g=g, dtype=win_dtype),
-        v_codes=codes(B, H, cap, D * bits // 8), v_scale=scales(B, H, cap, D // group),
-        v_min=randn(B, H, cap, D // group, g=g, dtype=torch.float16),
-        v_fp16=randn(B, H, residual, D, g=g, dtype=win_dtype),
-    )
+    """Random codes (every value reachable), positive fp16 scales and random minima and windows, in the cache
+    layout of :mod:`kvlab.kernels.layout`."""
+    shapes = layout.kivi_shapes(B, H, D, bits=bits, group=group, residual=residual, cap_k=cap)
+    cache = {}
+    for name, (shape, dtype) in shapes.items():
+        if dtype == torch.uint8:
+            cache[name] = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(DEV)
+        elif name.endswith("_scale"):
+            cache[name] = (torch.rand(*shape, generator=g) * 0.2 + 0.01).to(device=DEV, dtype=torch.float16)
+        else:
+            cache[name] = randn(*shape, g=g, dtype=win_dtype if name.endswith("_fp16") else dtype)
+    return cache
 
 
 def empty_kivi(B, H, D, bits, group, residual, cap):
     """Zeroed cache buffers in the kernels' layout, for the pack kernels to fill."""
-    shapes = dict(
-        k_codes=((B, H, D, cap * bits // 8), torch.uint8), k_scale=((B, H, cap // group, D), torch.float16),
-        k_min=((B, H, cap // group, D), torch.float16), k_fp16=((B, H, residual, D), torch.float16),
-        v_codes=((B, H, cap, D * bits // 8), torch.uint8), v_scale=((B, H, cap, D // group), torch.float16),
-        v_min=((B, H, cap, D // group), torch.float16), v_fp16=((B, H, residual, D), torch.float16))
-    return {n: torch.zeros(s, dtype=t, device=DEV) for n, (s, t) in shapes.items()}
+    return layout.kivi_empty(B, H, D, bits=bits, group=group, residual=residual, cap_k=cap, device=DEV,
+                             zero=True)._asdict()
 
 
 def kivi_args(q, cache, lengths):
-    return (q, cache["k_codes"], cache["k_scale"], cache["k_min"], cache["k_fp16"], cache["v_codes"],
-            cache["v_scale"], cache["v_min"], cache["v_fp16"], lengths)
+    return (q, *[cache[n] for n in layout.KIVI_BUFFERS], lengths)
 
 
 LENGTHS = [37, 100, 300]  # not multiples of the block, group or residual; one batch of unequal sequences

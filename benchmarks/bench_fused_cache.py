@@ -17,6 +17,14 @@ its figures are printed with their ratio to DynamicCache's of the same T:
 - ``same``: generated tokens equal to the unfused CompressedCache's of the same scheme (random weights:
   near-ties make a few differ; the fp16 arithmetic of the fused kernel and of SDPA differ).
 
+Then, with ``--graphs`` (default on), the same greedy steps with the host out of the way: for DynamicCache,
+StaticCache and each FusedCache, after the prefill and the untimed eager steps, each of the ``--steps`` decode
+steps is captured into its own CUDA graph (one memory pool, captured in the order they replay: a step's host
+logic, e.g. where the cache appends, is baked into its graph, so a graph is one step of this decode, not a
+reusable loop), then the graphs are replayed back to back and timed with CUDA events, step by step (median,
+10th and 90th percentile) and in total. ``same`` there: tokens equal to that cache's own eager run (the graphs
+replay the same kernels, so every token must match; a mismatch means the capture is wrong).
+
     python benchmarks/bench_fused_cache.py [--batch 8] [--lengths 4096 32768] [--steps 64] [--out FILE]
 
 Without CUDA it prints that it needs one and exits 0 (``make bench`` runs every benchmark).
@@ -27,10 +35,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
+import sys
 import time
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402,F401  (puts the repository root on sys.path)
+import torch  # noqa: E402
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
@@ -83,6 +95,35 @@ def run(model, kw: str, ids: torch.Tensor, cache, steps: int, warmup: int) -> di
             "bytes": held, "reserved": room, "tokens": torch.cat(out, dim=1).cpu(), **allocs}
 
 
+def run_graphs(model, kw: str, ids: torch.Tensor, cache, steps: int, warmup: int) -> dict:
+    """Prefill ``ids`` (B, T), run ``warmup`` untimed eager steps and capture each of the next ``steps`` greedy
+    decode steps into its own CUDA graph (``kvlab.storage.fused.capture_decode_steps``), then replay them back
+    to back, timed with CUDA events (module docstring)."""
+    from kvlab.storage.fused import capture_decode_steps
+
+    with torch.no_grad():
+        tok = model(input_ids=ids, logits_to_keep=1, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    graphs, tokens = capture_decode_steps(model, kw, cache, tok, steps, warmup=warmup)  # warm-up steps eager
+    torch.cuda.synchronize()
+    capture_s = time.perf_counter() - t0
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    events[0].record()
+    for i, g in enumerate(graphs):
+        g.replay()
+        events[i + 1].record()
+    torch.cuda.synchronize()
+    per_step = sorted(events[i].elapsed_time(events[i + 1]) for i in range(steps))
+    total_ms = events[0].elapsed_time(events[-1])
+    held, room = cache_bytes(cache)
+    del graphs
+    return {"step_ms": total_ms / steps, "step_median_ms": statistics.median(per_step),
+            "step_p10_ms": per_step[steps // 10], "step_p90_ms": per_step[(9 * steps) // 10],
+            "tok_s": ids.shape[0] * steps / (total_ms / 1e3), "capture_s": capture_s, "bytes": held, "reserved": room,
+            "tokens": tokens.cpu()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=4)
@@ -91,6 +132,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the decode steps replayed from CUDA graphs (DynamicCache, StaticCache, FusedCache)")
+    p.add_argument("--unfused", action=argparse.BooleanOptionalAction, default=True,
+                   help="include the unfused CompressedCache (slow at long prompts)")
     p.add_argument("--out", default=None, help="also write the table here (and the numbers to OUT.json)")
     p.add_argument("--cudnn-sdpa", action="store_true",
                    help="leave PyTorch's cuDNN SDPA backend on (off by default: it builds an execution plan for "
@@ -123,7 +168,9 @@ def main(argv=None) -> int:
                 ("StaticCache", "sdpa", lambda T: StaticCache(config=model.config,
                                                               max_cache_len=T + args.warmup + args.steps))]
     for label, spec in names.items():
-        variants.append((f"CompressedCache {label}", "sdpa", lambda T, s=spec: CompressedCache(s, config=model.config)))
+        if args.unfused:
+            variants.append((f"CompressedCache {label}", "sdpa",
+                             lambda T, s=spec: CompressedCache(s, config=model.config)))
     for label, spec in names.items():
         variants.append((f"FusedCache {label}", "fused",
                          lambda T, s=spec: FusedCache(s, config=model.config, max_len=T + args.warmup + args.steps)))
@@ -166,6 +213,31 @@ def main(argv=None) -> int:
             print(f"T={T} {label}: {r['step_ms']:.2f} ms/step, {r['num_device_alloc']} cudaMalloc and "
                   f"{r['num_alloc_retries']} allocator retries in the timed steps", flush=True)
 
+    graph_rows = []
+    if args.graphs:
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        for T in args.lengths:
+            ids = torch.randint(0, args.vocab, (args.batch, T), device="cuda", generator=gen)
+            for label, impl, make in variants:
+                if label.startswith("CompressedCache") or label in failed:
+                    continue
+                use(impl)
+                cache = make(T)
+                print(f"T={T} {label}: capturing {args.steps} steps into CUDA graphs", flush=True)
+                try:
+                    r = run_graphs(model, kw, ids, cache, args.steps, args.warmup)
+                except Exception as e:
+                    failed[f"graphs {label} T={T}"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    print(f"graphs {label} T={T} FAILED: {failed[f'graphs {label} T={T}']}", flush=True)
+                    continue
+                finally:
+                    del cache
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                graph_rows.append({"T": T, "cache": label, **r})
+                print(f"T={T} {label} from graphs: {r['step_ms']:.2f} ms/step (median {r['step_median_ms']:.2f}, "
+                      f"capture {r['capture_s']:.1f} s)", flush=True)
+
     dev = torch.cuda.get_device_name()
     lines = [f"bench_fused_cache on {dev}; torch {torch.__version__}, triton {triton.__version__}, "
              f"transformers {transformers.__version__}",
@@ -193,6 +265,25 @@ def main(argv=None) -> int:
                          f"{r['tok_s'] / base['tok_s']:>6.2f} {r['bytes'] / 2**20:>10.1f} "
                          f"{r['bytes'] / base['bytes']:>6.3f} {r['reserved'] / 2**20:>9.1f} {eff / 1e9:>9.0f} "
                          f"{eff / bw:>7.2f} {same:>9}")
+    if graph_rows:
+        lines += ["", f"the {args.steps} timed steps replayed from CUDA graphs, one graph per step (module docstring); "
+                  "same = tokens equal to the same cache's eager run",
+                  f"{'T':>6} {'cache':<24} {'ms/step':>8} {'p10-p90':>13} {'tok/s':>8} {'x Dyn':>6} {'x Static':>8} "
+                  f"{'cache MiB':>10} {'eff GB/s':>9} {'of copy':>7} {'same':>9}"]
+        for T in args.lengths:
+            group = {r["cache"]: r for r in graph_rows if r["T"] == T}
+            eager = {r["cache"]: r for r in rows if r["T"] == T}
+            dyn, static = group.get("DynamicCache"), group.get("StaticCache")
+            for r in group.values():
+                e = eager.get(r["cache"])
+                same = "" if e is None else f"{int((r['tokens'] == e['tokens']).sum())}/{r['tokens'].numel()}"
+                r["same_as_eager"] = same
+                eff = (weights + r["bytes"]) / (r["step_ms"] / 1e3)
+                xd = f"{dyn['step_ms'] / r['step_ms']:6.2f}" if dyn else f"{'-':>6}"
+                xs = f"{static['step_ms'] / r['step_ms']:8.2f}" if static else f"{'-':>8}"
+                lines.append(f"{T:>6} {r['cache']:<24} {r['step_ms']:>8.2f} "
+                             f"{r['step_p10_ms']:>6.2f}-{r['step_p90_ms']:<6.2f} {r['tok_s']:>8.0f} {xd} {xs} "
+                             f"{r['bytes'] / 2**20:>10.1f} {eff / 1e9:>9.0f} {eff / bw:>7.2f} {same:>9}")
     text = "\n".join(lines)
     print("\n" + text)
     if args.out:
@@ -201,7 +292,8 @@ def main(argv=None) -> int:
         with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
             json.dump({"device": dev, "copy_bw": bw, "weights_bytes": weights, "args": vars(args),
                        "failed": failed,
-                       "rows": [{k: v for k, v in r.items() if k != "tokens"} for r in rows]}, f, indent=1)
+                       "rows": [{k: v for k, v in r.items() if k != "tokens"} for r in rows],
+                       "graph_rows": [{k: v for k, v in r.items() if k != "tokens"} for r in graph_rows]}, f, indent=1)
     return 0
 
 

@@ -44,11 +44,12 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from kvlab import kernels as K  # imported on first use: building a cache never imports triton
+from kvlab.kernels import layout  # buffer shapes and byte counts (torch only)
 from kvlab.quant import Quantizer
 from kvlab.storage.layers import PackedBatchOps
 
-__all__ = ["NAME", "FusedGgmlLayer", "FusedKiviLayer", "FusedLayer", "fused_attention", "fused_layer",
-           "use_fused_attention"]
+__all__ = ["NAME", "FusedGgmlLayer", "FusedKiviLayer", "FusedLayer", "capture_decode_steps", "fused_attention",
+           "fused_layer", "use_fused_attention"]
 
 NAME = "kvlab_fused"
 _TAG = "_kvlab_fused_layer"  # attribute of the K tensor returned by FusedLayer.update: the layer itself
@@ -422,6 +423,44 @@ def use_fused_attention(model) -> str:
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
     return previous
+
+
+def capture_decode_steps(model, cache_kw: str, cache, tok: torch.Tensor, steps: int, warmup: int = 1):
+    """Run ``warmup`` greedy decode steps of ``model`` through ``cache``, then capture the next ``steps`` into
+    CUDA graphs, one graph per step.
+
+    ``tok`` (B, 1): the last token of each sequence; ``cache_kw``: the keyword the model takes the cache under
+    (``kvlab.storage.cache_kwarg(model)``). The warm-up steps run eagerly on the stream the graphs are then
+    captured on, as PyTorch asks (library handles and workspaces for that stream exist before the capture, the
+    kernels are compiled and their split plans known); at least one is required. A step's host-side logic
+    (where the cache appends, which window tokens are packed) runs once, during its capture, and is baked into
+    its graph: so the graphs must be replayed once each, in order, after which ``tokens`` (B, steps) holds the
+    greedy tokens of those steps and the cache the ``warmup + steps`` new tokens, as an eager loop would leave
+    them. They share one memory pool (safe because they replay in the order they were captured). A cache
+    whose decode step makes no device-to-host synchronisation can be captured (DynamicCache, a FusedCache).
+    Returns (graphs, tokens)."""
+    if warmup < 1:
+        raise ValueError(f"warmup={warmup} is not allowed; allowed: an int >= 1 (eager steps on the capture stream)")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graphs = []
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(warmup):
+            tok = model(input_ids=tok, logits_to_keep=1, **{cache_kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+        static_tok = tok.clone()
+        tokens = torch.full((tok.shape[0], steps), -1, dtype=tok.dtype, device=tok.device)  # -1: not written yet
+        stream.synchronize()
+        pool = torch.cuda.graph_pool_handle()
+        for i in range(steps):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool, stream=stream):
+                logits = model(input_ids=static_tok, logits_to_keep=1, **{cache_kw: cache}).logits
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                static_tok.copy_(nxt)
+                tokens[:, i : i + 1].copy_(nxt)
+            graphs.append(g)
+    torch.cuda.current_stream().wait_stream(stream)
+    return graphs, tokens
 
 
 def check_fused_config(config, who: str) -> None:

@@ -19,6 +19,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it)", allow_module_level=True)
 
+import kvlab.kernels._common as kernels_common  # noqa: E402
 import kvlab.quant as kq  # noqa: E402
 import kvlab.storage.cache  # noqa: E402
 import kvlab.storage.fused as fc  # noqa: E402
@@ -209,6 +210,50 @@ def test_fp16_layer_runs_the_cuda_kernel_gpu(spec, monkeypatch):
     assert len(calls) == 5  # every decode step (1 and 3 tokens), not the two prefills
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (CUDA graphs)")
+@pytest.mark.parametrize("spec", [KIVI4, KIVI2, "q8_0", "dynamic"])
+def test_decode_steps_replayed_from_cuda_graphs_equal_eager_gpu(prompt, spec):
+    """capture_decode_steps: the greedy steps replayed from their graphs give the eager loop's tokens and leave
+    the cache holding the same bytes (fp16 model, so the KIVI steps run the CUDA kernel where it is built). The
+    steps cross a K window boundary (PROMPT + 1 + NEW > 2 * residual), so a graph also holds a K pack."""
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(_config()).to(DEV).half().eval()
+    use_fused_attention(m)
+    kw = cache_kwarg(m)
+
+    def fresh():
+        if spec == "dynamic":
+            return transformers.DynamicCache()
+        return FusedCache(spec, config=m.config, max_len=PROMPT + 1 + NEW)
+
+    def prefill(cache):
+        with torch.no_grad():
+            return m(input_ids=prompt, logits_to_keep=1, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+
+    eager_cache = fresh()
+    tok, eager = prefill(eager_cache), []
+    with torch.no_grad():
+        for _ in range(1 + NEW):  # the warm-up step capture_decode_steps runs eagerly, then the captured ones
+            tok = m(input_ids=tok, logits_to_keep=1, **{kw: eager_cache}).logits[:, -1].argmax(-1, keepdim=True)
+            eager.append(tok)
+    eager = torch.cat(eager[1:], dim=1)
+
+    cache = fresh()
+    graphs, tokens = fc.capture_decode_steps(m, kw, cache, prefill(cache), NEW, warmup=1)
+    assert (tokens == -1).all()  # captured, not run
+    for g in graphs:
+        g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(tokens, eager)
+    assert cache.get_seq_length() == eager_cache.get_seq_length() == PROMPT + 1 + NEW
+    if spec != "dynamic":
+        assert cache.nbytes() == eager_cache.nbytes()
+        for a, b in zip(cache.layers, eager_cache.layers):  # the stored tokens, as the layer reads them
+            for x, y in zip(a._dequantize(), b._dequantize()):
+                assert torch.equal(x, y)
+
+
 def test_preallocated_buffers_do_not_move(model, prompt):
     """With max_len = prompt + new tokens nothing is reallocated while decoding, and the room left is
     what the capacities (K: whole residual blocks, V: multiples of 64 tokens) and the windows leave."""
@@ -301,7 +346,7 @@ def test_bad_shapes_and_devices(monkeypatch):
     layer = fused_layer(*(parse_policy("q4_0").quantizer(0, 0, w, 1) for w in "kv"))
     with pytest.raises(ValueError, match=r"must both be \(B, H, t, D\)"):
         layer.update(torch.zeros(1, 2, 3, 64, device=DEV), torch.zeros(1, 2, 3, 32, device=DEV))
-    monkeypatch.setattr(fc, "interpreted", lambda: False)
+    monkeypatch.setattr(kernels_common, "interpreted", lambda: False)  # what fused.py asks through kvlab.kernels
     layer = fused_layer(*(parse_policy("q4_0").quantizer(0, 0, w, 1) for w in "kv"))
     with pytest.raises(ValueError, match="K/V are on cpu; the fused kernels need a CUDA device"):
         layer.update(torch.zeros(1, 2, 3, 64), torch.zeros(1, 2, 3, 64))

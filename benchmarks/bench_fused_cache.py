@@ -95,7 +95,7 @@ def run(model, kw: str, ids: torch.Tensor, cache, steps: int, warmup: int) -> di
             "bytes": held, "reserved": room, "tokens": torch.cat(out, dim=1).cpu(), **allocs}
 
 
-def run_graphs(model, kw: str, ids: torch.Tensor, cache, steps: int, warmup: int) -> dict:
+def run_graphs(model, kw: str, ids: torch.Tensor, cache, steps: int, warmup: int, per_step: bool = True) -> dict:
     """Prefill ``ids`` (B, T), run ``warmup`` untimed eager steps and capture each of the next ``steps`` greedy
     decode steps into its own CUDA graph (``kvlab.storage.fused.capture_decode_steps``), then replay them back
     to back, timed with CUDA events (module docstring)."""
@@ -105,7 +105,7 @@ def run_graphs(model, kw: str, ids: torch.Tensor, cache, steps: int, warmup: int
         tok = model(input_ids=ids, logits_to_keep=1, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    graphs, tokens = capture_decode_steps(model, kw, cache, tok, steps, warmup=warmup)  # warm-up steps eager
+    graphs, tokens = capture_decode_steps(model, kw, cache, tok, steps, warmup=warmup, per_step=per_step)
     torch.cuda.synchronize()
     capture_s = time.perf_counter() - t0
     events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
@@ -114,12 +114,13 @@ def run_graphs(model, kw: str, ids: torch.Tensor, cache, steps: int, warmup: int
         g.replay()
         events[i + 1].record()
     torch.cuda.synchronize()
-    per_step = sorted(events[i].elapsed_time(events[i + 1]) for i in range(steps))
-    total_ms = events[0].elapsed_time(events[-1])
+    times = sorted(events[i].elapsed_time(events[i + 1]) / (1 if per_step else steps) for i in range(len(graphs)))
+    total_ms = events[0].elapsed_time(events[len(graphs)])
     held, room = cache_bytes(cache)
     del graphs
-    return {"step_ms": total_ms / steps, "step_median_ms": statistics.median(per_step),
-            "step_p10_ms": per_step[steps // 10], "step_p90_ms": per_step[(9 * steps) // 10],
+    return {"step_ms": total_ms / steps, "step_median_ms": statistics.median(times),
+            "step_p10_ms": times[len(times) // 10], "step_p90_ms": times[(9 * len(times)) // 10],
+            "per_step_graphs": per_step,
             "tok_s": ids.shape[0] * steps / (total_ms / 1e3), "capture_s": capture_s, "bytes": held, "reserved": room,
             "tokens": tokens.cpu()}
 
@@ -134,6 +135,10 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the decode steps replayed from CUDA graphs (DynamicCache, StaticCache, FusedCache)")
+    p.add_argument("--graph-mode", choices=("per-step", "one"), default="per-step",
+                   help="one CUDA graph per decode step (default), or all timed steps in one graph")
+    p.add_argument("--caches", default=None,
+                   help="comma-separated cache labels to run (e.g. 'DynamicCache,FusedCache kivi-4'); default all")
     p.add_argument("--unfused", action=argparse.BooleanOptionalAction, default=True,
                    help="include the unfused CompressedCache (slow at long prompts)")
     p.add_argument("--out", default=None, help="also write the table here (and the numbers to OUT.json)")
@@ -174,6 +179,13 @@ def main(argv=None) -> int:
     for label, spec in names.items():
         variants.append((f"FusedCache {label}", "fused",
                          lambda T, s=spec: FusedCache(s, config=model.config, max_len=T + args.warmup + args.steps)))
+
+    if args.caches:
+        wanted = [c.strip() for c in args.caches.split(",")]
+        bad = [c for c in wanted if c not in {v[0] for v in variants}]
+        if bad:
+            p.error(f"--caches {bad}: not allowed; allowed: {', '.join(v[0] for v in variants)}")
+        variants = [v for v in variants if v[0] in wanted]
 
     def use(impl: str) -> None:
         if impl == "fused":
@@ -223,9 +235,9 @@ def main(argv=None) -> int:
                     continue
                 use(impl)
                 cache = make(T)
-                print(f"T={T} {label}: capturing {args.steps} steps into CUDA graphs", flush=True)
+                print(f"T={T} {label}: capturing {args.steps} steps into CUDA graphs ({args.graph_mode})", flush=True)
                 try:
-                    r = run_graphs(model, kw, ids, cache, args.steps, args.warmup)
+                    r = run_graphs(model, kw, ids, cache, args.steps, args.warmup, args.graph_mode == "per-step")
                 except Exception as e:
                     failed[f"graphs {label} T={T}"] = f"{type(e).__name__}: {str(e)[:300]}"
                     print(f"graphs {label} T={T} FAILED: {failed[f'graphs {label} T={T}']}", flush=True)
@@ -266,7 +278,8 @@ def main(argv=None) -> int:
                          f"{r['bytes'] / base['bytes']:>6.3f} {r['reserved'] / 2**20:>9.1f} {eff / 1e9:>9.0f} "
                          f"{eff / bw:>7.2f} {same:>9}")
     if graph_rows:
-        lines += ["", f"the {args.steps} timed steps replayed from CUDA graphs, one graph per step (module docstring); "
+        mode = "one graph per step" if args.graph_mode == "per-step" else f"all {args.steps} steps in one graph"
+        lines += ["", f"the {args.steps} timed steps replayed from CUDA graphs, {mode} (module docstring); "
                   "same = tokens equal to the same cache's eager run",
                   f"{'T':>6} {'cache':<24} {'ms/step':>8} {'p10-p90':>13} {'tok/s':>8} {'x Dyn':>6} {'x Static':>8} "
                   f"{'cache MiB':>10} {'eff GB/s':>9} {'of copy':>7} {'same':>9}"]

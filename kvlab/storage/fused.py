@@ -425,7 +425,8 @@ def use_fused_attention(model) -> str:
     return previous
 
 
-def capture_decode_steps(model, cache_kw: str, cache, tok: torch.Tensor, steps: int, warmup: int = 1):
+def capture_decode_steps(model, cache_kw: str, cache, tok: torch.Tensor, steps: int, warmup: int = 1,
+                         per_step: bool = True):
     """Run ``warmup`` greedy decode steps of ``model`` through ``cache``, then capture the next ``steps`` into
     CUDA graphs, one graph per step.
 
@@ -436,7 +437,8 @@ def capture_decode_steps(model, cache_kw: str, cache, tok: torch.Tensor, steps: 
     (where the cache appends, which window tokens are packed) runs once, during its capture, and is baked into
     its graph: so the graphs must be replayed once each, in order, after which ``tokens`` (B, steps) holds the
     greedy tokens of those steps and the cache the ``warmup + steps`` new tokens, as an eager loop would leave
-    them. They share one memory pool (safe because they replay in the order they were captured). A cache
+    them. They share one memory pool (safe because they replay in the order they were captured). With
+    ``per_step=False`` all ``steps`` go into one graph instead (one capture, one pool, replayed once). A cache
     whose decode step makes no device-to-host synchronisation can be captured (DynamicCache, a FusedCache).
     Returns (graphs, tokens)."""
     if warmup < 1:
@@ -451,13 +453,18 @@ def capture_decode_steps(model, cache_kw: str, cache, tok: torch.Tensor, steps: 
         tokens = torch.full((tok.shape[0], steps), -1, dtype=tok.dtype, device=tok.device)  # -1: not written yet
         stream.synchronize()
         pool = torch.cuda.graph_pool_handle()
-        for i in range(steps):
+
+        def step(i):
+            logits = model(input_ids=static_tok, logits_to_keep=1, **{cache_kw: cache}).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            static_tok.copy_(nxt)
+            tokens[:, i : i + 1].copy_(nxt)
+
+        for i in range(steps) if per_step else range(1):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool, stream=stream):
-                logits = model(input_ids=static_tok, logits_to_keep=1, **{cache_kw: cache}).logits
-                nxt = logits[:, -1].argmax(-1, keepdim=True)
-                static_tok.copy_(nxt)
-                tokens[:, i : i + 1].copy_(nxt)
+                for j in (i,) if per_step else range(steps):
+                    step(j)
             graphs.append(g)
     torch.cuda.current_stream().wait_stream(stream)
     return graphs, tokens

@@ -212,8 +212,9 @@ def test_fp16_layer_runs_the_cuda_kernel_gpu(spec, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (CUDA graphs)")
+@pytest.mark.parametrize("per_step", [True, False])
 @pytest.mark.parametrize("spec", [KIVI4, KIVI2, "q8_0", "dynamic"])
-def test_decode_steps_replayed_from_cuda_graphs_equal_eager_gpu(prompt, spec):
+def test_decode_steps_replayed_from_cuda_graphs_equal_eager_gpu(prompt, spec, per_step):
     """capture_decode_steps: the greedy steps replayed from their graphs give the eager loop's tokens and leave
     the cache holding the same bytes (fp16 model, so the KIVI steps run the CUDA kernel where it is built). The
     steps cross a K window boundary (PROMPT + 1 + NEW > 2 * residual), so a graph also holds a K pack."""
@@ -240,7 +241,8 @@ def test_decode_steps_replayed_from_cuda_graphs_equal_eager_gpu(prompt, spec):
     eager = torch.cat(eager[1:], dim=1)
 
     cache = fresh()
-    graphs, tokens = fc.capture_decode_steps(m, kw, cache, prefill(cache), NEW, warmup=1)
+    graphs, tokens = fc.capture_decode_steps(m, kw, cache, prefill(cache), NEW, warmup=1, per_step=per_step)
+    assert len(graphs) == (NEW if per_step else 1)
     assert (tokens == -1).all()  # captured, not run
     for g in graphs:
         g.replay()

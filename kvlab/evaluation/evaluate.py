@@ -63,7 +63,7 @@ def _base_logprobs(model, windows, i):
 
     from kvlab.evaluation.ppl import tokens_sha256
 
-    key = (id(model), tokens_sha256(windows), i)
+    key = (id(model), tokens_sha256(windows), tuple(windows.shape), i)  # one token stream cut two ways: two keys
     if key in _BASE_LOGPROBS:
         return _BASE_LOGPROBS[key]
     device = next(model.parameters()).device

@@ -14,6 +14,7 @@ Example: ``"k=kivi:bits=2,group=32;v=kivi:bits=2;keep_first=2;keep_heads=3.0+7.1
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -85,8 +86,15 @@ class Policy:
             items += [f"recent={self.recent}", f"old={quant.get(self.old).spec}"]
         return ";".join(items)
 
-    def check_model(self, n_layers: int, n_kv_heads: int) -> None:
-        """Raise ValueError if a listed layer or head does not exist in the model."""
+    def check_model(self, n_layers: int, n_kv_heads: int, head_dim: int | None = None) -> None:
+        """Raise ValueError if a listed layer or head does not exist in the model, or (given ``head_dim``)
+        if a scheme cannot hold the model's head_dim (a group that does not divide it, a rotation)."""
+        if head_dim is not None:
+            for q in self._quantizers.values():
+                if q.rotate == "hadamard" and head_dim & (head_dim - 1):
+                    raise ValueError(f"{q.spec}: rotate=hadamard needs head_dim a power of two; the model's "
+                                     f"head_dim is {head_dim}")
+                q.bits_per_value(1, head_dim)  # each scheme's own check of head_dim
         for name in ("keep_k_heads", "keep_v_heads"):
             for layer, head in sorted(getattr(self, name)):
                 if not 0 <= layer < n_layers or not 0 <= head < n_kv_heads:
@@ -141,17 +149,27 @@ def parse_policy(spec: str | Policy) -> Policy:
         quant.get(spec)  # a plain scheme spec: raises a clear error when unknown
         return Policy(k=spec, v=spec)
     kw: dict = {}
-    for item in filter(None, (s.strip() for s in spec.split(";"))):
+    items = [s.strip() for s in spec.split(";") if s.strip()]
+    if not items:
+        raise ValueError(f"policy spec {spec!r} has no items; allowed: a scheme spec or KEY=VALUE items "
+                         f"separated by ';' (keys: {', '.join(_KEYS)})")
+    seen: dict[str, str] = {}
+    for item in items:
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or key not in _KEYS:
             raise ValueError(f"policy: bad item {item!r} in {spec!r}; allowed keys: {', '.join(_KEYS)}")
         value = value.strip()
+        for name in {"kv": ("k", "v"), "keep_heads": ("keep_k_heads", "keep_v_heads")}.get(key, (key,)):
+            if name in seen:
+                raise ValueError(f"policy: {key}= in {spec!r} sets {name} again (already set by {seen[name]!r}); "
+                                 "allowed: each key once")
+            seen[name] = item
         if key == "kv":
             kw["k"] = kw["v"] = value
         elif key in ("keep_first", "keep_last", "recent"):
-            if not value.lstrip("-").isdigit():
-                raise ValueError(f"policy: {key}={value!r} is not an integer")
+            if not re.fullmatch(r"-?[0-9]+", value):
+                raise ValueError(f"policy: {key}={value!r} is not an integer; allowed: an integer >= 0")
             kw[key] = int(value)
         elif key == "keep_heads":
             kw["keep_k_heads"] = kw["keep_v_heads"] = _pairs(value, key)

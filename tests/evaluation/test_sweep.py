@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -135,3 +136,220 @@ def test_cli_sweep_summary_and_resume(tmp_path, capsys):
     assert {f: f.stat().st_mtime_ns for f in (tmp_path / "ppl").glob("*.csv")} == files
     assert main([*argv, "--shard", "3/2"]) == 2
     assert "shard='3/2' is not allowed" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# nothing silently wrong (issue 17): stale keys, damaged files, write errors, concurrent runs
+# ---------------------------------------------------------------------------------------------------
+TINY = dict(corpus="pydoc", ctx=32, windows=1, progress=False)
+
+
+def test_committed_keys_belong_to_the_embedded_models_content(model, model64):
+    """The committed results were keyed by the name; that name is kept for exactly the embedded float32
+    weights (fingerprint pinned), so the study finds them, and any other content is keyed by its hash."""
+    from kvlab.model.fingerprint import model_key
+
+    assert model_key(model) == "smollm2-135m-instruct"
+    assert model_key(model64).startswith("sha256:")
+
+
+def test_changed_weights_change_the_key(model, tokenizer, tmp_path):
+    """Swap two weight tensors in memory: a re-run into the same folder recomputes, as a fresh folder would."""
+    import torch
+
+    first = sweep([], model=model, tokenizer=tokenizer, out=tmp_path, **TINY)["ppl"]
+    a, b = model.model.layers[0].self_attn.q_proj.weight, model.model.layers[1].self_attn.q_proj.weight
+    with torch.no_grad():
+        saved = a.clone()
+        a.copy_(b)
+        b.copy_(saved)
+    try:
+        second = sweep([], model=model, tokenizer=tokenizer, out=tmp_path, **TINY)["ppl"]
+        fresh = sweep([], model=model, tokenizer=tokenizer, out=tmp_path / "fresh", **TINY)["ppl"]
+    finally:
+        with torch.no_grad():
+            b.copy_(a)
+            a.copy_(saved)
+    assert second.key[0] != first.key[0] and second.nll[0] != first.nll[0]
+    assert second.nll.tolist() == fresh.nll.tolist()
+    assert len(list((tmp_path / "ppl").glob("*.csv"))) == 2
+
+
+def test_windows_of_one_token_stream_in_another_shape_get_another_key(model, tokenizer, tmp_path):
+    """(2, 32) and (1, 64) windows hold the same token bytes: the key hashes the shape too."""
+    a = sweep([], model=model, tokenizer=tokenizer, out=tmp_path, corpus="pydoc", ctx=32, windows=2, progress=False)
+    b = sweep([], model=model, tokenizer=tokenizer, out=tmp_path, corpus="pydoc", ctx=64, windows=1, progress=False)
+    assert a["ppl"].attrs["tokens_sha256"] == b["ppl"].attrs["tokens_sha256"]
+    assert a["ppl"].key[0] != b["ppl"].key[0] and len(b["ppl"]) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "foreign"])
+def test_damaged_result_file_is_recomputed_with_a_warning(model, tokenizer, tmp_path, damage):
+    kw = dict(corpus="pydoc", ctx=32, windows=3, progress=False)
+    clean = sweep(["q4_0"], model=model, tokenizer=tokenizer, out=tmp_path, **kw)["ppl"]
+    f = sorted((tmp_path / "ppl").glob("*.csv"))[0]
+    text = f.read_text()
+    f.write_text({"truncate": text[: len(text) * 2 // 3], "empty": "",
+                  "foreign": text.replace(f.stem, "0" * 16)}[damage])
+    with pytest.warns(UserWarning, match=f"sweep: {f}.*recomputing"):
+        again = sweep(["q4_0"], model=model, tokenizer=tokenizer, out=tmp_path, **kw)["ppl"]
+    pd.testing.assert_frame_equal(again, clean)
+    assert f.read_text() == text
+
+
+def test_stray_csv_adds_no_columns(model, tokenizer, tmp_path):
+    sweep(["q4_0"], model=model, tokenizer=tokenizer, out=tmp_path, **TINY)
+    before = (tmp_path / "ppl.csv").read_bytes()
+    (tmp_path / "ppl" / "notes.csv").write_text("a,b\n1,2\n")
+    with pytest.warns(UserWarning, match="ignoring .*notes.csv"):
+        merge(tmp_path)
+    assert (tmp_path / "ppl.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize("err", ["ENOSPC", "EACCES"])
+def test_write_error_mid_write_leaves_no_partial_row_and_a_rerun_completes(model, tokenizer, tmp_path,
+                                                                           monkeypatch, err):
+    """Disk full (or permission lost) while the second config's file is half written: the run fails with
+    the OSError, nothing partial is left (no row, no temporary, no claim), and a re-run completes with
+    exactly the results of an uninterrupted run."""
+    import errno
+
+    import kvlab._io
+
+    configs = ["q4_0", "int:bits=4"]
+    clean = tmp_path / "clean"
+    sweep(configs, model=model, tokenizer=tokenizer, out=clean, **TINY)
+    real_fdopen, calls = os.fdopen, []
+
+    class HalfWriter:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            raise OSError(getattr(errno, err), os.strerror(getattr(errno, err)))
+
+    def fdopen(fd, *a, **k):
+        calls.append(fd)
+        f = real_fdopen(fd, *a, **k)
+        return HalfWriter(f) if len(calls) == 2 else f
+
+    monkeypatch.setattr(kvlab._io.os, "fdopen", fdopen)
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as e:
+        sweep(configs, model=model, tokenizer=tokenizer, out=out, **TINY)
+    assert e.value.errno == getattr(errno, err)
+    monkeypatch.setattr(kvlab._io.os, "fdopen", real_fdopen)
+    left = sorted(p.name for p in (out / "ppl").iterdir())
+    assert len(left) == 1 and left[0].endswith(".csv")  # the first config, whole; nothing else
+    pd.read_csv(out / "ppl" / left[0])  # a whole file
+    sweep(configs, model=model, tokenizer=tokenizer, out=out, **TINY)
+    assert (out / "ppl.csv").read_bytes() == (clean / "ppl.csv").read_bytes()
+    assert sorted(p.name for p in (out / "ppl").iterdir()) == sorted(p.name for p in (clean / "ppl").iterdir())
+
+
+def test_out_naming_a_file_is_refused_before_any_run(model, tokenizer, tmp_path, monkeypatch, capsys):
+    S = importlib.import_module("kvlab.evaluation.sweep")
+    from kvlab.cli import main
+
+    monkeypatch.setattr(S, "evaluate_policy", lambda *a, **k: pytest.fail("a config ran"))
+    f = tmp_path / "results.txt"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="results.txt.* is a file"):
+        sweep(["q4_0"], model=model, tokenizer=tokenizer, out=f, **TINY)
+    assert main(["sweep", "q4_0", "--corpus", "pydoc", "--ctx", "32", "--windows", "1", "--out", str(f)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, match", [("kivi:group=48,residual=96", "group=48 does not divide head_dim"),
+                                        ("int:bits=4,group=48", "group=48"),
+                                        ("q4_0;keep_first=31", "keep_first=31")])
+def test_every_config_checked_against_the_model_before_any_run(model, tokenizer, tmp_path, monkeypatch, bad,
+                                                                match):
+    S = importlib.import_module("kvlab.evaluation.sweep")
+
+    monkeypatch.setattr(S, "evaluate_policy", lambda *a, **k: pytest.fail("a config ran before the check"))
+    with pytest.raises(ValueError, match=match) as e:
+        sweep(["q4_0", bad], model=model, tokenizer=tokenizer, out=tmp_path, **TINY)
+    assert repr(bad) in str(e.value)
+    assert not (tmp_path / "ppl").exists()
+
+
+CONCURRENT = textwrap.dedent("""
+    import hashlib, importlib, os, sys, time
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    S = importlib.import_module("kvlab.evaluation.sweep")
+
+    out, log, go = sys.argv[1:4]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=32)).eval()
+    S.load_windows = lambda tok, corpus, ctx, windows, data_dir=None, **kw: (
+        "fake", (torch.arange(ctx * windows) % 64).view(windows, ctx))
+
+    def evaluate(model, w, pol, **kw):  # cheap and deterministic; logs who computed what
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {pol.spec}\\n")
+        time.sleep(0.2)
+        h = int(hashlib.sha256(pol.spec.encode()).hexdigest()[:8], 16) / 2**32
+        return {"window_nll": [h] * w.shape[0], "window_kl": [h / 10] * w.shape[0]}
+
+    S.evaluate_policy = evaluate
+    open(f"{go}.{os.getpid()}", "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.01)
+    r = S.sweep(CONFIG_LIST, model=model, tokenizer=None, out=out, progress=False, ctx=32, windows=2, bos="never")
+    sys.stdout.write(r["ppl"].to_csv(index=False))
+""")
+
+
+def test_concurrent_sweeps_split_the_work_and_agree(tmp_path):
+    """Two processes on one --out: no config is computed twice, and both return the same merged table."""
+    configs = ["q4_0", "q8_0", "int:bits=4", "int:bits=8", "kivi:bits=2", "kivi:bits=4", "q4_1", "bf16"]
+    out, log, go = tmp_path / "out", tmp_path / "log", tmp_path / "go"
+    code = CONCURRENT.replace("CONFIG_LIST", repr(configs))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out), str(log), str(go)], stdout=subprocess.PIPE,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}) for _ in range(2)]
+    deadline = time.time() + 300
+    while len(list(tmp_path.glob("go.*"))) < 2 and time.time() < deadline:
+        assert all(p.poll() is None for p in procs), "a sweep process died"
+        time.sleep(0.05)
+    go.touch()
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    done = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    specs = [spec for _, spec in done]
+    assert len(specs) == len(configs) + 1 == len(set(specs))  # each config (and fp16) computed once
+    assert len({pid for pid, _ in done}) == 2  # and the work was shared
+    assert outputs[0] == outputs[1] and outputs[0].count(b"\n") == 1 + 2 * (len(configs) + 1)
+    assert not list((out / "ppl").glob("*.lock"))
+
+
+def test_claims_of_dead_processes_are_taken_over(model, tokenizer, tmp_path):
+    """A run killed while computing leaves its claim file: the lock died with it, so a re-run computes."""
+    first = sweep(["q4_0"], model=model, tokenizer=tokenizer, out=tmp_path / "a", **TINY)["ppl"]
+    out = tmp_path / "b"
+    (out / "ppl").mkdir(parents=True)
+    locks = [out / "ppl" / f"{k}.lock" for k in first.key.unique()]
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        for p in {[str(p) for p in locks]!r}:
+            fcntl.flock(os.open(p, os.O_RDWR | os.O_CREAT), fcntl.LOCK_EX)
+        print("held", flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"held\n"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(timeout=30)
+    assert all(p.exists() for p in locks)
+    again = sweep(["q4_0"], model=model, tokenizer=tokenizer, out=out, **TINY)["ppl"]
+    pd.testing.assert_frame_equal(again, first)
+    assert not any(p.exists() for p in locks)

@@ -52,6 +52,9 @@ SPECS = [
     "kvquant:bits=3,sinks=4",
     "kvquant:bits=4,outlier_frac=0.05",
     "kvquant:bits=2,rotate=hadamard",
+    "turboquant:bits=1",
+    "turboquant:bits=3",
+    "turboquant:bits=2,qjl=true",
 ]
 CALIBRATED = ["kvquant:bits=3", "kvquant:bits=2,sinks=2"]
 
@@ -80,6 +83,7 @@ FAMILIES = {  # error must not grow as bits grow, in this order
     "ggml_0": ["q4_0", "q5_0", "q8_0"],
     "ggml_1": ["q4_1", "q5_1"],
     "kvquant": ["kvquant:bits=2", "kvquant:bits=3", "kvquant:bits=4"],
+    "turboquant": [f"turboquant:bits={b}" for b in (1, 2, 3, 4)],
 }
 
 _CALIB_X = torch.randn(1, 2, 96, 64, generator=torch.Generator().manual_seed(0))
@@ -241,3 +245,50 @@ def test_runs_join(spec, which, calibrated, x, cut):
             assert torch.equal(y_joined, y_runs)
         else:  # the rotation back is a matmul, whose float rounding depends on the number of rows
             assert torch.allclose(y_joined.float(), y_runs.float(), rtol=1e-5, atol=1e-6 * x.abs().max().item())
+
+
+@pytest.mark.parametrize("spec,which,calibrated", CASES, ids=IDS)
+@pytest.mark.parametrize("big", [2e5, -2e5, 1e9, 3e38])
+def test_values_beyond_the_stored_range_are_held_or_refused(spec, which, calibrated, big):
+    """A finite value beyond fp16 (bf16/fp32 models produce them): the scheme gives it back within its
+    error bound, or refuses naming the value, the scheme and the range it stores; never Inf, NaN or a
+    silently saturated value."""
+    q = make(spec, which, calibrated)
+    x = torch.randn(1, 2, 64, 64, generator=torch.Generator().manual_seed(1))
+    x[0, 1, 40, 5] = big
+    try:
+        y = q.roundtrip(x)
+    except ValueError as e:
+        msg = str(e)
+        assert f"{abs(big):.6g}" in msg or f"{big:.6g}" in msg, msg
+        assert q.spec.split(":")[0] in msg and ("<=" in msg or "at most" in msg), msg
+        if q.max_abs < float("inf"):
+            assert f"{q.max_abs:.6g}" in msg and (abs(big) > q.max_abs or q.rotate != "none"), msg
+        return
+    assert torch.isfinite(y).all()
+    assert abs(big) <= q.max_abs
+    if q.rotate == "none":
+        assert (err := (y.float() - x).abs()).max() <= abs(big) * 0.01, err.max()  # not saturated
+        assert (err <= q.error_bound(x) * (1 + 1e-5) + _output_tol(y)).all()
+    else:  # the bound holds in the rotated basis
+        xr, yr = hadamard(x), hadamard(y.float())
+        assert ((yr - xr).abs() <= q.error_bound(xr) * (1 + 1e-4) + 1e-3 * abs(big) * 2**-10).all()
+
+
+@pytest.mark.parametrize("spec, match", [("kivi:bits=2,bits=4", "sets bits twice"),
+                                         ("kivi:group=48", "group=48 does not divide residual=128")])
+def test_spec_errors_name_the_key_the_user_wrote(spec, match):
+    with pytest.raises(ValueError, match=match):
+        kq.get(spec)
+
+
+@pytest.mark.parametrize("spec, match", [("kv=q4_0;kv=q8_0", "sets k again"), ("k=q4_0;kv=q8_0", "sets k again"),
+                                         ("keep_heads=0.0;keep_k_heads=1.0", "sets keep_k_heads again"),
+                                         (";", "has no items"), (" ; ; ", "has no items"),
+                                         ("q4_0;keep_first=--1", "keep_first='--1' is not an integer"),
+                                         ("q4_0;keep_last=-1", "keep_last=-1 is not allowed")])
+def test_policy_errors(spec, match):
+    from kvlab.quant.policy import parse_policy
+
+    with pytest.raises(ValueError, match=match):
+        parse_policy(spec)

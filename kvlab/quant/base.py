@@ -17,6 +17,9 @@ What storage and analysis may ask of a scheme is declared here, never read off i
   only the scheme's own ``dequantize`` knows how (the fast packed path).
 - ``window_dtype``, ``stored_input``: what the cache holds for tokens waiting unquantized.
 - ``family_label()``: the family a study groups the scheme with (for colours and tables).
+- ``max_abs``: the largest magnitude the stored format represents (fp16 or fp8 values, scales or minima
+  bound it); ``quantize`` refuses a finite value beyond it, naming the value, the scheme and the range,
+  instead of returning Inf/NaN or a saturated value.
 """
 
 from __future__ import annotations
@@ -213,6 +216,17 @@ class Quantizer(abc.ABC):
         """The packed layout kernels outside kvlab.quant read directly, or None (see :class:`Layout`)."""
         return None
 
+    @property
+    def max_abs(self) -> float:
+        """Largest |x| (after the rotation, where one is set) the stored format represents; inf: no bound."""
+        return math.inf
+
+    def _refuse_range(self, m: str, what: str = "") -> None:
+        raise ValueError(
+            f"{self.spec}: a value of {m}{what} is beyond the range this scheme stores (|x| <= "
+            f"{self.max_abs:.6g}: its values, scales or minima are held as fp16/fp8); allowed: finite values "
+            f"within +-{self.max_abs:.6g} (scale K/V down, or use a scheme with float32 scales, bf16 or none)")
+
     def family_label(self) -> str:
         """The family a study groups this scheme with: its name, ``+hadamard`` when it rotates."""
         return self.name + ("+hadamard" if self.rotate == "hadamard" else "")
@@ -245,7 +259,14 @@ class Quantizer(abc.ABC):
     def stored_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the scheme receives from the model: the values an fp16 deployment holds (x cast to fp16 and
         back to x's dtype). ``none`` overrides it to keep x as it is."""
-        return x.to(torch.float16).to(x.dtype)
+        h = x.to(torch.float16)
+        if x.dtype != torch.float16 and x.numel() and not bool(torch.isfinite(h).all()):
+            m = float(x.abs().amax())
+            if math.isfinite(m):
+                raise ValueError(f"{self.spec}: a value of {m:.6g} is beyond fp16 (|x| <= 65504), the dtype an fp16 "
+                                 "deployment holds K/V in before the scheme sees them; allowed: values within "
+                                 "+-65504 (or the none scheme, which keeps the model's dtype)")
+        return h.to(x.dtype)
 
     def fp16_tokens(self, L: int) -> torch.Tensor:
         """(L,) bool: tokens held unquantized (fp16 window, sinks) when the cache holds L tokens."""
@@ -274,7 +295,17 @@ class Quantizer(abc.ABC):
         xf = x.float()
         if self.rotate == "hadamard":
             xf = hadamard(xf)
-        return Packed(self._quantize(xf), tuple(x.shape), x.dtype)
+        if self.max_abs < math.inf and float(xf.abs().amax()) > self.max_abs:
+            big = f"{float(x.abs().amax()):.6g}"
+            if self.rotate != "none":
+                big += f" ({float(xf.abs().amax()):.6g} after the hadamard rotation)"
+            self._refuse_range(big)
+        tensors = self._quantize(xf)
+        for name, t in tensors.items():  # the stored floats overflowed: a bound above is too generous
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{self.spec}: its stored {name} overflowed (largest |x| {float(xf.abs().amax()):.6g}, "
+                                 f"{t.dtype}); allowed: smaller values")
+        return Packed(tensors, tuple(x.shape), x.dtype)
 
     def dequantize(self, packed: Packed) -> torch.Tensor:
         """Packed -> x_hat (B, H, T, D) in the original dtype."""

@@ -15,6 +15,7 @@ Storage: ``codes`` uint8 (B, H, T, D) (the fp8 bytes), ``scale`` float32 (B, H, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,10 @@ class FP8(Quantizer):
 
     def concat(self, packs):  # runs with their own scale do not join (the default would stack 1-token runs)
         return super().concat(packs) if self.scale == "none" or len(packs) == 1 else None
+
+    @property
+    def max_abs(self):  # a direct cast saturates at the format's max; an fp32 scale maps any amax onto it
+        return self._finfo.max if self.scale == "none" else math.inf
 
     def _bits(self, T, D):
         return T * D * 8 + (0 if self.scale == "none" else 32)

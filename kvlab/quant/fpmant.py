@@ -87,6 +87,10 @@ class FPMant(Quantizer):
         pattern = (sign << 15) | mag
         return pattern.to(torch.int16).view(torch.float16).float()  # int16 wraps the sign bit in
 
+    @property
+    def max_abs(self):  # the values are fp16 bit patterns
+        return _FP16_MAX
+
     def _bits(self, T, D):
         b = self.code_bits
         row = packed_len(D, b) if b <= 8 else D + packed_len(D, b - 8)

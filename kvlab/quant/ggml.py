@@ -59,6 +59,10 @@ class _GGMLBlock(Quantizer):
             return None
         return Layout("block", self.nbits, fmt=self.name, asym=self.asym, group=BLOCK, along="channel")
 
+    @property
+    def max_abs(self):  # fp16 block scale d = amax / 127 (q8_0) or max / -2**(b-1); fp16 minima (q4_1, q5_1)
+        return 65504.0 if self.asym else 65504.0 * (127 if self.nbits == 8 else 2 ** (self.nbits - 1))
+
     def _check_dims(self, T, D):
         if D % BLOCK:
             raise ValueError(f"{self.name}: head_dim D={D} is not a multiple of the block size {BLOCK}; "

@@ -60,6 +60,10 @@ class _Cast(Quantizer):
     def layout(self):
         return Layout("cast", 16, fmt=self.name) if self.rotate == "none" else None
 
+    @property
+    def max_abs(self):  # beyond it the cast gives Inf
+        return torch.finfo(self.store).max
+
     def _bits(self, T, D):
         return T * D * 16
 

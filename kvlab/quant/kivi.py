@@ -68,14 +68,18 @@ class KIVI(Quantizer):
         if self.residual % self.group:  # name group first: residual is often the default the user never set
             up = -(-self.residual // self.group) * self.group
             raise ValueError(f"kivi: group={self.group} does not divide residual={self.residual} (K is quantized in "
-                             f"blocks of residual tokens made of whole groups); allowed: a group dividing "
-                             f"{self.residual} (e.g. 32), or residual={up} with group={self.group}")
+                             f"blocks of residual tokens made of whole groups); allowed: a residual that is a multiple of "
+                             f"group={self.group} (e.g. residual={up}), or a group that divides {self.residual}")
 
     def layout(self):
         if self.rotate != "none":  # the kernels read unrotated codes
             return None
         return Layout("group", self.bits, fmt="kivi", asym=True, group=self.group,
                       along="token" if self.tensor == "k" else "channel", window=self.residual)
+
+    @property
+    def max_abs(self):  # fp16 minima
+        return 65504.0
 
     def _check_dims(self, T, D):
         if self.tensor == "v" and D % self.group:

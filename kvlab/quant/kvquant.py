@@ -216,6 +216,10 @@ class KVQuant(Quantizer):
         xq = y.transpose(-1, -2) if self.tensor == "k" else y
         return torch.cat([sink, xq], dim=-2)
 
+    @property
+    def max_abs(self):  # fp16 zero, scale, outliers and sinks
+        return 65504.0
+
     def _bits(self, T, D):
         s = min(self.sinks, T)
         Tq = T - s

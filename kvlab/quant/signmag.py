@@ -69,6 +69,10 @@ class SignMag(Quantizer):
     def code_bits(self) -> int:
         return 2 if self.v == 4 else 1
 
+    @property
+    def max_abs(self):  # fp16 magnitudes and outliers
+        return 65504.0
+
     def _check_dims(self, T, D):
         k = self.n_outliers
         if k and k >= D:

@@ -166,6 +166,10 @@ class IntQuant(Quantizer):
             return None
         return super().concat(packs)
 
+    @property
+    def max_abs(self):  # fp16 scales (amax / qmax when symmetric) and fp16 minima
+        return 65504.0 * (2 ** (self.bits - 1) - 1) if self.sym else 65504.0
+
     def _bits(self, T, D):
         meta = 16 if self.sym else 32
         if self.group == "global":

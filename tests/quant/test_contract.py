@@ -263,10 +263,9 @@ def test_values_beyond_the_stored_range_are_held_or_refused(spec, which, calibra
         assert f"{abs(big):.6g}" in msg or f"{big:.6g}" in msg, msg
         assert q.spec.split(":")[0] in msg and ("<=" in msg or "at most" in msg), msg
         if q.max_abs < float("inf"):
-            assert f"{q.max_abs:.6g}" in msg and (abs(big) > q.max_abs or q.rotate != "none"), msg
+            assert f"{q.max_abs:.6g}" in msg, msg
         return
     assert torch.isfinite(y).all()
-    assert abs(big) <= q.max_abs
     if q.rotate == "none":
         assert (err := (y.float() - x).abs()).max() <= abs(big) * 0.01, err.max()  # not saturated
         assert (err <= q.error_bound(x) * (1 + 1e-5) + _output_tol(y)).all()
@@ -285,8 +284,8 @@ def test_spec_errors_name_the_key_the_user_wrote(spec, match):
 @pytest.mark.parametrize("spec, match", [("kv=q4_0;kv=q8_0", "sets k again"), ("k=q4_0;kv=q8_0", "sets k again"),
                                          ("keep_heads=0.0;keep_k_heads=1.0", "sets keep_k_heads again"),
                                          (";", "has no items"), (" ; ; ", "has no items"),
-                                         ("q4_0;keep_first=--1", "keep_first='--1' is not an integer"),
-                                         ("q4_0;keep_last=-1", "keep_last=-1 is not allowed")])
+                                         ("kv=q4_0;keep_first=--1", "keep_first='--1' is not an integer"),
+                                         ("kv=q4_0;keep_last=-1", "keep_last=-1 is not allowed")])
 def test_policy_errors(spec, match):
     from kvlab.quant.policy import parse_policy
 

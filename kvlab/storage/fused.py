@@ -103,6 +103,7 @@ class FusedLayer(PackedBatchOps, DynamicLayer):
         self.n_fused = 0  # attention calls served by the fused kernel
         self.n_dequant = 0  # attention calls served by dequantize + SDPA
         self._unread = False  # update() returned K/V that no fused attention has read yet
+        self._causal_trusted = False  # set by capture_decode_steps: the mask is known plain causal, skip the check
 
     # ---- to implement -----------------------------------------------------------------------------
     def _allocate(self, B: int, H: int, D: int, device: torch.device) -> None:
@@ -171,7 +172,7 @@ class FusedLayer(PackedBatchOps, DynamicLayer):
         n, L = query.shape[2], self.cumulative_length
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        if n <= self._max_queries() and _plain_causal(attention_mask, n, L):
+        if n <= self._max_queries() and (self._causal_trusted or _plain_causal(attention_mask, n, L)):
             self.n_fused += 1
             return self._decode(query.contiguous(), scaling).transpose(1, 2), None
         self.n_dequant += 1
@@ -425,32 +426,57 @@ def use_fused_attention(model) -> str:
     return previous
 
 
+def _tensors_of(layer) -> list[torch.Tensor]:
+    """Every tensor a cache layer holds (attributes, and the values of dict attributes such as ``bufs``)."""
+    out = []
+    for v in vars(layer).values():
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, dict):
+            out += [t for t in v.values() if isinstance(t, torch.Tensor)]
+    return out
+
+
 def capture_decode_steps(model, cache_kw: str, cache, tok: torch.Tensor, steps: int, warmup: int = 1,
                          per_step: bool = True):
     """Run ``warmup`` greedy decode steps of ``model`` through ``cache``, then capture the next ``steps`` into
-    CUDA graphs, one graph per step.
+    CUDA graphs: one graph per step, or (``per_step=False``) all of them in one graph.
 
-    ``tok`` (B, 1): the last token of each sequence; ``cache_kw``: the keyword the model takes the cache under
-    (``kvlab.storage.cache_kwarg(model)``). The warm-up steps run eagerly on the stream the graphs are then
-    captured on, as PyTorch asks (library handles and workspaces for that stream exist before the capture, the
-    kernels are compiled and their split plans known); at least one is required. A step's host-side logic
-    (where the cache appends, which window tokens are packed) runs once, during its capture, and is baked into
-    its graph: so the graphs must be replayed once each, in order, after which ``tokens`` (B, steps) holds the
-    greedy tokens of those steps and the cache the ``warmup + steps`` new tokens, as an eager loop would leave
-    them. They share one memory pool (safe because they replay in the order they were captured). With
-    ``per_step=False`` all ``steps`` go into one graph instead (one capture, one pool, replayed once). A cache
-    whose decode step makes no device-to-host synchronisation can be captured (DynamicCache, a FusedCache).
-    Returns (graphs, tokens)."""
+    ``tok`` (B, 1): the last token of each sequence, the batch unpadded (no attention mask is passed);
+    ``cache_kw``: the keyword the model takes the cache under (``kvlab.storage.cache_kwarg(model)``). The warm-up
+    steps run eagerly on the stream the graphs are then captured on, as PyTorch asks (library handles and
+    workspaces for that stream exist before the capture, the kernels are compiled and their split plans known);
+    at least one is required, and in each of them every fused layer must have taken the fused kernel. While
+    capturing, the fused layers skip their check that the mask is plain causal (a device-to-host read, not
+    allowed in a capture): with no padding, transformers builds that mask for every decode step.
+
+    A step's host-side logic (where the cache appends, which window tokens are packed) runs once, during its
+    capture, and is baked into its graph: so the graphs must be replayed once each, in order, after which
+    ``tokens`` (B, steps) holds the greedy tokens of those steps and the cache the ``warmup + steps`` new tokens,
+    as an eager loop would leave them. The graphs share one memory pool (safe because they replay in the order
+    they were captured), and each keeps alive the tensors the cache held before the capture (``g.keepalive``):
+    a step frees what it replaces, and memory allocated outside the pool and freed during a capture could
+    otherwise be reused or released before the graph that still reads it replays (seen: an illegal address in
+    ``torch.cat`` of a DynamicCache, replaying the second of several per-step graphs). A cache whose decode step
+    makes no other device-to-host read can be captured (DynamicCache, a FusedCache). Returns (graphs, tokens)."""
     if warmup < 1:
         raise ValueError(f"warmup={warmup} is not allowed; allowed: an int >= 1 (eager steps on the capture stream)")
+    layers = list(getattr(cache, "layers", []))
+    fused = [layer for layer in layers if isinstance(layer, FusedLayer)]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     graphs = []
     with torch.no_grad(), torch.cuda.stream(stream):
+        before = [layer.n_fused for layer in fused]
         for _ in range(warmup):
             tok = model(input_ids=tok, logits_to_keep=1, **{cache_kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+        if any(layer.n_fused - n < warmup for layer, n in zip(fused, before)):
+            raise ValueError("capture_decode_steps: a warm-up step did not take the fused kernel in every fused layer "
+                             "(a padded batch, or more query tokens than the kernel serves); its graphs would bake "
+                             "that choice in")
         static_tok = tok.clone()
         tokens = torch.full((tok.shape[0], steps), -1, dtype=tok.dtype, device=tok.device)  # -1: not written yet
+        keepalive = [tok, static_tok, *(t for layer in layers for t in _tensors_of(layer))]
         stream.synchronize()
         pool = torch.cuda.graph_pool_handle()
 
@@ -460,12 +486,19 @@ def capture_decode_steps(model, cache_kw: str, cache, tok: torch.Tensor, steps: 
             static_tok.copy_(nxt)
             tokens[:, i : i + 1].copy_(nxt)
 
-        for i in range(steps) if per_step else range(1):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool, stream=stream):
-                for j in (i,) if per_step else range(steps):
-                    step(j)
-            graphs.append(g)
+        for layer in fused:
+            layer._causal_trusted = True
+        try:
+            for i in range(steps) if per_step else range(1):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool, stream=stream):
+                    for j in (i,) if per_step else range(steps):
+                        step(j)
+                g.keepalive = keepalive
+                graphs.append(g)
+        finally:
+            for layer in fused:
+                layer._causal_trusted = False
     torch.cuda.current_stream().wait_stream(stream)
     return graphs, tokens
 

@@ -75,10 +75,10 @@ def _base_logprobs(model, windows, i):
 
 
 def model_geometry(model) -> tuple[int, int, int]:
-    """(layers, kv heads, head_dim) of a transformers causal LM."""
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
+    """(layers, kv heads, head_dim) of a transformers causal LM (:func:`kvlab.model.geometry.geometry`)."""
+    from kvlab.model.geometry import geometry
+
+    return tuple(geometry(model))
 
 
 def evaluate_policy(model, windows, policy, emulation: str = "prefill", kl: bool = True,
@@ -156,7 +156,7 @@ def scheme_report(model_name=None, corpus="auto", ctx=512, windows=24, data_dir=
         model, tokenizer = load_model(model_name)
     name, w = load_windows(tokenizer, corpus, ctx, windows, data_dir, bos=bos)
     n_layers, n_heads, head_dim = model_geometry(model)
-    pol.check_model(n_layers, n_heads)
+    pol.check_model(n_layers, n_heads, head_dim)  # before the fp16 reference runs
     ref = evaluate_policy(model, w, "fp16", emulation="prefill", kl=False, progress=progress)
     res = evaluate_policy(model, w, pol, emulation=emulation, kl=True, progress=progress)
     import torch

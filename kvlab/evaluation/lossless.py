@@ -448,10 +448,9 @@ def evaluate_policies(model, windows: torch.Tensor, policies, lossless: dict[tup
     (:func:`mixed_bits_per_value` with ``unmeasured``). One row per policy, baseline first."""
     from kvlab.emulation.hooks import attention_modules, compress
     from kvlab.evaluation.ppl import window_nll
+    from kvlab.model.geometry import geometry
 
-    cfg = model.config
-    n_layers, n_kv = len(attention_modules(model)), cfg.num_key_value_heads
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_layers, n_kv, D = len(attention_modules(model)), *geometry(model)[1:]
     T = int(windows.shape[1])
     nll = {}
     for spec in [baseline] + [p for p in policies if p != baseline]:

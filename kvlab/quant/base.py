@@ -32,7 +32,7 @@ from typing import ClassVar
 
 import torch
 
-__all__ = ["Layout", "Packed", "Quantizer", "check_tensor", "hadamard", "parse_spec", "tensor_bytes"]
+__all__ = ["Layout", "Packed", "Quantizer", "cast_bound", "check_tensor", "hadamard", "parse_spec", "tensor_bytes"]
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -99,6 +99,13 @@ def _hadamard_matrix(d: int, device, dtype) -> torch.Tensor:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
         _H_CACHE[key] = (h / math.sqrt(d)).to(device=device, dtype=dtype)
     return _H_CACHE[key]
+
+
+def cast_bound(x: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Element-wise bound on the rounding of a cast of ``x`` to ``dtype``: half an ulp relative to |x|, plus
+    the format's subnormal step."""
+    fi = torch.finfo(dtype)
+    return x.abs() * fi.eps / 2 + fi.smallest_normal * fi.eps
 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
@@ -292,9 +299,7 @@ class Quantizer(abc.ABC):
     def quantize(self, x: torch.Tensor) -> Packed:
         """x (B, H, T, D) -> Packed with real storage (uint8/int8/fp16 tensors)."""
         self.check(x)
-        xf = x.float()
-        if self.rotate == "hadamard":
-            xf = hadamard(xf)
+        xf = self.rotated(x)
         if self.max_abs < math.inf and float(xf.abs().amax()) > self.max_abs:
             big = f"{float(x.abs().amax()):.6g}"
             if self.rotate != "none":
@@ -313,6 +318,10 @@ class Quantizer(abc.ABC):
         if self.rotate == "hadamard":
             y = hadamard(y.float())
         return y.to(packed.dtype)
+
+    def rotated(self, x: torch.Tensor) -> torch.Tensor:
+        """x as float32 in the basis the scheme quantizes in (Hadamard-rotated when rotate=hadamard)."""
+        return hadamard(x.float()) if self.rotate == "hadamard" else x.float()
 
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         return self.dequantize(self.quantize(x))

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from kvlab.quant.base import Layout, Packed, Quantizer
+from kvlab.quant.base import Layout, Packed, Quantizer, cast_bound
 from kvlab.quant.registry import register
 
 
@@ -68,9 +68,7 @@ class _Cast(Quantizer):
         return T * D * 16
 
     def error_bound(self, x):
-        # half an ulp relative to |x|, plus the format's subnormal step
-        fi = torch.finfo(self.store)
-        return x.abs() * fi.eps / 2 + fi.smallest_normal * fi.eps
+        return cast_bound(x, self.store)
 
 
 @register

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlab.quant.base import Layout, Packed, Quantizer, check_choice, hadamard
+from kvlab.quant.base import Layout, Packed, Quantizer, cast_bound, check_choice
 from kvlab.quant.packing import pack_bits, packed_len, unpack_bits
 from kvlab.quant.registry import register
 from kvlab.quant.uniform import affine_bound, affine_params, from_codes, to_codes
@@ -111,8 +111,7 @@ class KIVI(Quantizer):
         if self.tensor == "k" and x.shape[-2] % self.group:
             raise ValueError(f"kivi: quantize_all of K needs whole groups of tokens; got T={x.shape[-2]}, "
                              f"allowed: a multiple of group={self.group}")
-        xf = hadamard(x.float()) if self.rotate == "hadamard" else x.float()
-        return Packed(self._pack(xf, x.shape[-2]), tuple(x.shape), x.dtype)
+        return Packed(self._pack(self.rotated(x), x.shape[-2]), tuple(x.shape), x.dtype)
 
     def concat(self, packs):
         """Join runs of consecutive tokens from :meth:`quantize_all` (no fp16 window) into one Packed in
@@ -174,5 +173,4 @@ class KIVI(Quantizer):
             bound = bound.transpose(-1, -2)
         bound = bound.reshape(*x.shape[:2], Tq, x.shape[-1])
         window = x[..., Tq:, :]
-        fi = torch.finfo(torch.float16)
-        return torch.cat([bound, window.abs() * fi.eps / 2 + fi.smallest_normal * fi.eps], dim=-2)
+        return torch.cat([bound, cast_bound(window)], dim=-2)

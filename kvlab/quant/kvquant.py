@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvlab.quant.base import Packed, Quantizer, check_choice, hadamard
+from kvlab.quant.base import Packed, Quantizer, cast_bound, check_choice
 from kvlab.quant.packing import pack_bits, packed_len, unpack_bits
 from kvlab.quant.registry import register
 
@@ -148,10 +148,7 @@ class KVQuant(Quantizer):
     def calibrate(self, x: torch.Tensor) -> KVQuant:
         """A copy holding one codebook fit on calibration data x (B, H, T, D) of this tensor (K or V)."""
         self.check(x)
-        xf = x.float()
-        if self.rotate == "hadamard":
-            xf = hadamard(xf)
-        _, xq = self._split(xf)
+        _, xq = self._split(self.rotated(x))
         if xq.shape[-2] == 0:
             raise ValueError(f"kvquant: calibration tensor has T={x.shape[-2]} tokens, all of them sinks "
                              f"(sinks={self.sinks}); allowed: T > sinks")
@@ -176,7 +173,7 @@ class KVQuant(Quantizer):
         """Quantize every token of x (B, H, T, D), sinks included (what a cache stores for tokens that
         leave its fp16 part). Each run has its own ranges (and codebook if uncalibrated): runs do not join."""
         self.check(x)
-        xf = hadamard(x.float()) if self.rotate == "hadamard" else x.float()
+        xf = self.rotated(x)
         return Packed(self._pack(xf[..., :0, :], xf), tuple(x.shape), x.dtype)
 
     def concat(self, packs):
@@ -236,8 +233,7 @@ class KVQuant(Quantizer):
         """Inliers: ``scale`` times the largest distance from the vector's normalized inlier range to the
         nearest level (below the first level, above the last, or half the widest gap); outliers and
         sinks: fp16 rounding."""
-        fi = torch.finfo(torch.float16)
-        fp16_bound = x.abs() * fi.eps / 2 + fi.smallest_normal * fi.eps
+        fp16_bound = cast_bound(x)
         sink, xq = self._split(x)
         if xq.shape[-2] == 0:
             return fp16_bound

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlab.quant.base import Quantizer, check_choice
+from kvlab.quant.base import Quantizer, cast_bound, check_choice
 from kvlab.quant.packing import pack_bits, packed_len, unpack_bits
 from kvlab.quant.registry import register
 
@@ -146,6 +146,5 @@ class SignMag(Quantizer):
 
     def error_bound(self, x):
         e = self._encode(x)
-        fi = torch.finfo(torch.float16)
-        exact = x.abs() * fi.eps / 2 + fi.smallest_normal * fi.eps  # outliers: fp16 rounding
+        exact = cast_bound(x)  # outliers: fp16 rounding
         return torch.where(e["inlier"], torch.maximum(x.abs(), e["m"]) * (1 + 1e-6), exact)

@@ -45,6 +45,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvlab import kernels as K  # imported on first use: building a cache never imports triton
 from kvlab.kernels import layout  # buffer shapes and byte counts (torch only)
+from kvlab.model.attention import register_attention, sdpa
 from kvlab.quant import Quantizer
 from kvlab.storage.layers import PackedBatchOps
 
@@ -75,9 +76,7 @@ def _plain_causal(mask: torch.Tensor | None, n: int, L: int) -> bool:
 
 
 def _sdpa(module, query, key, value, attention_mask, scaling, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
+    return sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
 
 
 class FusedLayer(PackedBatchOps, DynamicLayer):
@@ -383,12 +382,13 @@ def fused_layer(k: Quantizer, v: Quantizer, max_len: int | None = None) -> Fused
         if q.rotate != "none":
             raise ValueError(f"fused cache: {q.spec} rotates head_dim; the fused kernels read unrotated codes; "
                              + allowed)
-    if k.name == v.name == "kivi":
-        if (k.bits, k.group, k.residual) != (v.bits, v.group, v.residual):
+    lk, lv = k.layout(), v.layout()
+    if lk is not None and lv is not None and lk.kind == lv.kind == "group":
+        if (lk.bits, lk.group, lk.window) != (lv.bits, lv.group, lv.window):
             raise ValueError(f"fused cache: K {k.spec} and V {v.spec} differ in bits, group or residual; " + allowed)
-        return FusedKiviLayer(k.bits, k.group, k.residual, max_len)
-    if k.name in _GGML and v.name in _GGML:
-        return FusedGgmlLayer(k.name, v.name, max_len)
+        return FusedKiviLayer(lk.bits, lk.group, lk.window, max_len)
+    if lk is not None and lv is not None and lk.kind == lv.kind == "block" and {lk.fmt, lv.fmt} <= set(_GGML):
+        return FusedGgmlLayer(lk.fmt, lv.fmt, max_len)
     raise ValueError(f"fused cache: no fused kernel for K {k.spec} with V {v.spec}; " + allowed)
 
 
@@ -400,10 +400,7 @@ def fused_attention(module, query, key, value, attention_mask, dropout: float = 
     attended through that layer (fused kernel or dequantize + SDPA); any other K/V through SDPA."""
     layer = getattr(key, _TAG, None)
     if layer is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise ValueError(f"{NAME} attention: dropout={dropout} is not supported (the fused cache is for inference)")
     return layer.attend(module, query, attention_mask, scaling, **kwargs)
@@ -413,14 +410,10 @@ def use_fused_attention(model) -> str:
     """Register ``"kvlab_fused"`` with transformers (attention function, and the SDPA mask builder) and
     select it on ``model``; returns the previous implementation's name (to restore it with
     ``model.set_attn_implementation(previous)``)."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
     if not hasattr(model, "set_attn_implementation"):
         raise ValueError(f"{type(model).__name__} has no set_attn_implementation: the fused cache needs a "
                          "transformers model that calls the configurable attention interface")
-    AttentionInterface.register(NAME, fused_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    register_attention(NAME, fused_attention)
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
     return previous

@@ -1,4 +1,4 @@
-"""Error metrics, from tensors to perplexity, and a paired bootstrap for perplexity deltas.
+"""Error metrics, from tensors to perplexity, and paired (block) bootstraps and tests for perplexity deltas.
 
 Tensor metrics take x and x_hat of equal shape; vectors run along the last dim.
 """
@@ -10,7 +10,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["cosine", "kl_div", "logits_kl", "mse", "nmse", "paired_delta_ci"]
+__all__ = ["block_means", "cosine", "kl_div", "logits_kl", "mse", "nmse", "paired_delta_ci", "paired_nll_test"]
 
 
 def mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -48,25 +48,69 @@ def logits_kl(logits_ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0)
 
 
-def paired_delta_ci(nll_a, nll_b, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0):
-    """PPL(b) - PPL(a) with a paired bootstrap CI over windows (scipy.stats.bootstrap, percentile).
+def paired_delta_ci(nll_a, nll_b, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0,
+                    block: int = 1):
+    """PPL(b) - PPL(a) with a paired bootstrap CI over windows (percentile).
 
-    nll_a, nll_b: per-window mean NLL of two schemes on the same windows. Returns (delta, lo, hi);
-    lo = hi = delta when there is a single window.
+    nll_a, nll_b: per-window mean NLL of two schemes on the same windows, in corpus order. Returns
+    (delta, lo, hi); lo = hi = delta when there is a single window (or a single block).
+
+    ``block``: the resampling unit, in windows. Neighbouring windows of one article are not independent
+    (same topic, same rare words), so resampling single windows makes the CI too tight. With ``block > 1``
+    the windows are cut into consecutive non-overlapping blocks of ``block`` windows (the last one may be
+    shorter) and whole blocks are resampled, pairs kept together (a block bootstrap). ``block=1`` is the
+    plain paired percentile bootstrap (scipy.stats.bootstrap), unchanged.
     """
-    from scipy.stats import bootstrap
-
     a = np.asarray(nll_a, dtype=np.float64)
     b = np.asarray(nll_b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"need two equal-length 1-D per-window NLL lists, got shapes {a.shape} and {b.shape}")
+    if not isinstance(block, (int, np.integer)) or block < 1:
+        raise ValueError(f"block={block!r} is not allowed; allowed: an integer >= 1 (windows per resampled block)")
     delta = math.exp(b.mean()) - math.exp(a.mean())
     if a.size < 2 or np.allclose(a, b, rtol=0, atol=0):
         return delta, delta, delta
+    if block == 1:
+        from scipy.stats import bootstrap
 
-    def stat(x, y, axis=-1):
-        return np.exp(y.mean(axis=axis)) - np.exp(x.mean(axis=axis))
+        def stat(x, y, axis=-1):
+            return np.exp(y.mean(axis=axis)) - np.exp(x.mean(axis=axis))
 
-    res = bootstrap((a, b), stat, paired=True, vectorized=True, n_resamples=n_resamples,
-                    confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
-    return delta, float(res.confidence_interval.low), float(res.confidence_interval.high)
+        res = bootstrap((a, b), stat, paired=True, vectorized=True, n_resamples=n_resamples,
+                        confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+        return delta, float(res.confidence_interval.low), float(res.confidence_interval.high)
+    starts = np.arange(0, a.size, block)
+    if starts.size < 2:
+        return delta, delta, delta
+    size = np.diff(np.append(starts, a.size)).astype(np.float64)  # (n_blocks,)
+    sum_a, sum_b = np.add.reduceat(a, starts), np.add.reduceat(b, starts)  # (n_blocks,)
+    pick = np.random.default_rng(seed).integers(0, starts.size, size=(n_resamples, starts.size))
+    n = size[pick].sum(axis=1)
+    boot = np.exp(sum_b[pick].sum(axis=1) / n) - np.exp(sum_a[pick].sum(axis=1) / n)  # (n_resamples,)
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(boot, [tail, 100 - tail])
+    return delta, float(lo), float(hi)
+
+
+def block_means(x, block: int = 1) -> np.ndarray:
+    """Means of consecutive non-overlapping blocks of ``block`` values (the last one may be shorter)."""
+    x = np.asarray(x, dtype=np.float64)
+    starts = np.arange(0, x.size, block)
+    return np.add.reduceat(x, starts) / np.diff(np.append(starts, x.size))
+
+
+def paired_nll_test(nll_a, nll_b, block: int = 1) -> float:
+    """Two-sided p-value that schemes a and b have the same mean NLL on these windows: a paired t-test
+    on the per-block mean NLL differences (blocks of ``block`` consecutive windows, as in
+    :func:`paired_delta_ci`). PPL is monotone in mean NLL, so this tests the sign of the PPL delta.
+    1.0 when the differences are all equal to zero; NaN with fewer than 2 blocks."""
+    from scipy.stats import ttest_1samp
+
+    d = block_means(np.asarray(nll_b, dtype=np.float64) - np.asarray(nll_a, dtype=np.float64), block)
+    if d.size < 2:
+        return math.nan
+    if np.all(d == 0):
+        return 1.0
+    if np.all(d == d[0]):  # no spread: the t statistic is infinite
+        return 0.0
+    return float(ttest_1samp(d, 0.0).pvalue)

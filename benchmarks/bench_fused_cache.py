@@ -204,8 +204,9 @@ def main(argv=None) -> int:
             print(f"{label} FAILED: {failed[label]}", flush=True)
 
     rows = []
+    prompts = {}  # T -> the prompts (batch, T): the graph runs below decode the same ones
     for T in args.lengths:
-        ids = torch.randint(0, args.vocab, (args.batch, T), device="cuda", generator=gen)
+        ids = prompts[T] = torch.randint(0, args.vocab, (args.batch, T), device="cuda", generator=gen)
         for label, impl, make in variants:
             if label in failed:
                 continue
@@ -227,9 +228,8 @@ def main(argv=None) -> int:
 
     graph_rows = []
     if args.graphs:
-        gen = torch.Generator(device="cuda").manual_seed(1)
         for T in args.lengths:
-            ids = torch.randint(0, args.vocab, (args.batch, T), device="cuda", generator=gen)
+            ids = prompts[T]
             for label, impl, make in variants:
                 if label.startswith("CompressedCache") or label in failed:
                     continue

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 from transformers.cache_utils import Cache
 
 from kvlab import kernels as K
@@ -44,7 +45,14 @@ from kvlab import quant
 from kvlab.quant import Quantizer
 from kvlab.quant.policy import parse_policy
 from kvlab.storage.fused import FusedKiviLayer, FusedLayer, check_fused_config, fused_layer
-from kvlab.storage.layers import CompressedLayer, layers_nbytes, read_packed, stored_input
+from kvlab.storage.layers import (
+    CompressedLayer,
+    PaddedRowsLayer,
+    layers_nbytes,
+    left_padding,
+    read_packed,
+    stored_input,
+)
 
 __all__ = ["CompressedCache", "FusedCache", "cache_kwarg", "read_packed", "stored_input"]
 
@@ -104,8 +112,16 @@ class CompressedCache(Cache):
             for spec in (getattr(self.policy, which), self.policy.keep):
                 _check_scheme(quant.get(spec).for_tensor(which), which)
         self.n_layers = None
+        self._geometry: tuple[int, int] | None = None  # (kv heads, head_dim) the config promises
+        self._pads: list[int] | None = None  # left padding per row, read at the first update
         if config is not None:
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+            if not all(isinstance(getattr(text, a, None), int) for a in ("num_hidden_layers", "num_attention_heads")):
+                raise ValueError(f"CompressedCache: config={config!r} is not a model config (it needs "
+                                 "num_hidden_layers and num_attention_heads); pass config=model.config")
+            heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+            head_dim = getattr(text, "head_dim", None) or getattr(text, "hidden_size", 0) // text.num_attention_heads
+            self._geometry = (heads, head_dim or None)
             types = _layer_types(text)
             other = sorted(set(types) - {"full_attention"})
             if other:
@@ -137,11 +153,50 @@ class CompressedCache(Cache):
                                        self.max_len)
                 except ValueError:  # a scheme the kernels do not serve (fp16 layers of keep_first, ...)
                     pass
+        if self._pads is not None:
+            if self.fused:
+                raise ValueError(f"CompressedCache: a left-padded batch (pads {self._pads}) on layer {idx}, a "
+                                 "fused layer, which is not stored per row; allowed: an unpadded batch, or fused=False")
+            return PaddedRowsLayer(self.policy, idx, n, self._splits, self._pads,
+                                   lambda: CompressedLayer(self.policy, idx, n, self._splits))
         return CompressedLayer(self.policy, idx, n, self._splits)
+
+    def _check_update(self, key_states, value_states, layer_idx: int) -> None:
+        """The model's K/V against the config the cache was built for (a wrong config would move keep_last
+        or keep_heads to other layers silently)."""
+        if not (isinstance(key_states, torch.Tensor) and isinstance(value_states, torch.Tensor)
+                and key_states.dim() == 4 and value_states.dim() == 4 and key_states.shape[:3] == value_states.shape[:3]):
+            raise ValueError("CompressedCache.update: K and V must be (B, kv heads, t, D) tensors of one batch, head "
+                             f"and token count, got {getattr(key_states, 'shape', key_states)!r} and "
+                             f"{getattr(value_states, 'shape', value_states)!r}")
+        if self.n_layers is None:
+            return
+        if not 0 <= layer_idx < self.n_layers:
+            raise ValueError(f"CompressedCache: the model updates layer {layer_idx}, but the config it was built with "
+                             f"has {self.n_layers} layers; pass config=model.config")
+        heads, head_dim = self._geometry
+        if key_states.shape[1] != heads or (head_dim is not None and key_states.shape[3] != head_dim):
+            raise ValueError(f"CompressedCache: layer {layer_idx} gets K of {key_states.shape[1]} kv heads x head_dim "
+                             f"{key_states.shape[3]}, but the config it was built with says {heads} x {head_dim}; pass "
+                             "config=model.config")
+        if layer_idx == 0 and self.layers and len(self.layers) < self.n_layers:
+            raise ValueError(f"CompressedCache: the config it was built with has {self.n_layers} layers, but the model "
+                             f"updated only layers 0..{len(self.layers) - 1} before coming back to layer 0 (the "
+                             "policy's keep_last and layer lists were placed for the wrong count); pass "
+                             "config=model.config")
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """Store new K/V (B, kv heads, t, D) of layer ``layer_idx``; return all of it (B, kv heads, L, D), or
-        with ``fused`` for a fused layer the new tokens only, tagged for the fused attention function."""
+        with ``fused`` for a fused layer the new tokens only, tagged for the fused attention function.
+
+        A left-padded batch (generate() with an attention mask) is stored per row, each row's real tokens
+        only (:class:`~kvlab.storage.layers.PaddedRowsLayer`), so a row stores what it would alone. The pads
+        are read off the ``position_ids`` transformers passes along (generate() derives them from the mask;
+        a direct ``model(...)`` call on a padded batch must pass them too, as ``mask.cumsum(-1) - 1``)."""
+        self._check_update(key_states, value_states, layer_idx)
+        if layer_idx == 0 and not self.layers:
+            extra = kwargs.get("kwargs") if isinstance(kwargs.get("kwargs"), dict) else kwargs
+            self._pads = left_padding(extra.get("position_ids"), key_states.shape[0], key_states.shape[2])
         while len(self.layers) <= layer_idx:
             self.layers.append(self._new_layer(len(self.layers), key_states.shape[1]))
         return self.layers[layer_idx].update(key_states, value_states)
@@ -188,4 +243,8 @@ class FusedCache(CompressedCache):
             K.check_pow2("head_dim", _head_dim(text), 32, 256)
 
     def _new_layer(self, idx: int, n_heads: int) -> FusedLayer:
+        if self._pads is not None:
+            raise ValueError(f"FusedCache: a left-padded batch (pads {self._pads}): the fused layout holds one token "
+                             "count for every row, so pads would enter KIVI's groups and windows; allowed: an "
+                             "unpadded batch, or kvlab.CompressedCache (which stores padded rows apart)")
         return fused_layer(self.k, self.v, self.max_len)

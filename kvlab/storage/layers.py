@@ -13,7 +13,7 @@ from kvlab.kernels import cpu as cpu_kernels
 from kvlab.quant import Packed, Quantizer
 from kvlab.quant.policy import Policy
 
-__all__ = ["CompressedLayer", "PackedBatchOps", "layers_nbytes", "read_packed", "stored_input"]
+__all__ = ["CompressedLayer", "PackedBatchOps", "PaddedRowsLayer", "layers_nbytes", "left_padding", "read_packed", "stored_input"]
 
 _CODE_NAMES = ("codes", "qh")
 _FP16_NAMES = ("fp16", "x")  # a scheme's fp16 window; the values of the fp16/bf16/none casts
@@ -264,7 +264,14 @@ class _Stream:
         """Add new tokens x (B, h, t, D) of the model's dtype to the window (as fp16); return the tokens
         that the scheme's rule now quantizes, taken out of the window, or None."""
         self.dtype = x.dtype
-        x = x if self.q.window_dtype is None else x.to(self.q.window_dtype)
+        if self.q.window_dtype is not None:
+            held = x.to(self.q.window_dtype)
+            if held.dtype != x.dtype and not bool(torch.isfinite(held).all()) and bool(torch.isfinite(x).all()):
+                raise ValueError(f"CompressedCache: {self.q.spec}: a K/V value of {float(x.abs().amax()):.6g} is "
+                                 f"beyond {self.q.window_dtype}, the dtype the cache holds incoming tokens in (|x| <= "
+                                 f"{torch.finfo(self.q.window_dtype).max:.6g}); allowed: values within that range, or "
+                                 "the none scheme (which keeps the model's dtype)")
+            x = held
         self.window = x if self.window is None or not self.window.shape[2] else torch.cat([self.window, x], dim=2)
         self.length += x.shape[2]
         n_sinks, n_q = self._split(self.length)
@@ -457,3 +464,73 @@ def layers_nbytes(layers) -> dict[str, int]:
             out[k] += v
     out["total"] = out["codes"] + out["metadata"] + out["fp16"]
     return out
+
+
+def left_padding(position_ids, batch: int, length: int) -> list[int] | None:
+    """Per row, the left-padding tokens of a first (prefill) update of ``length`` tokens, read off the
+    position ids that generate() derives from the attention mask (``cumsum - 1``, 0 at pads): a row whose
+    last ``n < length`` positions are ``0..n-1`` has ``length - n`` pads. None when no row is padded or the
+    ids do not tell (none given, one row of ids shared by the batch, offsets)."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape != (batch, length):
+        return None
+    pads = []
+    for p in position_ids.detach().cpu():
+        n = int(p[-1]) + 1
+        padded = 0 < n < length and torch.equal(p[length - n :], torch.arange(n, dtype=p.dtype))
+        pads.append(length - n if padded else 0)
+    return pads if any(pads) else None
+
+
+class PaddedRowsLayer(CompressedLayer):
+    """One layer of a left-padded batch: every row is its own layer (``make_row()``, batch 1) holding only
+    its real tokens, so pad positions never enter a scheme's groups or its fp16 window count, and each row
+    stores exactly what it would alone. ``update`` returns (B, H, L, D) over the padded length, the pads as
+    zeros (the attention mask hides them)."""
+
+    def __init__(self, policy: Policy, layer_idx: int, n_layers: int, splits: dict, pads: list[int], make_row):
+        super().__init__(policy, layer_idx, n_layers, splits)
+        self.pads = list(pads)
+        self.rows = [make_row() for _ in self.pads]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.device, self.is_initialized = key_states.device, True
+            self.keys = torch.tensor([], dtype=key_states.dtype, device=self.device)  # unused, kept for the API
+            self.values = torch.tensor([], dtype=value_states.dtype, device=self.device)
+        if key_states.shape[0] != len(self.rows):
+            raise ValueError(f"CompressedCache: layer {self.layer_idx} holds a padded batch of {len(self.rows)} rows, "
+                             f"got K/V of batch {key_states.shape[0]}")
+        first = self.cumulative_length == 0
+        self.cumulative_length += key_states.shape[-2]
+        B, H, _, D = key_states.shape
+        L = self.cumulative_length
+        k = key_states.new_zeros(B, H, L, D)
+        v = value_states.new_zeros(B, value_states.shape[1], L, value_states.shape[3])
+        for b, row in enumerate(self.rows):
+            start = self.pads[b] if first else 0
+            rk, rv = row.update(key_states[b : b + 1, :, start:], value_states[b : b + 1, :, start:])
+            k[b, :, L - rk.shape[2] :] = rk[0]
+            v[b, :, L - rv.shape[2] :] = rv[0]
+        return k, v
+
+    def reset(self) -> None:
+        for row in self.rows:
+            row.reset()
+        self.cumulative_length = 0
+
+    def _map_batch(self, fn) -> None:
+        import copy
+
+        order = [int(i) for i in fn(torch.arange(len(self.rows))).reshape(-1)]
+        used, rows = set(), []
+        for j in order:  # a row used twice (beam search, repeats) is copied, its storage included
+            rows.append(self.rows[j] if j not in used else copy.deepcopy(self.rows[j], {id(self.splits): self.splits}))
+            used.add(j)
+        self.rows, self.pads = rows, [self.pads[j] for j in order]
+
+    def nbytes(self) -> dict[str, int]:
+        out = {"codes": 0, "metadata": 0, "fp16": 0, "reserved": 0}
+        for row in self.rows:
+            for k, n in row.nbytes().items():
+                out[k] += n
+        return out

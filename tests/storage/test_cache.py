@@ -308,3 +308,94 @@ def test_policy_checked_against_the_model():
         CompressedCache("kv=q4_0;keep_last=2")
     with pytest.raises(ValueError, match="head 7"):
         CompressedCache("kv=q4_0;keep_heads=1.7", config=_config())
+
+
+# ---- padded batches, the config against the model, values beyond fp16 (issue 17) ------------------------
+PAD_POLICY = "kivi:bits=2,group=4,residual=4"  # small groups and window: a 5-token prompt quantizes K and V
+
+
+def _padded_batch(pad_id: int):
+    """Row 0: 12 tokens; row 1: 5 tokens left-padded with ``pad_id``; the mask and the position ids generate()
+    derives from it."""
+    ids = torch.tensor([list(range(5, 17)), [pad_id] * 7 + [21, 22, 23, 24, 25]])
+    mask = (torch.arange(12) >= torch.tensor([[0], [7]])).long()
+    return ids, mask, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+@pytest.mark.parametrize("policy", [PAD_POLICY, "q4_0", "k=kivi:bits=2,group=4,residual=4;v=q8_0;keep_first=1"])
+def test_masked_pad_token_does_not_move_any_logit(model64, policy):
+    """Changing only the masked pad token id leaves every real position's logits bit-identical."""
+    logits = []
+    for pad in (2, 0, 13):
+        ids, mask, pos = _padded_batch(pad)
+        cache = CompressedCache(policy, config=model64.config)
+        with torch.no_grad():
+            out = model64(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                          **{cache_kwarg(model64): cache}).logits
+        logits.append(torch.cat([out[0], out[1, 7:]]))
+        assert cache._pads == [0, 7]
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+
+
+def test_padded_row_in_generate_equals_the_prompt_alone(model64):
+    ids, mask, _ = _padded_batch(0)
+    with torch.no_grad():
+        batch = model64.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                 pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+                                 **{cache_kwarg(model64): CompressedCache(PAD_POLICY, config=model64.config)})
+        for row, start in ((0, 0), (1, 7)):
+            alone = model64.generate(ids[row : row + 1, start:], max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                     pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+                                     **{cache_kwarg(model64): CompressedCache(PAD_POLICY, config=model64.config)})
+            assert torch.equal(batch.sequences[row, 12:], alone.sequences[0, 12 - start:])
+            for a, b in zip(batch.scores, alone.scores):
+                torch.testing.assert_close(a[row], b[0], rtol=0, atol=1e-9)
+
+
+def test_padded_batch_bytes_count_real_tokens_only():
+    cfg = _config(layers=1, kv_heads=1)
+    cache = CompressedCache("q8_0", config=cfg)
+    k = torch.randn(2, 1, 8, 64)
+    pos = torch.tensor([list(range(8)), [0, 0, 0, 0, 0, 1, 2, 3]])
+    k_out, _ = cache.update(k, k, 0, kwargs={"position_ids": pos})
+    assert torch.equal(k_out[1, :, :4], torch.zeros(1, 4, 64))  # the pads: zeros, hidden by the mask
+    ref = CompressedCache("q8_0", config=cfg)
+    ref.update(k[:1], k[:1], 0)
+    assert cache.nbytes()["total"] == ref.nbytes()["total"] * 12 // 8  # 8 + 4 real tokens
+    cache.reorder_cache(torch.tensor([1, 1]))  # beam search: a row copied, not shared
+    k2, _ = cache.update(torch.randn(2, 1, 1, 64), torch.randn(2, 1, 1, 64), 0)
+    assert k2.shape == (2, 1, 9, 64) and cache.layers[0].pads == [4, 4]
+
+
+def test_config_that_is_not_a_config_is_refused():
+    with pytest.raises(ValueError, match="config='abc' is not a model config"):
+        CompressedCache("q4_0", config="abc")
+
+
+def test_config_with_more_layers_than_the_model_is_refused(model):
+    """A 40-layer config on the 30-layer model would move keep_last=2 to layers 38-39."""
+    cfg = model.config.__class__.from_dict({**model.config.to_dict(), "num_hidden_layers": 40})
+    cache = CompressedCache("kv=q4_0;keep_last=2", config=cfg)
+    ids = torch.arange(5, 10)[None]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
+        with pytest.raises(ValueError, match="has 40 layers, but the model updated only layers 0..29"):
+            model(input_ids=ids[:, :1], use_cache=True, **{cache_kwarg(model): cache})
+
+
+@pytest.mark.parametrize("change, match", [({"num_hidden_layers": 20}, "updates layer 20, but the config"),
+                                           ({"num_key_value_heads": 1, "num_attention_heads": 9}, "says 1 x 64"),
+                                           ({"head_dim": 32}, "says 3 x 32")])
+def test_config_that_does_not_match_the_model_is_refused(model, change, match):
+    cfg = model.config.__class__.from_dict({**model.config.to_dict(), **change})
+    cache = CompressedCache("q4_0", config=cfg)
+    with torch.no_grad(), pytest.raises(ValueError, match=match):
+        model(input_ids=torch.arange(5, 10)[None], use_cache=True, **{cache_kwarg(model): cache})
+
+
+def test_values_beyond_fp16_are_refused_by_the_cache():
+    cache = CompressedCache("kivi:bits=2", config=_config(layers=1, kv_heads=1))
+    k = torch.randn(1, 1, 4, 64, dtype=torch.bfloat16)
+    k[0, 0, 2, 5] = 2e5
+    with pytest.raises(ValueError, match=r"value of 199680 is beyond torch.float16.*\|x\| <= 65504"):
+        cache.update(k, k, 0)

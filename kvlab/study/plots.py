@@ -94,8 +94,26 @@ def _symlog_y(ax, lo, hi, linthresh: float = 0.05) -> None:
     ax.yaxis.set_minor_locator(NullLocator())
 
 
+def _ci_points(ax, g: pd.DataFrame, x, y: str, color, label: str, ms: float) -> None:
+    """Points with their 95% CI bars: causal configs filled, oracle ones (``oracle`` column) hollow."""
+    oracle = g["oracle"].astype(bool) if "oracle" in g else pd.Series(False, index=g.index)
+    for hollow, part in ((False, g[~oracle]), (True, g[oracle])):
+        if part.empty:
+            continue
+        ax.errorbar(x(part), part[y], yerr=[part[y] - part["ci_lo"], part["ci_hi"] - part[y]], fmt="o", ms=ms,
+                    capsize=2, color=color, mfc="none" if hollow else color,
+                    label=label if not hollow or oracle.all() else None)
+
+
+def _oracle_note(fig, table: pd.DataFrame) -> None:
+    if "oracle" in table and table["oracle"].any():
+        fig.text(0.01, 0.005, "hollow markers: oracle configs (not causal: they see the whole window); a ceiling",
+                 fontsize=8, ha="left", va="bottom")
+
+
 def proxy_scatter(table: pd.DataFrame, proxies: list[str], target: str = "delta_ppl"):
-    """Each proxy (log x) against delta PPL with its 95% CI, coloured by scheme family."""
+    """Each proxy (log x) against delta PPL with its 95% CI, coloured by scheme family; oracle configs
+    hollow."""
     n = len(proxies)
     cols = min(3, n)
     rows = math.ceil(n / cols)
@@ -104,8 +122,7 @@ def proxy_scatter(table: pd.DataFrame, proxies: list[str], target: str = "delta_
     palette = dict(zip(fams, sns.color_palette("tab20", len(fams))))
     for ax, p in zip(axes.flat, proxies):
         for fam, g in table.groupby("family"):
-            ax.errorbar(g[p].clip(lower=1e-12), g[target], yerr=[g[target] - g["ci_lo"], g["ci_hi"] - g[target]],
-                        fmt="o", ms=5, capsize=2, color=palette[fam], label=fam)
+            _ci_points(ax, g, lambda d, p=p: d[p].clip(lower=1e-12), target, palette[fam], fam, ms=5)
         ax.set_xscale("log")
         _symlog_y(ax, table["ci_lo"], table["ci_hi"])
         ax.set_xlabel(p)
@@ -116,17 +133,18 @@ def proxy_scatter(table: pd.DataFrame, proxies: list[str], target: str = "delta_
     fig.legend(handles, labels, loc="upper center", ncol=min(6, len(labels)), fontsize=8,
                bbox_to_anchor=(0.5, 1.08))
     fig.tight_layout()
+    _oracle_note(fig, table)
     return fig
 
 
 def pareto_plot(summary: pd.DataFrame, front: pd.DataFrame, label_families=()):
-    """Bits per value vs delta PPL (symlog), coloured by family; the Pareto front as a line."""
+    """Bits per value vs delta PPL (symlog), coloured by family, oracle configs hollow; the Pareto front as
+    a line."""
     fig, ax = plt.subplots(figsize=(9, 5.5))
     fams = sorted(summary["family"].unique())
     palette = dict(zip(fams, sns.color_palette("tab20", len(fams))))
     for fam, g in summary.groupby("family"):
-        ax.errorbar(g["bits_per_value"], g["delta_ppl"], yerr=[g["delta_ppl"] - g["ci_lo"], g["ci_hi"] - g["delta_ppl"]],
-                    fmt="o", ms=6, capsize=2, color=palette[fam], label=fam)
+        _ci_points(ax, g, lambda d: d["bits_per_value"], "delta_ppl", palette[fam], fam, ms=6)
         if fam in label_families:
             for r in g.itertuples():
                 ax.annotate(r.config, (r.bits_per_value, r.delta_ppl), fontsize=7, xytext=(4, 2),
@@ -137,6 +155,7 @@ def pareto_plot(summary: pd.DataFrame, front: pd.DataFrame, label_families=()):
     ax.set_ylabel("delta PPL vs fp16 (95% CI)")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
+    _oracle_note(fig, summary)
     return fig
 
 

@@ -62,9 +62,18 @@ def resolve_bos(tokenizer, bos: str = "auto") -> int | None:
     return None
 
 
-def make_windows(ids: torch.Tensor, ctx: int, windows: int, bos: int | None = None) -> torch.Tensor:
-    """(N,) ids -> (n, ctx) windows, the first ``windows`` non-overlapping ones that fit. With ``bos`` (a
-    token id), each window is that token followed by ``ctx - 1`` text tokens."""
+SAMPLES = ("first", "spread")
+
+
+def make_windows(ids: torch.Tensor, ctx: int, windows: int, bos: int | None = None, sample: str = "first",
+                 seed: int = 0) -> torch.Tensor:
+    """(N,) ids -> (n, ctx) windows, non-overlapping. With ``bos`` (a token id), each window is that token
+    followed by ``ctx - 1`` text tokens. ``sample="first"``: the first ``windows`` that fit;
+    ``"spread"``: the split's window slots are cut into ``windows`` equal strata and one slot is drawn
+    from each with ``seed`` (so the windows cover the whole split, a few articles no longer stand for
+    it), in corpus order."""
+    if sample not in SAMPLES:
+        raise ValueError(f"sample={sample!r} is not allowed; allowed: {', '.join(SAMPLES)}")
     if not isinstance(ctx, int) or ctx < 2:
         raise ValueError(f"ctx={ctx!r} is too small; allowed: an integer >= 2 (one token is context, one scored)")
     if not isinstance(windows, int) or windows < 1:
@@ -78,7 +87,13 @@ def make_windows(ids: torch.Tensor, ctx: int, windows: int, bos: int | None = No
         warnings.warn(f"windows={windows} requested but the corpus holds only {n_avail} windows of "
                       f"ctx={ctx}; using {n_avail}", stacklevel=2)
         windows = n_avail
-    w = ids[: windows * text].reshape(windows, text)
+    w = ids[: n_avail * text].reshape(n_avail, text)
+    if sample == "first":
+        w = w[:windows]
+    else:
+        edges = torch.arange(windows + 1) * n_avail // windows  # (windows + 1,): stratum i = [edges[i], edges[i+1])
+        u = torch.rand(windows, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        w = w[edges[:-1] + (u * (edges[1:] - edges[:-1])).long()]
     if bos is not None:
         w = torch.cat([torch.full((windows, 1), bos, dtype=w.dtype), w], dim=1)
     return w

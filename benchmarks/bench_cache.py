@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 import warnings
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402,F401  (puts the repository root on sys.path)
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, QuantizedCache
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402,F401  (puts the repository root on sys.path)
 import torch
 
 import kvlab

@@ -41,23 +41,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _harness  # noqa: E402,F401  (puts the repository root on sys.path)
+import _harness  # noqa: E402  (also puts the repository root on sys.path)
 import torch  # noqa: E402
-
-
-def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second), median of ``reps``."""
-    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
-    y = torch.empty_like(x)
-    times = []
-    for _ in range(reps + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        y.copy_(x)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * nbytes / statistics.median(times[2:])
 
 
 def cache_bytes(cache) -> tuple[int, int]:
@@ -167,7 +152,7 @@ def main(argv=None) -> int:
         model = LlamaForCausalLM(cfg).half().eval()
     kw = cache_kwarg(model)
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
-    bw = copy_bandwidth()
+    bw = _harness.copy_bandwidth()
     names = {"kivi-4": "kivi:bits=4", "kivi-2": "kivi:bits=2"}
     variants = [("DynamicCache", "sdpa", lambda T: DynamicCache()),
                 ("StaticCache", "sdpa", lambda T: StaticCache(config=model.config,

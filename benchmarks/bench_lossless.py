@@ -13,9 +13,12 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402,F401  (puts the repository root on sys.path)
 import torch
 import zstandard
 

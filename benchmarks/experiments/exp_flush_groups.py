@@ -12,7 +12,7 @@ import sys
 import torch
 import triton.testing
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/
 import bench_decode_attention as bd  # noqa: E402
 
 FLUSH = torch.empty(256 << 20, dtype=torch.int8, device="cuda")

@@ -21,11 +21,12 @@ To see only warmed-up calls use ``--launch-skip 2 --launch-count 1`` (int4) and 
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/
 from bench_decode_attention import fused_kivi, kivi_cache, random_inputs  # noqa: E402
 
 

@@ -44,31 +44,90 @@ def embedded_gguf_path(alias: str = DEFAULT_MODEL) -> Path:
 
 
 def _converted_dir(gguf: Path) -> Path:
-    """Where the dequantized GGUF is kept as safetensors, keyed by the file's identity and the
-    transformers version (converting the GGUF takes ~20 s; reading the copy ~2 s)."""
+    """Where the dequantized GGUF is kept as safetensors, keyed by the file's content (its sha256, cached by
+    path, size and mtime) and the transformers version (converting the GGUF takes ~20 s; reading the copy
+    ~2 s). A copied or touched file finds its copy; a changed one gets a new copy."""
     import hashlib
 
     import transformers
 
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode())
-    root = Path(os.environ.get("KVLAB_CACHE", Path.home() / ".cache" / "kvlab"))
-    return root / "converted" / f"{gguf.stem}-{key.hexdigest()[:16]}"
+    from kvlab.model.fingerprint import cache_root, file_sha256
+
+    key = hashlib.sha256(f"{file_sha256(gguf)}|{transformers.__version__}".encode())
+    return cache_root() / "converted" / f"{gguf.stem}-{key.hexdigest()[:16]}"
+
+
+def _keep_converted() -> int:
+    text = os.environ.get("KVLAB_CACHE_KEEP", "3")
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"KVLAB_CACHE_KEEP={text!r} is not allowed; allowed: an integer >= 1 (converted models kept)")
+    return int(text)
+
+
+def _prune_converted(folder: Path, keep: int) -> tuple[int, int]:
+    """Remove all but the ``keep`` most recently used converted copies in ``folder`` (their ``kvlab-complete``
+    marker is touched on every use). Returns (copies kept, their bytes)."""
+    import shutil
+
+    copies = sorted((d for d in folder.iterdir() if (d / "kvlab-complete").is_file()),
+                    key=lambda d: (d / "kvlab-complete").stat().st_mtime_ns, reverse=True)
+    for old in copies[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    kept = copies[:keep]
+    return len(kept), sum(f.stat().st_size for d in kept for f in d.rglob("*") if f.is_file())
+
+
+def _check_gguf(path: Path, error: Exception | None = None) -> None:
+    """Raise a ValueError naming ``path`` when it is empty, not a GGUF or truncated; with ``error`` (what
+    transformers raised reading it) and none of those, re-raise that error with the path."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"GGUF file {path} is empty (0 bytes): not a model; copy or download it again")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    if error is None:
+        return
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+        need = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as e:  # the header or tensor table itself runs past the end of the file
+        raise ValueError(f"GGUF file {path} is truncated or corrupt ({size} bytes; its header cannot be read: "
+                         f"{type(e).__name__}: {e}); copy or download it again") from error
+    if need > size:
+        raise ValueError(f"GGUF file {path} is truncated: its tensors need {need} bytes, the file has {size}; "
+                         "copy or download it again") from error
+    raise ValueError(f"could not load GGUF file {path}: {type(error).__name__}: {error}") from error
 
 
 def _load_gguf(path: Path, kwargs: dict):
-    """Load a GGUF through transformers, via a safetensors copy written atomically on first use."""
+    """Load a GGUF through transformers, via a safetensors copy written atomically on first use (at most
+    ``$KVLAB_CACHE_KEEP`` copies, default 3, are kept; the least recently used go first)."""
     import shutil
+    import sys
     import tempfile
     import warnings
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_gguf(path)
+    keep = _keep_converted()
     conv = _converted_dir(path)
     if (conv / "kvlab-complete").is_file():
+        try:
+            os.utime(conv / "kvlab-complete")  # most recently used: kept longest
+        except OSError:
+            pass
         return AutoTokenizer.from_pretrained(conv), AutoModelForCausalLM.from_pretrained(conv, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+    except Exception as e:  # struct.error, reshape errors, ...: say which file, and whether it is truncated
+        _check_gguf(path, e)
+        raise
     try:
         conv.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=conv.parent, prefix=".tmp-"))
@@ -85,6 +144,11 @@ def _load_gguf(path: Path, kwargs: dict):
         tokenizer.save_pretrained(tmp)
         (tmp / "kvlab-complete").write_text(str(path))
         os.replace(tmp, conv)
+        n, total = _prune_converted(conv.parent, keep)
+        size = sum(f.stat().st_size for f in conv.rglob("*") if f.is_file())
+        print(f"kvlab: converted {path.name} once into {conv} ({size / 2**20:.0f} MiB); {conv.parent} holds {n} "
+              f"converted model(s), {total / 2**20:.0f} MiB (the {keep} most recently used are kept: "
+              "KVLAB_CACHE_KEEP)", file=sys.stderr)
     except (OSError, ValueError) as e:  # read-only home, a concurrent writer won the rename: loading still worked
         warnings.warn(f"could not cache the converted model at {conv}: {e}", stacklevel=3)
         shutil.rmtree(tmp, ignore_errors=True)

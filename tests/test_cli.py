@@ -40,3 +40,23 @@ def test_cli_study_inplace_refuses_the_pydoc_fallback(monkeypatch, tmp_path, cap
     assert main(["study", "--inplace", "--only", "05", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--inplace renders the committed findings on WikiText-2" in err and str(tmp_path) in err
+
+
+@pytest.mark.parametrize("scheme, match", [
+    ("kivi:bits=2,bits=4", "sets bits twice"),
+    ("kivi:group=48", "kivi: group=48 does not divide residual=128"),
+    ("kv=q4_0;kv=q8_0", "sets k again"),
+    (";", "has no items"),
+    ("kv=q4_0;keep_first=--1", "keep_first='--1' is not an integer"),
+    ("kivi:group=48,residual=96", "group=48 does not divide head_dim D=64"),  # checked before the fp16 run
+    ("int:bits=4,group=48", "group=48"),
+])
+def test_cli_bad_scheme_is_one_line_before_any_run(scheme, match, monkeypatch, capsys):
+    """Bad specs, and specs that do not fit the model, are refused before the fp16 reference or any config runs."""
+    import kvlab.evaluation.evaluate as E
+    from kvlab.cli import main
+
+    monkeypatch.setattr(E, "evaluate_policy", lambda *a, **k: pytest.fail("a run started before the check"))
+    assert main(["ppl", "--scheme", scheme, "--corpus", "pydoc", "--ctx", "32", "--windows", "1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kvlab")]  # not load bars
+    assert len(err) == 1 and err[0].startswith("kvlab: error: ") and match in err[0], err

@@ -291,3 +291,13 @@ def test_policy_errors(spec, match):
 
     with pytest.raises(ValueError, match=match):
         parse_policy(spec)
+
+
+@pytest.mark.parametrize("spec", ["fp16", "q4_0", "kivi:bits=2", "bf16"])
+def test_stored_input_refuses_values_an_fp16_deployment_cannot_hold(spec):
+    """Emulation hands a scheme what an fp16 deployment holds; a bf16 value of 2e5 has no fp16 form."""
+    x = torch.ones(1, 1, 4, 64, dtype=torch.bfloat16)
+    x[0, 0, 1, 3] = 2e5
+    with pytest.raises(ValueError, match=r"value of 199680 is beyond fp16 \(\|x\| <= 65504\)"):
+        kq.get(spec).stored_input(x)
+    assert torch.equal(kq.get("none").stored_input(x), x)

@@ -26,11 +26,10 @@ def _fake_results(path):
 
 
 def test_report_tables_and_goals(tmp_path):
-
-
     df = report.load_results(_fake_results(tmp_path / "r.json"))
     assert df.attrs["device"] == "FakeGPU"
-    assert set(df.kernel) == {"sdpa", *report.KERNELS} and set(df.timing) == {"eager", "graph"}
+    assert set(df.kernel) == {"sdpa", *report.KERNELS} - {"fi-fp16", "fi-fp8"}  # an H100 run: no FlashInfer
+    assert set(df.timing) == {"eager", "graph"}
     t = report.speedup_table(df)
     assert list(t.index) == [(8, 4096), (8, 32768)]
     assert t.loc[(8, 32768), "kivi-int4 x"] == pytest.approx(5.0)
@@ -118,3 +117,75 @@ def test_fused_cache_table(tmp_path):
     path.write_text(json.dumps({"rows": [], "failed": {"FusedCache kivi-2": "boom"}}))
     with pytest.raises(ValueError, match="no rows"):
         report.fused_cache_table(path)
+
+
+# ---- issue 20's view (H200 runs on): byte floors, spread, FlashInfer, the decode step from graphs ----------
+
+
+def _fake_floor_results(path):
+    import json
+
+    grid = []
+    for B, T in [(1, 32768), (8, 32768)]:
+        g = {"B": B, "T": T, "sdpa_us": 200.0, "sdpa_p10": 195.0, "sdpa_p90": 205.0, "sdpa_bw": 1.0,
+             "sdpa_graph_us": 190.0, "sdpa_relerr_vs_ref": 3e-4}
+        for k, us, floor in (("fi-fp16", 210.0, 1.0), ("fi-fp8", 160.0, 2.0), ("cuda-int4", 100.0, 3.2),
+                             ("cuda-int2", 80.0, 5.3)):
+            g.update({f"{k}_us": us, f"{k}_p10": us - 2, f"{k}_p90": us + 3, f"{k}_speedup": 200.0 / us,
+                      f"{k}_floor_x": floor, f"{k}_of_floor": 200.0 / us / floor, f"{k}_bw": 0.5,
+                      f"{k}_relerr_vs_ref": 4e-4, f"{k}_relerr_vs_fp16": 0.1, f"{k}_graph_us": us / 2,
+                      f"{k}_graph_speedup": 190.0 / (us / 2), f"{k}_graph_bw": 0.6})
+        grid.append(g)
+    groups = {"B": 8, "T": 32768, "sdpa_us": 200.0, "sdpa_graph_us": 190.0, "rows": [
+        dict(group=grp, bits=b, variant="folded", bits_per_value=b + 32 / grp, us=us, p10=us, p90=us, graph_us=us,
+             speedup=200.0 / us, graph_speedup=190.0 / us, bytes=1, bw_frac=0.5, floor_speedup=fl,
+             relerr_vs_reference=8e-4, of_floor=200.0 / us / fl)
+        for grp, b, us, fl in ((32, 4, 100.0, 3.2), (32, 2, 80.0, 5.3), (128, 4, 75.0, 3.7), (128, 2, 65.0, 7.0))]}
+    path.write_text(json.dumps({"device": "FakeGPU", "triton": "0", "torch": "0", "copy_bw": 4e12,
+                                "started": "now", "grid": grid, "groups": groups}))
+    return path
+
+
+def test_point_table_and_markdown_read_the_floors(tmp_path):
+    path = _fake_floor_results(tmp_path / "r.json")
+    df = report.load_results(path)
+    t = report.point_table(df)
+    assert list(t.index) == [(8, 32768), (1, 32768)]  # the issue's order
+    assert t.loc[(8, 32768), "cuda-int4 x"] == pytest.approx(2.0)
+    assert t.loc[(8, 32768), "cuda-int4 of floor"] == pytest.approx(2.0 / 3.2)
+    assert t.loc[(8, 32768), "fi-fp8 of floor"] == pytest.approx(1.25 / 2.0)
+    text = report.point_markdown(df)
+    assert "**200.0 us**" in text and "**2.00x**, 62% of its 3.20x" in text and "not met" in text
+    assert "**1.60x** FlashInfer's fp8" in text  # 160 / 100
+    assert "from CUDA graphs int4 takes 50.0 us" in text
+    fig = report.plot_points(df)
+    assert len(fig.axes) == 1 and len(fig.axes[0].patches) == 2 * 6 - 2 * 2  # no Triton rows in this run
+
+
+def test_group_markdown_and_of_floor(tmp_path):
+    path = _fake_floor_results(tmp_path / "r.json")
+    g = report.group_table(path)
+    assert g.loc[(128, 4), "of floor"] == pytest.approx(200.0 / 75.0 / 3.7)
+    text = report.group_markdown(path)
+    assert "group 128 int4 (4.25 bits/value): 75.0 us" in text and "faster than int2 at group 32" in text
+
+
+def test_fused_graph_table(tmp_path):
+    import json
+
+    rows = [{"T": 32768, "cache": c, "step_ms": ms, "tok_s": 1.0, "bytes": b * 2**20, "reserved": 0}
+            for c, ms, b in (("DynamicCache", 4.0, 4096.0), ("FusedCache kivi-4", 4.5, 1290.0))]
+    graph_rows = [{"T": 32768, "cache": c, "step_ms": ms, "step_median_ms": ms, "step_p10_ms": ms, "step_p90_ms": ms,
+                   "bytes": b * 2**20, "same_as_eager": "512/512"}
+                  for c, ms, b in (("DynamicCache", 28.0, 4096.0), ("FusedCache kivi-4", 1.6, 1290.0))]
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps({"device": "FakeGPU", "args": {"batch": 8, "layers": 4, "steps": 64},
+                                "rows": rows, "graph_rows": graph_rows}))
+    t = report.fused_graph_table(path)
+    assert t.loc[(32768, "FusedCache kivi-4"), "graph x DynamicCache eager"] == pytest.approx(2.5)
+    assert t.loc[(32768, "FusedCache kivi-4"), "eager ms/step"] == pytest.approx(4.5)
+    text = report.fused_graph_markdown(path)
+    assert "**2.50x** DynamicCache's eager step" in text and "(0.315x DynamicCache's)" in text
+    path.write_text(json.dumps({"device": "x", "rows": rows}))
+    with pytest.raises(ValueError, match="no CUDA-graph rows"):
+        report.fused_graph_table(path)

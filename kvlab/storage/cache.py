@@ -28,9 +28,14 @@ On CPU, for ``q4_0``/``q4_1``/``q8_0`` and 2/4-bit ``kivi`` (no rotation), both 
 and decoding a run are one call each into compiled kernels (:mod:`kvlab.cpu_kernels`, bit-identical to the
 torch code, which stays the fallback: ``KVLAB_CPU_KERNELS=0`` or no C++ compiler).
 
-Refused up front with a ValueError (they would be silently wrong): models with sliding-window or chunked
-attention layers, recency policies (``recent=``/``old=``), schemes that are not causal (their stored
-values depend on later tokens) and schemes that quantize K before RoPE.
+Sliding-window and chunked attention layers (the config's ``layer_types``) are
+:class:`~kvlab.storage.layers.CompressedSlidingLayer` layers, with transformers' own ``DynamicSlidingWindowLayer``
+semantics: such a layer holds its last ``window - 1`` tokens and drops the older ones from its storage.
+
+Refused up front with a ValueError (they would be silently wrong): layer types other than full, sliding
+and chunked attention, sliding layers with ``fused=True``, recency policies (``recent=``/``old=``),
+schemes that are not causal (their stored values depend on later tokens) and schemes that quantize K
+before RoPE.
 """
 
 from __future__ import annotations
@@ -42,11 +47,13 @@ from transformers.cache_utils import Cache
 
 from kvlab import kernels as K
 from kvlab import quant
+from kvlab.model.geometry import geometry
 from kvlab.quant import Quantizer
 from kvlab.quant.policy import parse_policy
 from kvlab.storage.fused import FusedKiviLayer, FusedLayer, check_fused_config, fused_layer
 from kvlab.storage.layers import (
     CompressedLayer,
+    CompressedSlidingLayer,
     PaddedRowsLayer,
     layers_nbytes,
     left_padding,
@@ -78,6 +85,28 @@ def _layer_types(text_config) -> list[str]:
     return [kind] * text_config.num_hidden_layers
 
 
+_WINDOW_OF = {"sliding_attention": "sliding_window", "chunked_attention": "attention_chunk_size"}
+
+
+def _layer_windows(text_config) -> list[int | None]:
+    """Per layer, the window of a sliding-window layer (the chunk size of a chunked one; transformers caches
+    both alike, only their masks differ) or None for full attention; ValueError for other layer types."""
+    types = _layer_types(text_config)
+    other = sorted(set(types) - {"full_attention", *_WINDOW_OF})
+    if other:
+        raise ValueError(f"CompressedCache stores full, sliding-window and chunked attention layers; this model "
+                         f"({getattr(text_config, 'model_type', '?')}) has {', '.join(f'{types.count(t)} {t}' for t in other)} "
+                         f"layers of {len(types)}")
+    windows = []
+    for t in types:
+        w = getattr(text_config, _WINDOW_OF[t], None) if t in _WINDOW_OF else None
+        if t in _WINDOW_OF and not (isinstance(w, int) and w >= 1):
+            raise ValueError(f"CompressedCache: the config lists {t} layers but {_WINDOW_OF[t]}={w!r}; allowed: "
+                             "an integer >= 1")
+        windows.append(w)
+    return windows
+
+
 def _check_scheme(q: Quantizer, which: str) -> None:
     if not q.causal:
         raise ValueError(f"CompressedCache: scheme {q.spec} for {which.upper()} is not causal (its scales see the "
@@ -92,8 +121,9 @@ class CompressedCache(Cache):
     """A transformers cache holding every layer's K/V compressed by ``policy`` (a spec or Policy).
 
     ``config`` (the model's config) lets the cache check the model up front (layer count for
-    ``keep_last``, listed heads, no sliding-window layers); without it, policies that need the layer
-    count are refused. Shapes: ``update`` takes and returns K/V as (B, kv heads, T, D).
+    ``keep_last``, listed heads) and tells it which layers are sliding-window or chunked; without it, every
+    layer is taken for full attention and policies that need the layer count are refused. Shapes: ``update``
+    takes and returns K/V as (B, kv heads, T, D).
 
     ``fused=True`` (CUDA): layers whose heads share one scheme the fused kernels serve (``kivi`` 2/4-bit,
     ``q4_0``/``q8_0``) are stored in the kernels' packed layout and attended by the fused decode kernel
@@ -112,6 +142,7 @@ class CompressedCache(Cache):
             for spec in (getattr(self.policy, which), self.policy.keep):
                 _check_scheme(quant.get(spec).for_tensor(which), which)
         self.n_layers = None
+        self._windows: list[int | None] = []  # per layer: its sliding window (or chunk), None for full attention
         self._geometry: tuple[int, int] | None = None  # (kv heads, head_dim) the config promises
         self._pads: list[int] | None = None  # left padding per row, read at the first update
         if config is not None:
@@ -122,20 +153,20 @@ class CompressedCache(Cache):
             heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
             head_dim = getattr(text, "head_dim", None) or getattr(text, "hidden_size", 0) // text.num_attention_heads
             self._geometry = (heads, head_dim or None)
-            types = _layer_types(text)
-            other = sorted(set(types) - {"full_attention"})
-            if other:
-                raise ValueError(f"CompressedCache supports models whose layers all use full attention; this model "
-                                 f"has {', '.join(f'{types.count(t)} {t}' for t in other)} layers of "
-                                 f"{len(types)} (sliding-window layers would be silently wrong)")
+            self._windows = _layer_windows(text)
             self.n_layers = text.num_hidden_layers
-            self.policy.check_model(self.n_layers, text.num_key_value_heads)
+            self.policy.check_model(self.n_layers, getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
         elif self.policy.keep_last:
             raise ValueError("CompressedCache: a policy with keep_last needs the model's layer count; pass "
                              "config=model.config")
         self._splits: dict = {}
         self.fused, self.max_len = bool(fused), max_len
         if self.fused:
+            if any(self._windows):
+                raise ValueError(f"{type(self).__name__}(fused=True): this model has "
+                                 f"{sum(w is not None for w in self._windows)} sliding-window or chunked layers, "
+                                 "which the fused kernels do not serve; allowed: fused=False (CompressedCache "
+                                 "stores them), or a model whose layers all use full attention")
             check_fused_config(config, type(self).__name__)
         super().__init__(layers=[])
 
@@ -153,12 +184,16 @@ class CompressedCache(Cache):
                                        self.max_len)
                 except ValueError:  # a scheme the kernels do not serve (fp16 layers of keep_first, ...)
                     pass
+        window = self._windows[idx] if idx < len(self._windows) else None
         if self._pads is not None:
-            if self.fused:
+            if window is not None or self.fused:
                 raise ValueError(f"CompressedCache: a left-padded batch (pads {self._pads}) on layer {idx}, a "
-                                 "fused layer, which is not stored per row; allowed: an unpadded batch, or fused=False")
+                                 f"{'fused' if self.fused else 'sliding-window'} layer, which is not stored per row; "
+                                 "allowed: an unpadded batch, or fused=False on full-attention layers")
             return PaddedRowsLayer(self.policy, idx, n, self._splits, self._pads,
                                    lambda: CompressedLayer(self.policy, idx, n, self._splits))
+        if window is not None:
+            return CompressedSlidingLayer(self.policy, idx, n, self._splits, sliding_window=window)
         return CompressedLayer(self.policy, idx, n, self._splits)
 
     def _check_update(self, key_states, value_states, layer_idx: int) -> None:
@@ -208,10 +243,6 @@ class CompressedCache(Cache):
         return layers_nbytes(self.layers)
 
 
-def _head_dim(text) -> int:
-    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-
-
 class FusedCache(CompressedCache):
     """A CompressedCache whose every layer is packed for the fused kernels (see the module docstring), refusing
     up front what ``CompressedCache(fused=True)`` would leave unfused. ``policy``: one scheme for K and V of
@@ -235,12 +266,12 @@ class FusedCache(CompressedCache):
                                  "(kvlab.CompressedCache stores mixed policies)")
         layer = fused_layer(self.k, self.v, max_len)  # validates the pair and max_len
         if isinstance(layer, FusedKiviLayer):
-            D = _head_dim(text)
+            D = geometry(text).head_dim
             K.check_pow2("head_dim", D, 16, 256)
             if D % layer.group:
                 raise ValueError(f"FusedCache: kivi group={layer.group} does not divide head_dim={D}")
         else:
-            K.check_pow2("head_dim", _head_dim(text), 32, 256)
+            K.check_pow2("head_dim", geometry(text).head_dim, 32, 256)
 
     def _new_layer(self, idx: int, n_heads: int) -> FusedLayer:
         if self._pads is not None:

@@ -5,6 +5,7 @@ generate() calls. See :mod:`kvlab.storage.cache` for the storage rules."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -13,9 +14,11 @@ from kvlab.kernels import cpu as cpu_kernels
 from kvlab.quant import Packed, Quantizer
 from kvlab.quant.policy import Policy
 
-__all__ = ["CompressedLayer", "PackedBatchOps", "PaddedRowsLayer", "layers_nbytes", "left_padding", "read_packed", "stored_input"]
+__all__ = ["CompressedLayer", "CompressedSlidingLayer", "PackedBatchOps", "PaddedRowsLayer", "layers_nbytes", "left_padding",
+           "read_packed", "stored_input"]
 
 _CODE_NAMES = ("codes", "qh")
+_CHUNK_SEARCH = 4096  # how many lengths ahead a sliding layer's evict looks for a scheme's next chunks
 _FP16_NAMES = ("fp16", "x")  # a scheme's fp16 window; the values of the fp16/bf16/none casts
 
 
@@ -211,9 +214,35 @@ class _Runs:
         return [self._joined]
 
     def reserved(self) -> int:
-        """Bytes of room allocated beyond the stored runs."""
-        return sum((b.numel() - b.numel() // b.shape[self.dims[n]] * self.used[n]) * b.element_size()
+        """Bytes of room allocated beyond the stored runs (after them, and before them where a sliding
+        layer's oldest runs were dropped and the storage is not yet reallocated)."""
+        return sum(b.untyped_storage().nbytes() - b.numel() // b.shape[self.dims[n]] * self.used[n] * b.element_size()
                    for n, b in self.buffers.items() if b.shape[self.dims[n]])
+
+    def drop_front(self, n: int) -> int:
+        """Drop up to ``n`` of the oldest stored tokens; return how many went. Only what the storage can lose
+        without touching later tokens goes: whole runs of a list; of joined runs, whole multiples of the
+        tokens a unit of every tensor covers (a KIVI K group shares one scale: it goes whole or stays)."""
+        if self.dims is None:
+            dropped = 0
+            while self.runs and self.runs[0].shape[2] <= n - dropped:
+                dropped += self.runs.pop(0).shape[2]
+            return dropped
+        T = self.shape[2]
+        if n >= T:
+            k = T
+        else:  # tokens per unit of each tensor along its join dim: T / gcd(T, used)
+            gran = math.lcm(*(T // math.gcd(T, u) for u in self.used.values() if u))
+            k = n // gran * gran
+        if k == 0:
+            return 0
+        for name, b in self.buffers.items():
+            d, u = self.dims[name], self.used[name] * k // T
+            self.buffers[name] = b.narrow(d, u, b.shape[d] - u) if k < T else b.narrow(d, 0, 0).clone()
+            self.used[name] -= u
+        self.shape = (*self.shape[:2], T - k, self.shape[3])
+        self._joined = None
+        return k
 
     def map_batch(self, fn) -> None:
         """Apply ``fn`` (a function of a tensor along its batch dim 0) to every stored tensor."""
@@ -245,7 +274,9 @@ class _Stream:
         self.sinks: torch.Tensor | None = None  # (B, h, S, D) fp16
         self.window: torch.Tensor | None = None  # (B, h, W, D) fp16 (or the input dtype for `none`)
         self.runs = _Runs(q)
-        self.n_quantized = 0
+        self.n_quantized = 0  # tokens after the sinks that left the window: quantized, or dropped by evict
+        self.n_sinks = 0  # sinks taken (some may have been evicted since)
+        self._dropped_to = 0  # n_quantized after the last evict that dropped window tokens
         self.dtype = None
 
     def _split(self, L: int) -> tuple[int, int]:
@@ -275,14 +306,14 @@ class _Stream:
         self.window = x if self.window is None or not self.window.shape[2] else torch.cat([self.window, x], dim=2)
         self.length += x.shape[2]
         n_sinks, n_q = self._split(self.length)
-        have_sinks = 0 if self.sinks is None else self.sinks.shape[2]
-        if n_sinks > have_sinks:  # sinks fill first, from the oldest window tokens
-            take = n_sinks - have_sinks
+        if n_sinks > self.n_sinks:  # sinks fill first, from the oldest window tokens
+            take = n_sinks - self.n_sinks
             head, self.window = self.window[:, :, :take], _compact(self.window[:, :, take:])
             self.sinks = _compact(head) if self.sinks is None else torch.cat([self.sinks, head], dim=2)
-        if n_q < self.n_quantized:
+            self.n_sinks = n_sinks
+        if n_q < self.n_quantized and self.n_quantized > self._dropped_to:
             raise ValueError(f"{self.q.spec}: quantized tokens went from {self.n_quantized} to {n_q}")
-        if n_q == self.n_quantized:
+        if n_q <= self.n_quantized:  # (below it: window tokens that evict dropped before their chunk came)
             return None
         take = n_q - self.n_quantized
         if take == self.window.shape[2]:
@@ -304,17 +335,60 @@ class _Stream:
         if chunk is not None:
             self.runs.append(self.quantize(chunk))
 
+    def held(self) -> int:
+        """Tokens held: sinks, runs and window."""
+        return sum(0 if t is None else t.shape[2] for t in (self.sinks, self.window)) + \
+            sum(p.shape[2] for p in self.runs.packs())
+
     def read_into(self, out: torch.Tensor) -> None:
-        """Write sinks, dequantized runs and window into ``out`` (B, h, L, D) of the model's dtype."""
-        at = 0
-        if self.sinks is not None:
-            out[:, :, : self.sinks.shape[2]].copy_(self.sinks)
-            at = self.sinks.shape[2]
+        """Write the last ``n`` held tokens (sinks, dequantized runs, window) into ``out`` (B, h, n, D) of the
+        model's dtype; ``n`` is every held token but those a sliding layer could not yet drop."""
+        skip, at = self.held() - out.shape[2], 0
+        if self.sinks is not None and self.sinks.shape[2] > skip:
+            part = self.sinks[:, :, skip:]
+            out[:, :, : part.shape[2]].copy_(part)
+            at = part.shape[2]
+        skip = max(0, skip - (0 if self.sinks is None else self.sinks.shape[2]))
         for p in self.runs.packs():
-            read_packed(self.q, p, out[:, :, at : at + p.shape[2]])
-            at += p.shape[2]
+            n = p.shape[2]
+            if skip >= n:
+                skip -= n
+                continue
+            if skip:  # the run's first tokens are evicted but held (a group that goes whole)
+                tmp = torch.empty(*out.shape[:2], n, out.shape[3], dtype=out.dtype, device=out.device)
+                read_packed(self.q, p, tmp)
+                out[:, :, at : at + n - skip].copy_(tmp[:, :, skip:])
+            else:
+                read_packed(self.q, p, out[:, :, at : at + n])
+            at, skip = at + n - skip, 0
         if self.window is not None and self.window.shape[2]:
-            out[:, :, at:].copy_(self.window)
+            out[:, :, at:].copy_(self.window[:, :, skip:])
+
+    def evict(self, keep: int) -> None:
+        """A sliding layer's eviction: drop the oldest held tokens beyond the last ``keep``, all that the
+        storage can lose (see :meth:`_Runs.drop_front`). A window token goes unquantized only if the whole
+        chunk the scheme would later quantize it in goes too: a chunk's scales depend on all its tokens, so
+        the tokens kept are stored exactly as a full-attention cache stores them."""
+        drop = self.held() - keep
+        if drop <= 0:
+            return
+        if self.sinks is not None and self.sinks.shape[2]:
+            k = min(drop, self.sinks.shape[2])
+            self.sinks, drop = _compact(self.sinks[:, :, k:]), drop - k
+        in_runs = sum(p.shape[2] for p in self.runs.packs())
+        drop -= self.runs.drop_front(min(drop, in_runs))
+        if drop <= 0 or self.window is None or any(p.shape[2] for p in self.runs.packs()):
+            return  # nothing more to drop, or a run's group still held: the window's tokens come after it
+        cut, end = self.n_quantized, self.n_quantized + min(drop, self.window.shape[2])  # end: first kept
+        for L in range(self.length + 1, self.length + 1 + _CHUNK_SEARCH):  # the chunks to come, as they grow
+            n_q = self._split(L)[1]
+            if n_q > end:
+                break
+            cut = max(cut, n_q)
+        if cut > self.n_quantized:
+            k = cut - self.n_quantized
+            self.window = None if k == self.window.shape[2] else _compact(self.window[:, :, k:])
+            self.n_quantized = self._dropped_to = cut
 
     def nbytes(self) -> dict[str, int]:
         out = {"codes": 0, "metadata": 0, "fp16": 0}
@@ -369,6 +443,7 @@ class CompressedLayer(PackedBatchOps, DynamicLayer):
         self.splits = {} if splits is None else splits
         self.streams: dict[str, list[_Stream]] = {}
         self.cumulative_length = 0
+        self._visible = 0
 
     def lazy_initialization(self, key_states, value_states):
         self.device = key_states.device
@@ -391,7 +466,7 @@ class CompressedLayer(PackedBatchOps, DynamicLayer):
         if len(streams) == 1 and len(streams[0].heads) == H:  # one scheme for every head
             streams[0].update(x)
             return self._read_one(which, x)
-        out = torch.empty(B, H, self.cumulative_length, D, dtype=x.dtype, device=x.device)
+        out = torch.empty(B, H, self._visible, D, dtype=x.dtype, device=x.device)
         for s in streams:
             lo, hi = s.heads[0], s.heads[-1] + 1
             if s.heads == list(range(lo, hi)):  # a run of heads: views, no gather / scatter
@@ -399,7 +474,7 @@ class CompressedLayer(PackedBatchOps, DynamicLayer):
                 s.read_into(out[:, lo:hi])
             else:
                 s.update(x[:, s.heads])
-                part = torch.empty(B, len(s.heads), self.cumulative_length, D, dtype=x.dtype, device=x.device)
+                part = torch.empty(B, len(s.heads), self._visible, D, dtype=x.dtype, device=x.device)
                 s.read_into(part)
                 out[:, s.heads] = part
         return out
@@ -408,6 +483,7 @@ class CompressedLayer(PackedBatchOps, DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
+        self._visible = self._visible_length(key_states.shape[-2])
         (ks, *k_rest), (vs, *v_rest) = self.streams["k"], self.streams["v"]
         if not k_rest and not v_rest and ks.spec == vs.spec and len(ks.heads) == key_states.shape[1]:
             self._update_pair(ks, vs, key_states, value_states)
@@ -430,9 +506,13 @@ class CompressedLayer(PackedBatchOps, DynamicLayer):
 
     def _read_one(self, which: str, x: torch.Tensor) -> torch.Tensor:
         """(B, H, L, D) from the one stream of ``which`` (K or V), shaped and typed like ``x``."""
-        out = torch.empty(x.shape[0], x.shape[1], self.cumulative_length, x.shape[3], dtype=x.dtype, device=x.device)
+        out = torch.empty(x.shape[0], x.shape[1], self._visible, x.shape[3], dtype=x.dtype, device=x.device)
         self.streams[which][0].read_into(out)
         return out
+
+    def _visible_length(self, new: int) -> int:
+        """Tokens ``update`` returns, ``new`` of them just added: all (a sliding layer: its window)."""
+        return self.cumulative_length
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -453,6 +533,45 @@ class CompressedLayer(PackedBatchOps, DynamicLayer):
                     out[k] += v
                 out["reserved"] += s.runs.reserved()
         return out
+
+
+class CompressedSlidingLayer(CompressedLayer):
+    """A sliding-window (or chunked) attention layer's compressed K/V, with the semantics of transformers'
+    ``DynamicSlidingWindowLayer``: ``update`` returns the held tokens and the new ones (all of a prefill;
+    ``sliding_window - 1`` held ones at most), then only the last ``sliding_window - 1`` stay. Which tokens
+    a scheme quantizes, and how they group, follow its rule at the full length, as in a full-attention
+    layer; what is evicted is dropped from the storage (``nbytes`` counts what is held), except the older
+    tokens of a quantization group partly in the window, which go with the group."""
+
+    is_sliding = True
+
+    def __init__(self, policy: Policy, layer_idx: int, n_layers: int, splits: dict | None = None, *,
+                 sliding_window: int):
+        super().__init__(policy, layer_idx, n_layers, splits)
+        self.sliding_window = int(sliding_window)
+
+    def _visible_length(self, new: int) -> int:
+        return min(self.cumulative_length - new, self.sliding_window - 1) + new
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        k, v = super().update(key_states, value_states)
+        for streams in self.streams.values():
+            for s in streams:
+                s.evict(self.sliding_window - 1)
+        return k, v
+
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the next update, as ``DynamicSlidingWindowLayer`` gives them (transformers
+        before 5 pass the cache positions, whose count is the query length)."""
+        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        kv_offset = max(self.cumulative_length - self.sliding_window + 1, 0)
+        return min(self.cumulative_length, self.sliding_window - 1) + q, kv_offset
+
+    def get_max_cache_shape(self) -> int:
+        return self.sliding_window
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
 
 
 def layers_nbytes(layers) -> dict[str, int]:

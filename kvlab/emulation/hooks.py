@@ -68,23 +68,36 @@ class _State:
     _rules: dict = field(default_factory=dict)  # (spec, n_keys, emulation) -> _rule's matrix
     _selections: dict = field(default_factory=dict)  # _selection's key -> _Selection
     _plans: dict = field(default_factory=dict)  # (k key, v key, dtype, device) -> _build_plan's blocks
+    original: str = "sdpa"  # the model's attention implementation before kvlab's (set by _hooked)
 
 
 @contextmanager
 def _hooked(model, state: _State):
     mods = attention_modules(model)
     original = model.config._attn_implementation
+    state.original = original
     _register()
+    handles = []
     try:
         for m in mods:
             m._kvlab = state
+            handles.append(m.register_forward_pre_hook(_keep_rope, with_kwargs=True))
         model.set_attn_implementation(_NAME)
         yield state
     finally:
+        for h in handles:
+            h.remove()
         for m in mods:
-            if hasattr(m, "_kvlab"):
-                del m._kvlab
+            for name in ("_kvlab", "_kvlab_rope"):
+                if hasattr(m, name):
+                    delattr(m, name)
         model.set_attn_implementation(original)
+
+
+def _keep_rope(module, args, kwargs):
+    """Forward pre-hook: keep the (cos, sin) the layer is given, its own rotary embedding (per layer type in
+    Gemma 3, partial in Phi / GPT-NeoX), for inverting RoPE in the attention function."""
+    module._kvlab_rope = kwargs.get("position_embeddings")
 
 
 def _n_layers(model) -> int:
@@ -92,9 +105,14 @@ def _n_layers(model) -> int:
 
 
 def _prepare_policy(model, policy) -> Policy:
+    cap = getattr(model.config.get_text_config(decoder=True), "attn_logit_softcapping", None)
+    if cap is not None:
+        raise ValueError(f"{type(model).__name__} soft-caps its attention logits (attn_logit_softcapping={cap}), "
+                         "which kvlab's decode-exact attention does not implement: compress and measure cannot "
+                         "serve it (capture and CompressedCache can)")
     policy = parse_policy(policy)
     cfg = model.config
-    policy.check_model(_n_layers(model), cfg.num_key_value_heads)
+    policy.check_model(_n_layers(model), getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     return policy
 
 
@@ -150,12 +168,29 @@ def capture(model, layers=None, which=("q", "k", "v"), rope=("pre", "post")):
 # the attention function
 # ---------------------------------------------------------------------------------------------------
 def _sdpa(module, query, key, value, attention_mask, **kw):
+    """The model's own attention implementation, the one selected before kvlab's (SDPA for most; eager for
+    models without SDPA support, e.g. Gemma 2), on kvlab's boolean mask."""
+    state = getattr(module, "_kvlab", None)
+    impl = "sdpa" if state is None else state.original
+    if impl == "eager":
+        import sys
+
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is not None:
+            if attention_mask is not None and attention_mask.dtype == torch.bool:  # eager adds its mask
+                attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device
+                                             ).masked_fill_(~attention_mask, torch.finfo(query.dtype).min)
+            return eager(module, query, key, value, attention_mask, **kw)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
 
 
-def _cos_sin(state, x, n_tokens, position_ids, n_query):
+def _cos_sin(state, x, n_tokens, position_ids, n_query, given=None):
+    """(cos, sin) (B, n_tokens, rotary dims) of the keys: those the layer was given (``given``) where they
+    cover every key, else from the model's rotary module."""
+    if given is not None and isinstance(given, (tuple, list)) and given[0].shape[-2] == n_tokens:
+        return given
     if position_ids is None or n_query != n_tokens:
         position_ids = torch.arange(n_tokens, device=x.device).unsqueeze(0)
     return rope_cos_sin(state.model, x, position_ids)
@@ -445,7 +480,8 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
 
     def cos_sin():
         if "cs" not in memo:
-            memo["cs"] = _cos_sin(state, key, n_keys, kw.get("position_ids"), n_query)
+            memo["cs"] = _cos_sin(state, key, n_keys, kw.get("position_ids"), n_query,
+                                  getattr(module, "_kvlab_rope", None))
         return memo["cs"]
 
     if state.captures is not None:

@@ -13,14 +13,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D), cos/sin (B, T, D) -> x rotated by each token's angle."""
+    """x (B, H, T, D), cos/sin (B, T, R) -> x rotated by each token's angle. With R < D (partial rotary:
+    Phi, GPT-NeoX) only the first R dims rotate."""
     cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([x[..., :r] * cos + _rotate_half(x[..., :r]) * sin, x[..., r:]], dim=-1)
     return x * cos + _rotate_half(x) * sin
 
 
 def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Undo :func:`apply_rope` (rotation by minus the angle): post-RoPE -> pre-RoPE."""
     cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([x[..., :r] * cos - _rotate_half(x[..., :r]) * sin, x[..., r:]], dim=-1)
     return x * cos - _rotate_half(x) * sin
 
 

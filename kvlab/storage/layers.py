@@ -170,6 +170,7 @@ class _Runs:
         self.shape: tuple[int, ...] = ()
         self.dtype = None
         self._joined: Packed | None = None  # views of the storage, until the next append
+        self._split_dims = None  # (run, its tensors' token dims or None): for dropping part of a list run
 
     def append(self, run: Packed) -> None:
         if self.dims is None:
@@ -221,19 +222,29 @@ class _Runs:
 
     def drop_front(self, n: int) -> int:
         """Drop up to ``n`` of the oldest stored tokens; return how many went. Only what the storage can lose
-        without touching later tokens goes: whole runs of a list; of joined runs, whole multiples of the
-        tokens a unit of every tensor covers (a KIVI K group shares one scale: it goes whole or stays)."""
+        without touching later tokens goes: whole runs of a list, and of a run that ``q.concat`` joins by
+        plain concatenation (a prefill's, or joined runs) whole multiples of the tokens a unit of every
+        tensor covers (a KIVI K group shares one scale: it goes whole or stays)."""
         if self.dims is None:
             dropped = 0
             while self.runs and self.runs[0].shape[2] <= n - dropped:
                 dropped += self.runs.pop(0).shape[2]
+            if self.runs and n > dropped:  # the oldest run in part, where its tensors split along tokens
+                first = self.runs[0]
+                if self._split_dims is None or self._split_dims[0] is not first:
+                    self._split_dims = (first, _join_dims(self.q, first, first))  # once per run
+                dims = self._split_dims[1]
+                k = 0 if dims is None else _granular(first.shape[2], [t.shape[dims[m]] for m, t in
+                                                                      first.tensors.items()], n - dropped)
+                if k:
+                    tensors = {m: t.narrow(dims[m], t.shape[dims[m]] * k // first.shape[2],
+                                           t.shape[dims[m]] - t.shape[dims[m]] * k // first.shape[2]).clone()
+                               for m, t in first.tensors.items()}
+                    self.runs[0] = Packed(tensors, (*first.shape[:2], first.shape[2] - k, first.shape[3]), first.dtype)
+                    dropped += k
             return dropped
         T = self.shape[2]
-        if n >= T:
-            k = T
-        else:  # tokens per unit of each tensor along its join dim: T / gcd(T, used)
-            gran = math.lcm(*(T // math.gcd(T, u) for u in self.used.values() if u))
-            k = n // gran * gran
+        k = T if n >= T else _granular(T, list(self.used.values()), n)
         if k == 0:
             return 0
         for name, b in self.buffers.items():
@@ -255,6 +266,13 @@ class _Runs:
         if self.buffers:
             self.shape = (next(iter(self.buffers.values())).shape[0], *self.shape[1:])
         self._joined = None
+
+
+def _granular(T: int, sizes: list[int], n: int) -> int:
+    """The most tokens, up to ``n`` of ``T``, whose storage is whole units of every tensor (sizes along the
+    token dim): a multiple of T / gcd(T, size) for each."""
+    gran = math.lcm(*(T // math.gcd(T, u) for u in sizes if u))
+    return min(n, T) // gran * gran
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

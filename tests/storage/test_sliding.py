@@ -149,3 +149,22 @@ def test_layer_windows_from_the_config():
 def test_fused_cache_refuses_sliding_layers(mistral):
     with pytest.raises(ValueError, match="2 sliding-window or chunked layers, which the fused kernels do not serve"):
         CompressedCache("q4_0", config=mistral.config, fused=True)
+
+
+@pytest.mark.parametrize("spec, extra", [("q8_0", 0), ("kivi:bits=2,group=8,residual=8", 7)])
+def test_a_prefill_longer_than_the_window_keeps_the_window(mistral, ids, spec, extra):
+    """A 40-token prefill into layers of window 16: the prefill's run is cut to the last 15 tokens at once
+    (a KIVI K group the edge cuts stays whole). q8_0 reads every token quantized at once, so a prefill is
+    decode-exact and the logits equal the emulation's; KIVI's prefill queries read the fp16 window as it
+    stands at 40 tokens, not as it stood at each of them, so later layers' K/V (and logits) differ."""
+    cache = CompressedCache(spec, config=mistral.config)
+    kw = {cache_kwarg(mistral): cache}
+    with torch.no_grad():
+        logits = [mistral(input_ids=ids[:, :40], use_cache=True, **kw).logits]
+        held = [s.held() for la in cache.layers for s in la.streams["k"] + la.streams["v"]]
+        logits += [mistral(input_ids=ids[:, t : t + 1], use_cache=True, **kw).logits for t in range(40, SEQ)]
+    assert all(W - 1 <= h <= W - 1 + extra for h in held), held
+    with torch.no_grad(), hooks.compress(mistral, spec):
+        emulated = mistral(input_ids=ids, use_cache=False).logits
+    if spec == "q8_0":
+        assert torch.allclose(torch.cat(logits, 1), emulated, rtol=0, atol=1e-10)

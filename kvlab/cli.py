@@ -24,7 +24,9 @@ def _positive(kind):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF id, local folder or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--model", default=None,
+                   help="HF id, local folder, .gguf, or an alias: smollm2-135m-instruct (the default, embedded), "
+                        "gemma3-270m (opt-in: make setup MODELS=gemma3-270m)")
     p.add_argument("--corpus", default="auto",
                    help="pydoc, wikitext-2-v1, wikitext-2-raw-v1, c4, a text file, or auto (WikiText-2 if "
                         "reachable, else pydoc)")

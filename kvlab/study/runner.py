@@ -10,7 +10,7 @@ from pathlib import Path
 
 __all__ = ["NOTEBOOK_DIR", "notebooks", "run_notebooks", "strip_volatile"]
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def notebooks(names=None) -> list[Path]:

@@ -16,6 +16,8 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 def notebooks(names=None) -> list[Path]:
     """The numbered notebooks (``NN_*.ipynb``) in order, or those whose number/name is in ``names``."""
     found = sorted(p for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    if not found:
+        raise FileNotFoundError(f"no numbered notebooks (NN_*.ipynb) under {NOTEBOOK_DIR}")
     if names:
         wanted = {str(n) for n in names}
         found = [p for p in found if p.stem in wanted or p.stem[:2] in wanted]

@@ -1,0 +1,209 @@
+"""End metrics beside perplexity: passkey retrieval and greedy agreement with a reference policy.
+
+Both are scored teacher-forced, in one forward pass per trial under :func:`kvlab.compress` (decode-exact
+emulation: query t reads the cache as it stood when it held t + 1 tokens):
+
+- **Passkey** (Mohtashami & Jaggi 2023): a haystack of filler text of a target token length, a random
+  5-digit key stated at a chosen depth, a question at the end, and the answer. A trial is correct when
+  every answer token is the argmax of the logits before it, which is what greedy decoding would emit.
+- **Greedy agreement**: the number of tokens a policy's greedy continuation shares with the reference
+  policy's before the first divergence. Until that divergence the two read the same tokens, so one
+  teacher-forced pass over prompt + reference continuation finds it: the first position whose argmax is
+  not the reference token.
+
+Both equivalences hold for causal schemes. An oracle scheme (``Quantizer.oracle``) fits its statistics on
+the whole window, which here includes the answer or the reference continuation: its rows are a ceiling,
+never generation results (the study flags them with :func:`kvlab.study.analysis.is_oracle`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from kvlab.emulation.hooks import compress
+from kvlab.evaluation.ppl import resolve_bos
+from kvlab.quant.policy import parse_policy
+
+__all__ = ["FILLER", "PasskeyTrial", "greedy_agreement", "greedy_continuation", "greedy_summary", "passkey",
+           "passkey_summary", "passkey_trials"]
+
+#: the classic filler of the passkey test, one unit repeated to length
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+          "I will quiz you about the important information there.\n")
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\nWhat is the pass key? The pass key is"
+ANSWER = " {key}"
+
+
+class PasskeyTrial:
+    """One haystack: ``ids`` (T,) long, ``answer`` the slice of ``ids`` holding the key's tokens, the
+    ``key``, the asked ``depth`` and the needle's actual token offset ``needle_at``."""
+
+    __slots__ = ("answer", "depth", "ids", "key", "needle_at")
+
+    def __init__(self, ids, answer, key, depth, needle_at):
+        self.ids, self.answer, self.key, self.depth, self.needle_at = ids, answer, key, depth, needle_at
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def passkey_trials(tokenizer, length: int, trials: int, depths=(0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 0,
+                   filler: str | None = None, bos: str = "auto") -> list[PasskeyTrial]:
+    """``trials`` haystacks of exactly ``length`` tokens, trial i with its needle at ``depths[i % len]``
+    (a fraction of the filler) and a random 5-digit key, all drawn from ``seed`` (and ``length``), so every
+    policy sees the same haystacks. ``filler``: text to draw the haystack from (a contiguous span at a
+    random offset, e.g. a corpus split); default: :data:`FILLER` repeated, the needle placed between units."""
+    if not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials={trials!r} is not allowed; allowed: an integer >= 1")
+    if not depths or any(not 0 <= d <= 1 for d in depths):
+        raise ValueError(f"depths={depths!r} is not allowed; allowed: fractions in [0, 1]")
+    rng = np.random.default_rng([seed, length])
+    bos_id = resolve_bos(tokenizer, bos)
+    head = ([bos_id] if bos_id is not None else []) + _ids(tokenizer, PREFIX)
+    question = _ids(tokenizer, QUESTION)
+    unit = _ids(tokenizer, FILLER if filler is None else filler)
+    out = []
+    for i in range(trials):
+        key = int(rng.integers(10_000, 100_000))
+        needle, answer = _ids(tokenizer, NEEDLE.format(key=key)), _ids(tokenizer, ANSWER.format(key=key))
+        n_fill = length - len(head) - len(needle) - len(question) - len(answer)
+        if n_fill < 1:
+            raise ValueError(f"length={length} leaves no room for filler around the {length - n_fill} tokens of "
+                             "prompt, needle, question and answer; allowed: a larger length")
+        if filler is None:
+            fill = (unit * (n_fill // len(unit) + 1))[:n_fill]
+            at = min(round(depths[i % len(depths)] * n_fill / len(unit)) * len(unit), n_fill)  # between units
+        else:
+            if len(unit) < n_fill:
+                raise ValueError(f"filler has {len(unit)} tokens, fewer than the {n_fill} a haystack of "
+                                 f"length={length} needs; allowed: a longer filler text")
+            start = int(rng.integers(0, len(unit) - n_fill + 1))
+            fill = unit[start: start + n_fill]
+            at = round(depths[i % len(depths)] * n_fill)
+        ids = head + fill[:at] + needle + fill[at:] + question + answer
+        out.append(PasskeyTrial(torch.tensor(ids, dtype=torch.long), slice(len(ids) - len(answer), len(ids)),
+                                key, depths[i % len(depths)], len(head) + at))
+    return out
+
+
+@torch.no_grad()
+def _argmax_from(model, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Greedy predictions for positions start..T-1 of ids (T,): the argmax of the logits one position
+    earlier, from one forward pass that keeps only the logits it needs. -> (T - start,) long."""
+    device = next(model.parameters()).device
+    keep = ids.numel() - start + 1
+    x = ids[None].to(device)
+    try:
+        logits = model(input_ids=x, use_cache=False, logits_to_keep=keep).logits[0]
+    except TypeError:  # a model without logits_to_keep
+        logits = model(input_ids=x, use_cache=False).logits[0, -keep:]
+    return logits[:-1].argmax(-1).cpu()
+
+
+def _policy_meta(policy) -> dict:
+    return {"policy": policy if isinstance(policy, str) else parse_policy(policy).spec}
+
+
+def passkey(model, tokenizer, policies=("fp16",), lengths=(1024,), trials: int = 20,
+            depths=(0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 0, filler: str | None = None, bos: str = "auto",
+            emulation: str = "prefill", progress: bool = True) -> pd.DataFrame:
+    """Passkey retrieval of every policy at every length: one row per (policy, length, trial) with
+    ``key``, ``depth``, ``needle_at``, ``correct`` (every answer token the argmax), ``tokens_correct``,
+    ``n_answer_tokens`` and ``seconds`` (the trial's forward pass). Every policy sees the same
+    haystacks (:func:`passkey_trials`)."""
+    rows = []
+    for length in lengths:
+        hay = passkey_trials(tokenizer, length, trials, depths=depths, seed=seed, filler=filler, bos=bos)
+        for policy in policies:
+            meta = _policy_meta(policy)
+            with compress(model, policy, emulation=emulation):
+                for i, t in enumerate(tqdm(hay, desc=f"passkey {meta['policy']} @ {length}", disable=not progress,
+                                           leave=False)):
+                    t0 = time.perf_counter()
+                    pred = _argmax_from(model, t.ids, t.answer.start)
+                    hits = pred == t.ids[t.answer]
+                    rows.append({**meta, "length": length, "trial": i, "key": t.key, "depth": t.depth,
+                                 "needle_at": t.needle_at, "correct": bool(hits.all()),
+                                 "tokens_correct": int(hits.sum()), "n_answer_tokens": int(hits.numel()),
+                                 "seconds": time.perf_counter() - t0})
+    return pd.DataFrame(rows)
+
+
+def passkey_summary(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Per (policy, length): trials, correct, accuracy with an exact (Clopper-Pearson) binomial CI
+    (scipy.stats.binomtest), and the mean seconds per trial."""
+    from scipy.stats import binomtest
+
+    rows = []
+    for (policy, length), g in df.groupby(["policy", "length"], sort=False):
+        k, n = int(g["correct"].sum()), len(g)
+        ci = binomtest(k, n).proportion_ci(confidence, method="exact")
+        rows.append({"policy": policy, "length": length, "trials": n,
+                     "correct": k, "accuracy": k / n, "ci_lo": float(ci.low), "ci_hi": float(ci.high),
+                     "seconds_per_trial": float(g["seconds"].mean())})
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def greedy_continuation(model, prompt: torch.Tensor, new_tokens: int, policy="fp16",
+                        emulation: str = "prefill") -> torch.Tensor:
+    """The greedy continuation (new_tokens,) of ``prompt`` (P,) under ``policy``, token by token (one
+    forward of the whole sequence per token, so each step reads the cache exactly as the emulation
+    defines it; no EOS stop)."""
+    device = next(model.parameters()).device
+    ids = prompt[None].to(device)
+    with compress(model, policy, emulation=emulation):
+        for _ in range(new_tokens):
+            nxt = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+    return ids[0, prompt.numel():].cpu()
+
+
+def greedy_agreement(model, prompts: torch.Tensor, policies, new_tokens: int = 64, reference="fp16",
+                     emulation: str = "prefill", progress: bool = True) -> pd.DataFrame:
+    """For each prompt of ``prompts`` (n, P) and each policy: ``agree``, the number of greedy tokens equal to
+    ``reference``'s greedy continuation before the first divergence (``new_tokens`` when none:
+    ``censored``). The reference continuation is generated token by token; each policy is then scored in one
+    teacher-forced pass over prompt + reference continuation. One row per (policy, prompt)."""
+    if prompts.ndim != 2:
+        raise ValueError(f"prompts must be (n, P) token ids, got shape {tuple(prompts.shape)}")
+    refs = [greedy_continuation(model, p, new_tokens, reference, emulation)
+            for p in tqdm(prompts, desc=f"greedy reference {reference}", disable=not progress, leave=False)]
+    rows = []
+    for policy in policies:
+        meta = _policy_meta(policy)
+        with compress(model, policy, emulation=emulation):
+            for i, (p, ref) in enumerate(tqdm(list(zip(prompts, refs)), desc=f"greedy {meta['policy']}",
+                                              disable=not progress, leave=False)):
+                t0 = time.perf_counter()
+                pred = _argmax_from(model, torch.cat([p, ref]), p.numel())
+                miss = (pred != ref).nonzero()
+                agree = int(miss[0, 0]) if miss.numel() else new_tokens
+                rows.append({**meta, "prompt": i, "agree": agree, "censored": agree == new_tokens,
+                             "new_tokens": new_tokens, "seconds": time.perf_counter() - t0})
+    return pd.DataFrame(rows)
+
+
+def greedy_summary(df: pd.DataFrame, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Per policy: prompts, mean tokens agreed before the first divergence with a percentile bootstrap CI
+    over prompts, the median, and the fraction of prompts that never diverged (censored at new_tokens)."""
+    rng = np.random.default_rng(seed)
+    tail = (1 - confidence) / 2 * 100
+    rows = []
+    for policy, g in df.groupby("policy", sort=False):
+        a = g["agree"].to_numpy(np.float64)
+        boot = a[rng.integers(0, a.size, size=(n_resamples, a.size))].mean(axis=1)
+        lo, hi = np.percentile(boot, [tail, 100 - tail]) if a.size > 1 else (a.mean(), a.mean())
+        rows.append({"policy": policy, "prompts": a.size,
+                     "mean_agree": float(a.mean()), "ci_lo": float(lo), "ci_hi": float(hi),
+                     "median_agree": float(np.median(a)), "never_diverged": float(g["censored"].mean()),
+                     "new_tokens": int(g["new_tokens"].iloc[0])})
+    return pd.DataFrame(rows)

@@ -483,35 +483,49 @@ def thesis_verdict(summary: pd.DataFrame, matched: pd.DataFrame, front: pd.DataF
     return "\n\n".join(text)
 
 
-def cosine_twins(table: pd.DataFrame, family_name: str = "signmag", proxy: str = "k_cos") -> pd.DataFrame:
+def cosine_twins(table: pd.DataFrame, family_name: str = "signmag", proxy: str = "k_cos",
+                 causal_only: bool = True) -> pd.DataFrame:
     """For each config of ``family_name``, the config of another family (fp16/bf16 excluded) whose ``proxy``
-    is nearest, with both delta PPLs: does the same tensor fidelity buy the same perplexity?"""
+    (a similarity: higher is better, e.g. ``k_cos``) is nearest, with both delta PPLs. ``over-rated``: the
+    twin has the lower delta PPL (CIs apart) although the proxy rates it no better (its ``proxy`` is not
+    higher): only then does the proxy over-rate this family. ``causal_only``: oracle twins left out."""
+    table = causal_only_rows(table, causal_only)
     own = table[table["family"] == family_name]
     others = table[~table["family"].isin([family_name, "fp16", "bf16"])]
     rows = []
     for r in own.to_dict("records") if len(others) else []:
         t = others.loc[(others[proxy] - r[proxy]).abs().idxmin()]
+        better = bool(t["ci_hi"] < r["ci_lo"])
         rows.append({"config": r["config"], proxy: r[proxy], "delta_ppl": r["delta_ppl"],
                      "twin": t["config"], f"twin {proxy}": t[proxy], "twin delta_ppl": t["delta_ppl"],
-                     "twin worse": bool(t["ci_lo"] > r["ci_hi"]), "twin better": bool(t["ci_hi"] < r["ci_lo"])})
+                     "twin worse": bool(t["ci_lo"] > r["ci_hi"]), "twin better": better,
+                     "over-rated": better and bool(t[proxy] <= r[proxy])})
     return pd.DataFrame(rows)
 
 
 def twins_verdict(twins: pd.DataFrame, proxy: str = "k_cos") -> str:
-    """Markdown: how often a cosine twin from another family does better or worse on perplexity."""
+    """Markdown: in how many cosine-twin pairs the twin does better on perplexity, in how many of those the
+    proxy ranked the pair correctly anyway, and where it over-rates the family."""
     if twins.empty:
         return "No config to compare."
     better, worse = int(twins["twin better"].sum()), int(twins["twin worse"].sum())
-    ratio = (twins["delta_ppl"] / twins["twin delta_ppl"]).median()
-    return (f"Paired by nearest {proxy} with a config of another family, the other config has the lower delta "
-            f"PPL (CIs apart) in **{better}** of {len(twins)} pairs and the higher in **{worse}**; the median ratio "
-            f"of delta PPLs (this family / twin) is **{ratio:.1f}x**. "
-            + ("So at equal tensor cosine this family costs more perplexity: the cosine over-rates it."
-               if better > worse else "So the cosine does not over-rate this family here."))
+    over = twins[twins["over-rated"]]
+    text = (f"Paired by nearest {proxy} with a config of another family, the other config has the lower delta "
+            f"PPL (CIs apart) in **{better}** of {len(twins)} pairs and the higher in **{worse}**. In "
+            f"**{better - len(over)}** of those {better} the twin also has the higher {proxy}, so the proxy ranked "
+            f"the pair correctly; ")
+    if len(over):
+        text += ("it over-rates this family only in " + ", ".join(f"`{c}` (twin `{t}`)" for c, t in
+                                                               zip(over["config"], over["twin"])) + ".")
+    else:
+        text += "it over-rates this family in none."
+    return text + (" Each pair also differs in its V scheme (a config compresses K and V alike), so a pair "
+                   "cannot attribute the perplexity gap to K alone.")
 
 
-def correlation_verdict(corr: pd.DataFrame, discordant: pd.DataFrame) -> str:
-    """Markdown: which proxy predicts delta PPL best, and how often the cheap ones disagree."""
+def correlation_verdict(corr: pd.DataFrame, discordant: pd.DataFrame, rates: pd.DataFrame | None = None) -> str:
+    """Markdown: which proxy predicts delta PPL best, and how often the cheap ones disagree (with the
+    denominators of :func:`discordance` when ``rates`` is given)."""
     best = corr.iloc[0]
     cheap = corr[corr.proxy.isin(["1 - K cosine", "1 - V cosine", "K MSE", "V MSE", "K NMSE", "V NMSE"])]
     c = cheap.sort_values("spearman", ascending=False).iloc[0] if len(cheap) else None
@@ -521,7 +535,12 @@ def correlation_verdict(corr: pd.DataFrame, discordant: pd.DataFrame) -> str:
     if c is not None:
         lines.append(f"- Best cheap tensor proxy: **{c.proxy}** (Spearman {c.spearman:.2f} "
                      f"[{c.spearman_lo:.2f}, {c.spearman_hi:.2f}]).")
-    if len(discordant):
+    if rates is not None and len(rates):
+        lines.append(f"- Discordance ({rates['rule'].iloc[0]}): " + ", ".join(
+            f"{r.proxy}: {r.discordant} of {r.compared} ({r.rate:.1%} [{r.rate_lo:.1%}, {r.rate_hi:.1%}]; "
+            f"{r.tied} tied)" if r.compared else f"{r.proxy}: no separated pair" for r in rates.itertuples())
+            + f", of {int(rates['significant'].iloc[0])} significant pairs among {int(rates['pairs'].iloc[0])}.")
+    elif len(discordant):
         counts = discordant.groupby("proxy").size().sort_values(ascending=False)
         lines.append("- Significant discordant pairs (proxy ranks two schemes opposite to PPL, PPL CI "
                      "excludes 0): " + ", ".join(f"{p}: {k}" for p, k in counts.items()) + ".")

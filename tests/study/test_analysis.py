@@ -198,3 +198,27 @@ def test_rank_correlations_leave_oracles_out(synth):
     t = table[table.config != "fp16"].assign(**{"1 - K cosine": lambda d: d["good"]})
     assert study.rank_correlations(t, n_resamples=50)["n_configs"].iloc[0] == 4
     assert study.rank_correlations(t, n_resamples=50, causal_only=False)["n_configs"].iloc[0] == 5
+
+
+def test_twins_over_rate_only_when_the_cosine_says_no_better():
+    # q4_0: nearer cosine, higher (better) than signmag:v=3's, and lower PPL: the cosine ranked them right.
+    # kivi: twin of signmag:v=2 with a *lower* cosine yet lower PPL: over-rated.
+    df = _summary([("signmag:v=3", 3.3, 20, 1), ("q4_0", 4.5, 2, 0.5), ("signmag:v=2", 2.2, 50, 1),
+                   ("kivi:bits=2", 4.6, 5, 1), ("kvquant:bits=2", 2.3, 1, 0.1)])
+    df["k_cos"] = df["config"].map({"signmag:v=3": 0.95, "q4_0": 0.96, "signmag:v=2": 0.90, "kivi:bits=2": 0.89,
+                                    "kvquant:bits=2": 0.9001})
+    t = study.cosine_twins(df, "signmag", "k_cos").set_index("config")
+    assert t.at["signmag:v=3", "twin"] == "q4_0" and not t.at["signmag:v=3", "over-rated"]
+    assert t.at["signmag:v=2", "twin"] == "kivi:bits=2" and t.at["signmag:v=2", "over-rated"]  # oracle skipped
+    text = study.twins_verdict(t.reset_index(), "k_cos")
+    assert "lower delta PPL (CIs apart) in **2** of 2" in text and "In **1** of those 2" in text
+    assert "only in `signmag:v=2` (twin `kivi:bits=2`)" in text
+
+
+def test_correlation_verdict_quotes_the_denominators(synth):
+    ppl, table = synth
+    corr = study.rank_correlations(table[table.config != "fp16"].assign(**{"1 - K cosine": table["swap"]}),
+                                   n_resamples=50)
+    rates = study.discordance(table, ppl, ["swap"])
+    text = study.correlation_verdict(corr, study.discordant_pairs(table, ppl, "swap"), rates)
+    assert "swap: 1 of 9 (11.1% [" in text and "of 9 significant pairs among 10" in text

@@ -353,3 +353,32 @@ def test_claims_of_dead_processes_are_taken_over(model, tokenizer, tmp_path):
     again = sweep(["q4_0"], model=model, tokenizer=tokenizer, out=out, **TINY)["ppl"]
     pd.testing.assert_frame_equal(again, first)
     assert not any(p.exists() for p in locks)
+
+
+@pytest.mark.slow
+def test_weights_swapped_inside_a_gguf_are_not_served_stale(tmp_path, monkeypatch):
+    """The issue's reproduction: sweep a copy of the embedded GGUF, swap two weight tensors' bytes inside the
+    file, sweep again into the same folder: the results are those of a fresh folder, not the stale ones."""
+    import shutil
+
+    import gguf
+
+    from kvlab.model.loading import embedded_gguf_path
+
+    monkeypatch.setenv("KVLAB_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    shutil.copy(embedded_gguf_path(), f)
+    kw = dict(model_name=str(f), out=tmp_path / "A", **TINY)
+    first = sweep(["q4_0"], **kw)["ppl"]
+    reader = gguf.GGUFReader(str(f))
+    a, b = (next(t for t in reader.tensors if t.name == n) for n in ("blk.0.attn_q.weight", "blk.0.attn_output.weight"))
+    (oa, ob, n), data = (int(a.data_offset), int(b.data_offset), int(a.n_bytes)), bytearray(f.read_bytes())
+    del reader, a, b
+    assert n == len(data[ob : ob + n])
+    data[oa : oa + n], data[ob : ob + n] = data[ob : ob + n], data[oa : oa + n]
+    f.write_bytes(bytes(data))
+    second = sweep(["q4_0"], **kw)["ppl"]
+    fresh = sweep(["q4_0"], **{**kw, "out": tmp_path / "B"})["ppl"]
+    assert set(second.key).isdisjoint(first.key)
+    assert second.nll.tolist() == fresh.nll.tolist()
+    assert all(abs(x - y) > 1e-3 for x, y in zip(second.nll, first.nll))

@@ -52,6 +52,12 @@ def test_03_metrics(smoke):
     m = _metrics(smoke[0], "03_cosine_vs_perplexity")
     assert m["n_configs"] >= 4 and m["delta_ppl"]["fp16"] == 0
     assert all(-1 <= v <= 1 for v in m["spearman"].values() if v is not None and not math.isnan(v))
+    # discordance carries its denominators, over the causal configs only
+    n = m["n_configs"] - len(m["oracle_configs"])
+    for d in m["discordance"].values():
+        assert d["pairs"] == n * (n - 1) // 2 and d["compared"] + d["tied"] == d["significant"] <= d["pairs"]
+        assert d["discordant"] <= d["compared"]
+    assert set(m["spearman_near_lossless"]) == set(m["spearman"])
 
 
 @pytest.mark.slow
@@ -59,3 +65,7 @@ def test_04_metrics(smoke):
     m = _metrics(smoke[0], "04_negative_result")
     assert 2.5 < m["truncate_mse_ratio_8bit"] < 6  # truncation: ~4x the MSE of rounding
     assert m["bits_per_value"]["signmag:v=1"] < 2
+    from kvlab.study.analysis import is_oracle
+
+    assert not any(is_oracle(c) for c in m["pareto_front"])  # the front of causal configs
+    assert 0 <= m["cosine_twins_overrated"] <= m["cosine_twins_better"] <= m["cosine_twins"]

@@ -95,17 +95,20 @@ def passkey_trials(tokenizer, length: int, trials: int, depths=(0.1, 0.3, 0.5, 0
 
 
 @torch.no_grad()
+def _last_logits(model, ids: torch.Tensor, keep: int) -> torch.Tensor:
+    """The logits (keep, V) of the last ``keep`` positions of ids (T,), from one forward pass that keeps
+    only those (a 4k x 49k float32 logits tensor is 800 MB)."""
+    x = ids[None].to(next(model.parameters()).device)
+    try:
+        return model(input_ids=x, use_cache=False, logits_to_keep=keep).logits[0]
+    except TypeError:  # a model without logits_to_keep
+        return model(input_ids=x, use_cache=False).logits[0, -keep:]
+
+
 def _argmax_from(model, ids: torch.Tensor, start: int) -> torch.Tensor:
     """Greedy predictions for positions start..T-1 of ids (T,): the argmax of the logits one position
-    earlier, from one forward pass that keeps only the logits it needs. -> (T - start,) long."""
-    device = next(model.parameters()).device
-    keep = ids.numel() - start + 1
-    x = ids[None].to(device)
-    try:
-        logits = model(input_ids=x, use_cache=False, logits_to_keep=keep).logits[0]
-    except TypeError:  # a model without logits_to_keep
-        logits = model(input_ids=x, use_cache=False).logits[0, -keep:]
-    return logits[:-1].argmax(-1).cpu()
+    earlier. -> (T - start,) long."""
+    return _last_logits(model, ids, ids.numel() - start + 1)[:-1].argmax(-1).cpu()
 
 
 def _policy_meta(policy) -> dict:
@@ -158,13 +161,11 @@ def greedy_continuation(model, prompt: torch.Tensor, new_tokens: int, policy="fp
     """The greedy continuation (new_tokens,) of ``prompt`` (P,) under ``policy``, token by token (one
     forward of the whole sequence per token, so each step reads the cache exactly as the emulation
     defines it; no EOS stop)."""
-    device = next(model.parameters()).device
-    ids = prompt[None].to(device)
+    ids = prompt.cpu()
     with compress(model, policy, emulation=emulation):
         for _ in range(new_tokens):
-            nxt = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-    return ids[0, prompt.numel():].cpu()
+            ids = torch.cat([ids, _last_logits(model, ids, 1).argmax(-1).cpu()])
+    return ids[prompt.numel():]
 
 
 def greedy_agreement(model, prompts: torch.Tensor, policies, new_tokens: int = 64, reference="fp16",

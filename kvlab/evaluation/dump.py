@@ -79,6 +79,9 @@ def dump(model, tokens: torch.Tensor, out: str | Path, layers=None, which=("q", 
     }
     manifest["manifest_sha256"] = _manifest_digest(manifest)
     atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+    for stale in out.glob("layer_*.safetensors"):  # layers of an earlier dump into this folder: a folder holds one
+        if _FILE.fullmatch(stale.name) and stale.name not in files:
+            stale.unlink()
     return out
 
 

@@ -109,3 +109,14 @@ def test_file_of_another_dump_is_refused(copy, model, tmp_path):
         "sha256", sha256_file(copy / "layer_007.safetensors")), reseal=True)
     with pytest.raises(ValueError, match="metadata says tokens_sha256="):
         load_dump(copy)
+
+
+def test_a_new_dump_into_the_same_folder_replaces_the_old_one(model, tmp_path):
+    """Layers of an earlier dump that the new one does not hold are removed, so the folder loads (a notebook
+    that dumps other layers into a folder another notebook used is the normal case)."""
+    tokens = torch.arange(1, 17).unsqueeze(0)
+    dump(model, tokens, tmp_path / "d", layers=[0, 7], which=("k",), rope=("post",))
+    dump(model, tokens, tmp_path / "d", layers=[3], which=("k",), rope=("post",))
+    manifest, tensors = load_dump(tmp_path / "d")
+    assert sorted(tensors) == [3]
+    assert sorted(p.name for p in (tmp_path / "d").glob("layer_*")) == ["layer_003.safetensors"]

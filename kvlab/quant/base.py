@@ -187,6 +187,10 @@ class Quantizer(abc.ABC):
 
     def __post_init__(self) -> None:
         _check_choice(self.name, "rotate", self.rotate, ("none", "hadamard"))
+        fields = {f.name for f in dataclasses.fields(self)}
+        for key, allowed in self.choices.items():  # every declared closed set, checked here once for all schemes
+            if key in fields:
+                _check_choice(self.name, key, getattr(self, key), allowed)
 
     # ---- to implement -------------------------------------------------------------------------
     @abc.abstractmethod

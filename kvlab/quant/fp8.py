@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlab.quant.base import Quantizer, check_choice
+from kvlab.quant.base import Quantizer
 from kvlab.quant.registry import register
 
 FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -36,11 +36,6 @@ class FP8(Quantizer):
 
     fmt: str = "e4m3"
     scale: str = "none"
-
-    def __post_init__(self):
-        super().__post_init__()
-        for key, allowed in self.choices.items():
-            check_choice(self.name, key, getattr(self, key), allowed)
 
     @property
     def causal(self) -> bool:  # an amax over the tensor or the head sees every token

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlab.quant.base import Quantizer, check_choice
+from kvlab.quant.base import Quantizer
 from kvlab.quant.packing import pack_bits, packed_len, unpack_bits
 from kvlab.quant.registry import register
 
@@ -55,10 +55,6 @@ class FPMant(Quantizer):
     choices = {"mantissa": MANTISSA}
 
     mantissa: int = 4
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_choice(self.name, "mantissa", self.mantissa, MANTISSA)
 
     @property
     def code_bits(self) -> int:

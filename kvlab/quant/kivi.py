@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlab.quant.base import Layout, Packed, Quantizer, cast_bound, check_choice
+from kvlab.quant.base import Layout, Packed, Quantizer, cast_bound
 from kvlab.quant.packing import pack_bits, packed_len, unpack_bits
 from kvlab.quant.registry import register
 from kvlab.quant.uniform import affine_bound, affine_params, from_codes, to_codes
@@ -59,8 +59,6 @@ class KIVI(Quantizer):
 
     def __post_init__(self):
         super().__post_init__()
-        for key, allowed in self.choices.items():
-            check_choice(self.name, key, getattr(self, key), allowed)
         if not isinstance(self.group, int) or self.group < 1:
             raise ValueError(f"kivi: group={self.group!r} is not allowed; allowed: a positive integer")
         if not isinstance(self.residual, int) or self.residual < 1:

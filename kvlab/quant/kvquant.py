@@ -93,8 +93,6 @@ class KVQuant(Quantizer):
 
     def __post_init__(self):
         super().__post_init__()
-        for key, allowed in self.choices.items():
-            check_choice(self.name, key, getattr(self, key), allowed)
         if not isinstance(self.outlier_frac, (int, float)) or not 0 <= self.outlier_frac < 1:
             raise ValueError(f"kvquant: outlier_frac={self.outlier_frac!r} is not allowed; allowed: a number "
                              "in [0, 1)")

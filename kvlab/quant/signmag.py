@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlab.quant.base import Quantizer, cast_bound, check_choice
+from kvlab.quant.base import Quantizer, cast_bound
 from kvlab.quant.packing import pack_bits, packed_len, unpack_bits
 from kvlab.quant.registry import register
 
@@ -53,7 +53,6 @@ class SignMag(Quantizer):
 
     def __post_init__(self):
         super().__post_init__()
-        check_choice(self.name, "v", self.v, self.choices["v"])
         if not isinstance(self.outliers, int) or self.outliers < 0:
             raise ValueError(f"signmag: outliers={self.outliers!r} is not allowed; allowed: an integer >= 0 "
                              "(and < head_dim)")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlab.quant.base import Quantizer, check_choice
+from kvlab.quant.base import Quantizer
 from kvlab.quant.packing import pack_bits, packed_len, unpack_bits
 from kvlab.quant.registry import register
 
@@ -94,8 +94,6 @@ class TurboQuant(Quantizer):
 
     def __post_init__(self):
         super().__post_init__()
-        check_choice(self.name, "bits", self.bits, BITS)
-        check_choice(self.name, "qjl", self.qjl, (False, True))
         if self.qjl and self.bits < 2:
             raise ValueError(f"turboquant: bits={self.bits} with qjl=true leaves no codebook bit; allowed: bits "
                              "2, 3, 4 with qjl=true (1 bit of them is the sign sketch)")

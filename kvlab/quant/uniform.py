@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlab.quant.base import Quantizer, check_choice
+from kvlab.quant.base import Quantizer
 from kvlab.quant.packing import pack_bits, packed_len, unpack_bits
 from kvlab.quant.registry import register
 
@@ -97,9 +97,6 @@ class IntQuant(Quantizer):
 
     def __post_init__(self):
         super().__post_init__()
-        check_choice("int", "bits", self.bits, BITS)
-        check_choice("int", "axis", self.axis, ("token", "channel"))
-        check_choice("int", "rounding", self.rounding, ("nearest", "truncate"))
         if self.group != "global" and (not isinstance(self.group, int) or self.group < 0):
             raise ValueError(f"int: group={self.group!r} is not allowed; allowed: 0 (whole axis), a positive "
                              "integer, or 'global'")

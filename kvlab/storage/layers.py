@@ -81,19 +81,14 @@ def _read_kivi(lay, t, shape, out):  # codes * scale + min, K grouped along toke
 _READERS = {"cast": _read_cast, "block": _read_ggml, "group": _read_kivi}
 
 
-def _reader(q: Quantizer):
-    """A function ``(layout, tensors, shape, out)`` that writes the dequantized run into the float32 ``out``,
-    bit-identical to ``q.dequantize``, for the packed layouts a scheme declares (:meth:`Quantizer.layout`);
-    None where only ``q.dequantize`` knows how. Except ``_read_cast`` they run on CPU only (integer ops
-    written into float ``out=`` tensors, which CUDA refuses)."""
-    lay = q.layout()
-    return None if lay is None else _READERS.get(lay.kind)
-
-
 def read_packed(q: Quantizer, packed: Packed, out: torch.Tensor) -> None:
     """Write ``q.dequantize(packed)`` into ``out`` (B, H, T, D), a view of any float dtype, without
-    building the dequantized tensor first where the scheme has a fast path here."""
-    reader = _reader(q)
+    building the dequantized tensor first where the scheme has a fast path here: a reader
+    ``(layout, tensors, shape, out)`` for the packed layout the scheme declares (:meth:`Quantizer.layout`),
+    bit-identical to ``q.dequantize``. Except ``_read_cast`` the readers run on CPU only (integer ops
+    written into float ``out=`` tensors, which CUDA refuses)."""
+    lay = q.layout()
+    reader = None if lay is None else _READERS.get(lay.kind)
     if reader is _read_kivi and packed.tensors["fp16"].shape[-2]:  # a run with its own window: not from a cache
         reader = None
     if reader is not _read_cast and out.device.type != "cpu":
@@ -102,10 +97,10 @@ def read_packed(q: Quantizer, packed: Packed, out: torch.Tensor) -> None:
         out.copy_(q.dequantize(packed))
         return
     if reader is _read_cast or out.dtype == torch.float32:
-        reader(q.layout(), packed.tensors, packed.shape, out)
+        reader(lay, packed.tensors, packed.shape, out)
         return
     tmp = torch.empty(out.shape, dtype=torch.float32, device=out.device)  # the schemes decode in float32
-    reader(q.layout(), packed.tensors, packed.shape, tmp)
+    reader(lay, packed.tensors, packed.shape, tmp)
     out.copy_(tmp)
 
 

@@ -266,6 +266,20 @@ def _versions(state: _State, layer: int, which: str, x: torch.Tensor, n_query: i
     return versions, keys
 
 
+def _query(state: _State, layer: int, query: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """query (B, Hq, Tq, D) as each kv head's K scheme has the dot product meet it (``Quantizer.query``: the
+    identity unless a scheme emulates another engine's compute path)."""
+    quantizers = [state.policy.quantizer(layer, h, "k", state.n_layers) for h in range(n_kv_heads)]
+    if all(q.query_is_identity for q in quantizers):
+        return query
+    n_rep = query.shape[1] // n_kv_heads
+    out = query.clone()
+    for h, q in enumerate(quantizers):
+        if not q.query_is_identity:
+            out[:, h * n_rep:(h + 1) * n_rep] = q.query(query[:, h * n_rep:(h + 1) * n_rep])
+    return out
+
+
 def _plain(state: _State, keys) -> bool:
     return all(state._selections[k].plain for k in keys)
 
@@ -485,13 +499,14 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
     kv, k_keys = _versions(state, layer, "k", key, n_query, cos_sin)
     vv, v_keys = _versions(state, layer, "v", value, n_query, cos_sin)
+    qq = _query(state, layer, query, key.shape[1])  # (B, Hq, Tq, D): the query the compressed K meets
     if state.rows is not None:
         kv, ks = _reference_inputs(state, kv, k_keys)
         vv, vs = _reference_inputs(state, vv, v_keys)
         out_ref, p_ref = _attend_reference(query, [key], None, [value], None, attention_mask, scaling)
-        out_q, p_q = _attend_reference(query, kv, ks, vv, vs, attention_mask, scaling)
+        out_q, p_q = _attend_reference(qq, kv, ks, vv, vs, attention_mask, scaling)
         _error_rows(state, layer, key, value, kv, ks, vv, vs, out_ref, p_ref, out_q, p_q)
         return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
     if _plain(state, k_keys) and _plain(state, v_keys):  # every key read as stored: plain attention
-        return _sdpa(module, query, kv[1], vv[1], attention_mask, dropout=dropout, scaling=scaling, **kw)
-    return _attend(state, query, kv, k_keys, vv, v_keys, attention_mask, scaling), None
+        return _sdpa(module, qq, kv[1], vv[1], attention_mask, dropout=dropout, scaling=scaling, **kw)
+    return _attend(state, qq, kv, k_keys, vv, v_keys, attention_mask, scaling), None

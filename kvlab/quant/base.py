@@ -17,6 +17,10 @@ What storage and analysis may ask of a scheme is declared here, never read off i
   only the scheme's own ``dequantize`` knows how (the fast packed path).
 - ``window_dtype``, ``stored_input``: what the cache holds for tokens waiting unquantized.
 - ``family_label()``: the family a study groups the scheme with (for colours and tables).
+- ``query(q)``: the query as the attention's dot product with this K format meets it; the identity (kvlab's
+  attention in the model's dtype) unless a scheme emulates another engine's compute path (llama.cpp's
+  ``compute=llama.cpp``). Only emulation applies it; a cache, which stores K/V and never sees Q, refuses a
+  scheme whose ``query`` is not the identity (``query_is_identity``).
 - ``max_abs``: the largest magnitude the stored format represents (fp16 or fp8 values, scales or minima
   bound it); ``quantize`` refuses a finite value beyond it, naming the value, the scheme and the range,
   instead of returning Inf/NaN or a saturated value.
@@ -207,7 +211,8 @@ class Quantizer(abc.ABC):
 
     @abc.abstractmethod
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
-        """Element-wise bound on |x - roundtrip(x)| (in the rotated basis when rotate=hadamard)."""
+        """Element-wise bound on |x - roundtrip(x)| in the basis the scheme quantizes in, x given in that basis
+        (``rotated(x)``: Hadamard-rotated when rotate=hadamard, channels reordered where a scheme does so)."""
 
     def _check_dims(self, T: int, D: int) -> None:  # noqa: B027 (optional: schemes without a grouping accept any)
         """Raise ValueError if the scheme cannot hold a (T, D) head slice (group vs head_dim, ...)."""
@@ -267,6 +272,16 @@ class Quantizer(abc.ABC):
         shape = (*packs[0].shape[:2], sum(p.shape[2] for p in packs), packs[0].shape[3])
         return Packed(tensors, shape, packs[0].dtype)
 
+    @property
+    def query_is_identity(self) -> bool:
+        """False where :meth:`query` changes the query (the scheme emulates another engine's compute path)."""
+        return True
+
+    def query(self, q: torch.Tensor) -> torch.Tensor:
+        """q (B, Hq, Tq, D), the queries reading this K format -> the query the attention's dot product uses.
+        kvlab's own attention computes in the model's dtype: the identity."""
+        return q
+
     def stored_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the scheme receives from the model: the values an fp16 deployment holds (x cast to fp16 and
         back to x's dtype). ``none`` overrides it to keep x as it is."""
@@ -287,8 +302,12 @@ class Quantizer(abc.ABC):
     @property
     def spec(self) -> str:
         """Canonical spec string: every init field, in declaration order (stable, so it can key results).
-        Fields declared with ``init=False`` (fitted state such as a calibrated codebook) are not part of it."""
-        names = [f.name for f in dataclasses.fields(self) if f.init and f.name != "rotate"] + ["rotate"]
+        Fields declared with ``init=False`` (fitted state such as a calibrated codebook) are not part of it,
+        nor are fields added after results were keyed (``metadata={"spec": "non-default"}``) while they hold
+        their default, so adding an option keeps every earlier key."""
+        names = [f.name for f in dataclasses.fields(self) if f.init and f.name != "rotate"
+                 and not (f.metadata.get("spec") == "non-default" and getattr(self, f.name) == f.default)]
+        names += ["rotate"]
         values = [getattr(self, n) for n in names]
         items = ",".join(f"{n}={str(v).lower() if isinstance(v, bool) else v}" for n, v in zip(names, values))
         return f"{self.name}:{items}" if items else self.name

@@ -19,20 +19,35 @@ separate tensors): ``codes`` uint8 (B, H, T, D/2) with ``qs[j] = q[j] & 15 | (q[
 (``q8_0``: (B, H, T, D), the int8 codes as bytes); ``qh`` uint8 (B, H, T, D/8) for q5, the fifth bits as
 ggml's little-endian 32-bit ``qh`` (bit j = fifth bit of ``q[j]``); ``scale`` fp16 (B, H, T, D/32); ``min``
 fp16 (B, H, T, D/32) for ``_1``. Every token is quantized (no fp16 window).
+
+Two options reproduce what llama.cpp itself computes, beside what it stores (both off by default):
+
+* ``order=interleaved``: blocks are cut in the channel order llama.cpp holds K in for a model whose GGUF file
+  stores Q/K with interleaved RoPE pairs (the Llama family: ``convert_hf_to_gguf`` permutes the Q and K
+  projections so that channels ``i`` and ``i + D/2`` of the Hugging Face layout sit side by side). A block of
+  32 then holds channels ``16b .. 16b+15`` and their partners ``+ D/2``, not 32 neighbours, which changes which
+  outlier channels share a scale. V is not permuted in GGUF: use it on K only (``k=q4_0:order=interleaved``).
+  The Hadamard rotation, where set, applies after the reordering, as llama.cpp rotates its own layout.
+* ``compute=llama.cpp``: the query meets K as llama.cpp's CPU flash-attention kernel computes the dot product:
+  converted to the K type's ``vec_dot_type`` (q8_0 for the ``_0`` types and q8_0 itself, q8_1 for the ``_1``
+  types, both 32 int8 codes and a scale per block, in the same basis as K), so Q is rounded too. Emulation only
+  (``Quantizer.query``); a cache stores K/V and never sees Q, and refuses it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-from kvlab.quant.base import Layout, Quantizer
+from kvlab.quant.base import Layout, Quantizer, hadamard
 from kvlab.quant.packing import pack_bits, unpack_bits
 from kvlab.quant.registry import register
 
 BLOCK = 32
+ORDERS = ("contiguous", "interleaved")
+COMPUTES = ("kvlab", "llama.cpp")
 
 
 def roundf(x: torch.Tensor) -> torch.Tensor:
@@ -40,6 +55,13 @@ def roundf(x: torch.Tensor) -> torch.Tensor:
     a = x.abs()
     f = a.floor()
     return torch.sign(x) * (f + (2 * (a - f)).floor())
+
+
+def interleave_order(D: int, device=None) -> torch.Tensor:
+    """(D,) long: the Hugging Face channel at each position of llama.cpp's K for a GGUF file holding
+    interleaved RoPE pairs: position j holds channel (j % 2) * D/2 + j // 2."""
+    j = torch.arange(D, device=device)
+    return (j % 2) * (D // 2) + j // 2
 
 
 def _recip(d: torch.Tensor) -> torch.Tensor:  # ggml: id = d ? 1.0f/d : 0.0f
@@ -53,10 +75,15 @@ class _GGMLBlock(Quantizer):
 
     nbits: ClassVar[int]
     asym: ClassVar[bool]
+    choices: ClassVar[dict[str, tuple]] = {"order": ORDERS, "compute": COMPUTES}
+
+    # added after results were keyed: left out of the spec at their defaults
+    order: str = field(default="contiguous", metadata={"spec": "non-default"})
+    compute: str = field(default="kvlab", metadata={"spec": "non-default"})
 
     def layout(self):
-        if self.nbits == 5 or self.rotate != "none":  # the kernels read unrotated 4- and 8-bit blocks only
-            return None
+        if self.nbits == 5 or self.rotate != "none" or self.order != "contiguous" or self.compute != "kvlab":
+            return None  # the kernels read unrotated 4- and 8-bit blocks in the model's order, and kvlab's Q
         return Layout("block", self.nbits, fmt=self.name, asym=self.asym, group=BLOCK, along="channel")
 
     @property
@@ -67,6 +94,41 @@ class _GGMLBlock(Quantizer):
         if D % BLOCK:
             raise ValueError(f"{self.name}: head_dim D={D} is not a multiple of the block size {BLOCK}; "
                              f"allowed: D a multiple of {BLOCK}")
+        if self.order == "interleaved" and D % 2:
+            raise ValueError(f"{self.name}: order=interleaved pairs channel i with i + D/2 and needs an even "
+                             f"head_dim, got D={D}")
+
+    # ---- llama.cpp's channel order and compute path -------------------------------------------
+    def rotated(self, x):
+        if self.order == "interleaved":  # (..., D): HF channel (j % 2) * D/2 + j // 2 at GGUF position j
+            x = x[..., interleave_order(x.shape[-1], x.device)]
+        return super().rotated(x)
+
+    def dequantize(self, packed):
+        y = super().dequantize(packed)
+        if self.order == "interleaved":
+            y = y[..., interleave_order(y.shape[-1], y.device).argsort()]
+        return y
+
+    @property
+    def query_is_identity(self):
+        return self.compute == "kvlab"
+
+    def query(self, q):
+        """q (B, Hq, Tq, D). ``compute=llama.cpp``: q in K's basis (reordered and rotated as K is), rounded to
+        int8 codes with one scale per 32 values (``quantize_row_q8_0``: d = max|x| / 127, codes roundf(x / d);
+        q8_1 has the same codes and d), taken back to the model's basis."""
+        if self.compute == "kvlab":
+            return q
+        B, H, T, D = q.shape
+        qb = self.rotated(q).reshape(B, H, T, D // BLOCK, BLOCK)
+        d = qb.abs().amax(-1, keepdim=True) / 127
+        y = (roundf(qb * _recip(d)) * d.half().float()).reshape(B, H, T, D)
+        if self.rotate == "hadamard":
+            y = hadamard(y)
+        if self.order == "interleaved":
+            y = y[..., interleave_order(D, y.device).argsort()]
+        return y.to(q.dtype)
 
     def _params(self, xb):
         """Blocks (..., 32) float32 -> (d, min, q): float32 d and min as ggml computes them, and the codes

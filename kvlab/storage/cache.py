@@ -112,6 +112,11 @@ def _check_scheme(q: Quantizer, which: str) -> None:
         raise ValueError(f"CompressedCache: scheme {q.spec} for {which.upper()} is not causal (its scales see the "
                          "whole sequence), so a cache that quantizes tokens as they arrive cannot store it; "
                          "allowed: causal schemes (per-token groups, kivi, llama.cpp blocks, casts)")
+    if not q.query_is_identity:
+        raise ValueError(f"CompressedCache: scheme {q.spec} for {which.upper()} changes the query the attention "
+                         "computes with (an emulation of another engine's compute path, e.g. compute=llama.cpp), "
+                         "which a cache that stores K/V cannot do; allowed: the scheme without that option "
+                         "(emulate it with kvlab.compress)")
     if which == "k" and q.prerope:
         raise ValueError(f"CompressedCache: scheme {q.spec} quantizes K before RoPE; the cache holds post-RoPE K "
                          "(use kvlab.emulation.hooks.compress to emulate it)")

@@ -252,3 +252,69 @@ def test_blockwise_attention_equals_reference(spec, emulation, n_rep, padded):
         ref, _ = hooks._attend_reference(q, *hooks._reference_inputs(state, kv, k_keys),
                                          *hooks._reference_inputs(state, vv, v_keys), mask, D**-0.5)
         torch.testing.assert_close(fast, ref.transpose(1, 2), rtol=1e-10, atol=1e-12)
+
+
+# ---- llama.cpp's channel order and compute path (kvlab.quant.ggml: order=, compute=) -------------------
+def test_interleaved_order_blocks_the_gguf_layout():
+    """order=interleaved quantizes K as ggml would in llama.cpp's channel order: the same codes as the
+    contiguous scheme on the reordered tensor, read back in the model's order."""
+    import kvlab.quant as kq
+    from kvlab.quant.ggml import interleave_order
+
+    x = torch.randn(2, 3, 17, 64, generator=torch.Generator().manual_seed(0))
+    x[..., 60:64] *= 30  # outlier channels: which channels share a block now matters
+    perm = interleave_order(64)
+    assert perm[:4].tolist() == [0, 32, 1, 33]
+    for spec in ("q4_0", "q4_1", "q5_0", "q8_0", "q4_0:rotate=hadamard"):
+        name, _, rest = spec.partition(":")
+        inter = kq.get(f"{name}:order=interleaved" + (f",{rest}" if rest else ""))
+        ref = kq.get(spec).roundtrip(x[..., perm])[..., perm.argsort()]
+        assert torch.equal(inter.roundtrip(x), ref), spec
+    assert not torch.equal(kq.get("q4_0:order=interleaved").roundtrip(x), kq.get("q4_0").roundtrip(x))
+
+
+def test_llama_cpp_compute_rounds_the_query_as_q8_0_in_k_basis():
+    """compute=llama.cpp: the query is rounded to int8 blocks of 32 with an fp16 scale (ggml's q8_0/q8_1 vec-dot
+    types) in K's basis (reordered and rotated like K): exactly what q8_0 would store for it there."""
+    import kvlab.quant as kq
+
+    q = torch.randn(1, 6, 9, 64, generator=torch.Generator().manual_seed(1)) * 3
+    for opts in ("", ",order=interleaved", ",rotate=hadamard", ",order=interleaved,rotate=hadamard"):
+        for t in ("q4_0", "q4_1", "q8_0"):
+            s = kq.get(f"{t}:compute=llama.cpp{opts}")
+            assert not s.query_is_identity and s.layout() is None
+            assert torch.equal(s.query(q), kq.get(f"q8_0:{opts[1:] or 'rotate=none'}").roundtrip(q)), (t, opts)
+        assert kq.get(f"q4_0:{opts[1:] or 'rotate=none'}").query_is_identity
+    assert kq.get("q4_0").spec == "q4_0:rotate=none"  # the added options keep every earlier result key
+
+
+def test_compress_hands_the_rounded_query_to_the_attention_of_the_heads_it_names(model, seq, monkeypatch):
+    """Inside compress, a K scheme with compute=llama.cpp changes the query of its own heads' attention
+    (GQA: the query heads of that kv head) and nothing else; without it the query passes unchanged."""
+    import kvlab.quant as kq
+
+    seen = []
+    real = hooks._sdpa
+    monkeypatch.setattr(hooks, "_sdpa", lambda module, query, key, value, mask, **kw: (
+        seen.append((module.layer_idx, query.detach().clone())), real(module, query, key, value, mask, **kw))[1])
+    ids = seq[:, :40]
+    spec = "k=q4_0:compute=llama.cpp;v=q4_0;keep_k_heads=1.0"
+    seen.clear()
+    with torch.no_grad(), hooks.compress(model, spec):
+        model(input_ids=ids)
+    _, q1 = next(s for s in seen if s[0] == 1)
+    n_rep = model.config.num_attention_heads // model.config.num_key_value_heads
+    # layer 1: kv head 0 keeps fp16 K (its queries pass as they are); heads 1, 2 get q8_0-rounded queries
+    rounded = kq.get("q8_0").roundtrip(q1.float())
+    assert torch.equal(q1[:, n_rep:], rounded[:, n_rep:].to(q1.dtype))
+    assert not torch.equal(q1[:, :n_rep], rounded[:, :n_rep].to(q1.dtype))
+    seen.clear()
+    with torch.no_grad(), hooks.compress(model, "q4_0"):
+        model(input_ids=ids)
+    _, q_plain = next(s for s in seen if s[0] == 1)
+    assert not torch.equal(q_plain[:, n_rep:], kq.get("q8_0").roundtrip(q_plain.float())[:, n_rep:].to(q_plain.dtype))
+
+
+def test_cache_refuses_a_scheme_that_changes_the_query(model):
+    with pytest.raises(ValueError, match="changes the query.*compute=llama.cpp"):
+        CompressedCache("k=q4_0:compute=llama.cpp;v=q4_0", config=model.config)

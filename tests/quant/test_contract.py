@@ -16,7 +16,6 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import kvlab.quant as kq
-from kvlab.quant import hadamard
 
 SPECS = [
     "none",
@@ -43,6 +42,9 @@ SPECS = [
     "q5_0",
     "q5_1",
     "q4_0:rotate=hadamard",
+    "q4_0:order=interleaved",
+    "q4_1:order=interleaved,rotate=hadamard",
+    "q5_0:compute=llama.cpp",
     "signmag:v=1",
     "signmag:v=2",
     "signmag:v=3",
@@ -154,14 +156,14 @@ def test_contract(spec, which, calibrated, x):
 
     # |x - x_hat| <= error_bound, in the basis the scheme quantizes in
     xf = x.float()
+    xr, yr = q.rotated(xf), q.rotated(y.float())  # the scheme's basis: rotated, channels reordered where it does
     if q.rotate == "hadamard":
-        xr, yr = hadamard(xf), hadamard(y.float())
         row = lambda t: t.float().norm(dim=-1, keepdim=True)  # noqa: E731
         # output rounding r spreads over the rotated row: |(H r)_i| <= ||r||_2
         tol = torch.finfo(y.dtype).eps / 2 * row(y) + 1e-5 * (row(xf) + row(y)) + 1e-30
-        err, bound = (xr - yr).abs(), q.error_bound(xr)
-    else:
-        err, bound, tol = (xf - y.float()).abs(), q.error_bound(xf), _output_tol(y)
+    else:  # a reordering at most: the output rounding of each value moves with it
+        tol = q.rotated(_output_tol(y))
+    err, bound = (xr - yr).abs(), q.error_bound(xr)
     assert bound.shape == x.shape
     bad = err > bound + tol
     assert not bad.any(), f"{int(bad.sum())} values over the bound; worst excess {(err - bound - tol).max():.3g}"
@@ -268,9 +270,10 @@ def test_values_beyond_the_stored_range_are_held_or_refused(spec, which, calibra
     assert torch.isfinite(y).all()
     if q.rotate == "none":
         assert (err := (y.float() - x).abs()).max() <= abs(big) * 0.01, err.max()  # not saturated
-        assert (err <= q.error_bound(x) * (1 + 1e-5) + _output_tol(y)).all()
+        err = q.rotated(err)  # the scheme's basis (channels reordered where it does)
+        assert (err <= q.error_bound(q.rotated(x)) * (1 + 1e-5) + q.rotated(_output_tol(y))).all()
     else:  # the bound holds in the rotated basis
-        xr, yr = hadamard(x), hadamard(y.float())
+        xr, yr = q.rotated(x), q.rotated(y.float())
         assert ((yr - xr).abs() <= q.error_bound(xr) * (1 + 1e-4) + 1e-3 * abs(big) * 2**-10).all()
 
 

@@ -37,6 +37,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="start every window with the BOS token: auto (where the tokenizer adds one when "
                         "encoding), always, never. A window with BOS is BOS + ctx-1 text tokens; BOS is never "
                         "scored")
+    p.add_argument("--sample", default="first", choices=("first", "spread"),
+                   help="which windows: first (the split's first windows) or spread (one window drawn from each "
+                        "of --windows equal strata of the whole split, seeded by --sample-seed)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of --sample spread's draw")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -47,11 +51,13 @@ def cmd_ppl(a) -> int:
     if policy is None:
         if a.emulation != "prefill":
             raise ValueError("--emulation needs --scheme or --policy")
-        d = baseline_ppl(a.model, a.corpus, a.ctx, a.windows, a.data_dir, bos=a.bos).to_dict()
+        d = baseline_ppl(a.model, a.corpus, a.ctx, a.windows, a.data_dir, bos=a.bos, sample=a.sample,
+                         seed=a.sample_seed).to_dict()
     else:
         if a.policy and a.scheme:
             raise ValueError("give --scheme (one scheme everywhere) or --policy (a policy spec), not both")
-        d = scheme_report(a.model, a.corpus, a.ctx, a.windows, a.data_dir, policy, a.emulation, bos=a.bos)
+        d = scheme_report(a.model, a.corpus, a.ctx, a.windows, a.data_dir, policy, a.emulation, bos=a.bos,
+                          sample=a.sample, seed=a.sample_seed)
     if a.json:
         print(json.dumps(d))
         return 0
@@ -71,7 +77,8 @@ def cmd_errors(a) -> int:
     from kvlab.model.loading import load_model
 
     model, tok = load_model(a.model)
-    _, w = load_windows(tok, a.corpus, a.ctx, a.windows, a.data_dir, bos=a.bos)
+    _, w = load_windows(tok, a.corpus, a.ctx, a.windows, a.data_dir, bos=a.bos, sample=a.sample,
+                        seed=a.sample_seed)
     df = error_table(model, w, a.policy or a.scheme, emulation=a.emulation)
     df.insert(0, "scheme", a.policy or a.scheme)
     print(df.to_json(orient="records") if a.json else df.to_string(index=False, float_format="%.5g"))
@@ -85,7 +92,8 @@ def cmd_sweep(a) -> int:
     kinds = ("ppl", "errors") if a.errors else ("ppl",)
     tables = sweep(a.configs, model_name=a.model, corpus=a.corpus, data_dir=a.data_dir, ctx=a.ctx,
                    windows=a.windows, out=a.out, kinds=kinds, emulation=a.emulation,
-                   error_windows=a.error_windows, shard=a.shard, progress=not a.json, bos=a.bos)
+                   error_windows=a.error_windows, shard=a.shard, progress=not a.json, bos=a.bos,
+                   sample=a.sample, seed=a.sample_seed)
     ppl = tables.get("ppl")
     if ppl is None or not (ppl["config"] == "fp16").any():
         print(f"kvlab sweep: this shard's configs are under {a.out}; the summary needs fp16's rows (shard 0): "

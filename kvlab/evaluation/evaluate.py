@@ -6,7 +6,7 @@ import sys
 import warnings
 
 from kvlab.evaluation.corpus import load_corpus
-from kvlab.evaluation.ppl import PplResult, make_windows, resolve_bos, tokenize, window_nll
+from kvlab.evaluation.ppl import SAMPLES, PplResult, make_windows, resolve_bos, tokenize, window_nll
 from kvlab.model.loading import DEFAULT_MODEL, load_model
 
 __all__ = ["resolve_corpus", "load_windows", "baseline_ppl"]
@@ -25,29 +25,35 @@ def resolve_corpus(corpus: str, data_dir: str | None = None) -> tuple[str, str]:
 
 
 def load_windows(tokenizer, corpus: str = "auto", ctx: int = 512, windows: int = 24, data_dir=None,
-                 bos: str = "auto"):
+                 bos: str = "auto", sample: str = "first", seed: int = 0):
     """Tokenize the corpus and cut (n, ctx) windows, each starting with the BOS token as ``bos`` resolves
-    (:func:`kvlab.evaluation.ppl.resolve_bos`). Returns (corpus_name, windows)."""
+    (:func:`kvlab.evaluation.ppl.resolve_bos`). ``sample``: ``"first"`` (the first windows of the split) or
+    ``"spread"`` (one window drawn with ``seed`` from each of ``windows`` equal strata of the whole split:
+    :func:`kvlab.evaluation.ppl.make_windows`). Returns (corpus_name, windows)."""
     bos_id = resolve_bos(tokenizer, bos)
+    if sample not in SAMPLES:
+        raise ValueError(f"sample={sample!r} is not allowed; allowed: {', '.join(SAMPLES)}")
     name, text = resolve_corpus(corpus, data_dir)
-    ids = tokenize(tokenizer, text, max_tokens=ctx * windows)
+    ids = tokenize(tokenizer, text, max_tokens=ctx * windows if sample == "first" else None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        w = make_windows(ids, ctx, windows, bos=bos_id)
+        w = make_windows(ids, ctx, windows, bos=bos_id, sample=sample, seed=seed)
     for c in caught:
         print(f"kvlab: {c.message}", file=sys.stderr)
     return name, w
 
 
 def baseline_ppl(model_name=None, corpus="auto", ctx=512, windows=24, data_dir=None, progress=True,
-                 model=None, tokenizer=None, bos="auto") -> PplResult:
-    """Perplexity of the unmodified model (``bos``: see :func:`load_windows`)."""
+                 model=None, tokenizer=None, bos="auto", sample="first", seed=0) -> PplResult:
+    """Perplexity of the unmodified model (``bos``, ``sample``, ``seed``: see :func:`load_windows`)."""
     if model is None:
         model, tokenizer = load_model(model_name)
-    name, w = load_windows(tokenizer, corpus, ctx, windows, data_dir, bos=bos)
+    name, w = load_windows(tokenizer, corpus, ctx, windows, data_dir, bos=bos, sample=sample, seed=seed)
     nll = window_nll(model, w, progress=progress)
-    return PplResult.from_nll(nll, w, model=model_name or DEFAULT_MODEL, corpus=name, bos=bos,
-                              bos_token_id=resolve_bos(tokenizer, bos))
+    r = PplResult.from_nll(nll, w, model=model_name or DEFAULT_MODEL, corpus=name, bos=bos,
+                           bos_token_id=resolve_bos(tokenizer, bos))
+    r.extra.update({"sample": sample, **({"seed": seed} if sample == "spread" else {})})
+    return r
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -142,9 +148,11 @@ def error_table(model, windows, policy, emulation: str = "prefill", progress: bo
 
 
 def scheme_report(model_name=None, corpus="auto", ctx=512, windows=24, data_dir=None, policy="fp16",
-                  emulation="prefill", progress=True, model=None, tokenizer=None, seed=0, bos="auto") -> dict:
+                  emulation="prefill", progress=True, model=None, tokenizer=None, seed=0, bos="auto",
+                  sample="first") -> dict:
     """Everything the ``ppl --scheme`` CLI prints: PPL, delta vs the fp16 scheme on the same windows with
-    a paired bootstrap CI, mean logits KL, bits per value and bytes per token."""
+    a paired bootstrap CI, mean logits KL, bits per value and bytes per token. ``seed`` seeds the bootstrap
+    and, with ``sample="spread"``, the window draw."""
     import math
 
     from kvlab.evaluation.ppl import PplResult
@@ -154,7 +162,7 @@ def scheme_report(model_name=None, corpus="auto", ctx=512, windows=24, data_dir=
     pol = parse_policy(policy)
     if model is None:
         model, tokenizer = load_model(model_name)
-    name, w = load_windows(tokenizer, corpus, ctx, windows, data_dir, bos=bos)
+    name, w = load_windows(tokenizer, corpus, ctx, windows, data_dir, bos=bos, sample=sample, seed=seed)
     n_layers, n_heads, head_dim = model_geometry(model)
     pol.check_model(n_layers, n_heads, head_dim)  # before the fp16 reference runs
     ref = evaluate_policy(model, w, "fp16", emulation="prefill", kl=False, progress=progress)
@@ -166,7 +174,7 @@ def scheme_report(model_name=None, corpus="auto", ctx=512, windows=24, data_dir=
                            bos_token_id=resolve_bos(tokenizer, bos))
     delta, lo, hi = paired_delta_ci(ref["window_nll"], res["window_nll"], seed=seed)
     r.extra.update({
-        "scheme": pol.spec, "emulation": emulation,
+        "scheme": pol.spec, "emulation": emulation, "sample": sample, **({"seed": seed} if sample == "spread" else {}),
         "bits_per_value": pol.bits_per_value(n_layers, n_heads, ctx, head_dim),
         "bytes_per_token": pol.bytes_per_token(n_layers, n_heads, ctx, head_dim),
         "fp16_ppl": math.exp(sum(ref["window_nll"]) / len(ref["window_nll"])),

@@ -172,7 +172,7 @@ def _check_out(out: Path) -> None:
 def sweep(configs, model=None, tokenizer=None, model_name: str | None = None, corpus: str = "auto",
           data_dir: str | None = None, ctx: int = 512, windows: int = 24, out: str | Path = "data/results",
           kinds=("ppl",), emulation: str = "prefill", error_windows: int = 2, shard=None,
-          progress: bool = True, bos: str = "auto") -> dict[str, pd.DataFrame]:
+          progress: bool = True, bos: str = "auto", sample: str = "first", seed: int = 0) -> dict[str, pd.DataFrame]:
     """Run every policy spec in ``configs`` and return their tidy tables {"ppl": df, "errors": df}: the rows
     of this call's configs (this shard's) on this call's windows. ``out/ppl.csv`` and ``out/errors.csv``
     are rewritten with every finished config in ``out``, earlier runs on other inputs included.
@@ -181,7 +181,8 @@ def sweep(configs, model=None, tokenizer=None, model_name: str | None = None, co
     ``error_windows``: windows used for the per-layer/head error tables (the first ones). Every spec is
     checked against the model (layers, heads, head_dim, groups) before any config runs. ``bos``: whether
     windows start with the BOS token (auto, always, never: :func:`kvlab.evaluation.ppl.resolve_bos`); rows
-    of windows with one carry a ``bos_token_id`` column.
+    of windows with one carry a ``bos_token_id`` column. ``sample``/``seed``: which windows of the split
+    (:func:`kvlab.evaluation.evaluate.load_windows`; the key hashes the tokens, so each draw has its own rows).
     """
     for kind in kinds:
         if kind not in KINDS:
@@ -196,7 +197,7 @@ def sweep(configs, model=None, tokenizer=None, model_name: str | None = None, co
     model_id = model_name or getattr(model.config, "kvlab_name", DEFAULT_MODEL)
     n_layers, n_heads, head_dim = model_geometry(model)
     bos_id = resolve_bos(tokenizer, bos)
-    corpus_name, w = load_windows(tokenizer, corpus, ctx, windows, data_dir, bos=bos)
+    corpus_name, w = load_windows(tokenizer, corpus, ctx, windows, data_dir, bos=bos, sample=sample, seed=seed)
     T = int(w.shape[1])
     metas = []
     for spec, p in zip(specs, policies):  # every config against the model, before the first one runs

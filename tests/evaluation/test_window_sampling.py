@@ -34,3 +34,22 @@ def test_spread_with_bos_and_every_slot():
     assert torch.equal(make_windows(torch.arange(40), 10, 4, sample="spread"), torch.arange(40).reshape(4, 10))
     with pytest.raises(ValueError, match="sample='random'"):
         make_windows(ids, 5, 3, sample="random")
+
+
+def test_load_windows_spread_draws_across_the_whole_corpus(tokenizer):
+    """load_windows(sample="spread") tokenizes the whole split (not a prefix) and draws from all of it."""
+    from kvlab.evaluation.corpus import load_corpus
+    from kvlab.evaluation.evaluate import load_windows
+    from kvlab.evaluation.ppl import tokenize
+
+    ids = tokenize(tokenizer, load_corpus("pydoc"))
+    _, first = load_windows(tokenizer, "pydoc", ctx=64, windows=6)
+    _, spread = load_windows(tokenizer, "pydoc", ctx=64, windows=6, sample="spread", seed=3)
+    assert torch.equal(first, ids[: 6 * 64].reshape(6, 64))
+    slots = ids[: ids.numel() // 64 * 64].reshape(-1, 64)
+    where = [int((slots == row).all(1).nonzero()[0]) for row in spread]
+    assert where == sorted(where) and where[-1] >= slots.shape[0] * 5 // 6  # the last stratum is reached
+    _, again = load_windows(tokenizer, "pydoc", ctx=64, windows=6, sample="spread", seed=3)
+    assert torch.equal(spread, again)
+    with pytest.raises(ValueError, match="sample='random' is not allowed; allowed: first, spread"):
+        load_windows(tokenizer, "pydoc", ctx=64, windows=6, sample="random")

@@ -102,11 +102,6 @@ def _n_layers(model) -> int:
 
 
 def _prepare_policy(model, policy) -> Policy:
-    cap = getattr(model.config.get_text_config(decoder=True), "attn_logit_softcapping", None)
-    if cap is not None:
-        raise ValueError(f"{type(model).__name__} soft-caps its attention logits (attn_logit_softcapping={cap}), "
-                         "which kvlab's decode-exact attention does not implement: compress and measure cannot "
-                         "serve it (capture and CompressedCache can)")
     policy = parse_policy(policy)
     cfg = model.config
     policy.check_model(_n_layers(model), getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
@@ -291,10 +286,11 @@ def _reference_inputs(state: _State, versions, keys):
     return versions, torch.stack([state._selections[k].version for k in keys]).to(versions[0].device)
 
 
-def _attend_reference(query, k_versions, k_sel, v_versions, v_sel, attention_mask, scaling):
+def _attend_reference(query, k_versions, k_sel, v_versions, v_sel, attention_mask, scaling, softcap=None):
     """Straightforward attention where each (query, key) pair picks its K and V version (``sel`` None:
-    version 0 everywhere). query (B, Hq, Tq, D), versions (B, Hkv, Tk, D), sel (Hkv, Tq, Tk). Returns
-    out (B, Hq, Tq, D), probs (B, Hq, Tq, Tk)."""
+    version 0 everywhere). query (B, Hq, Tq, D), versions (B, Hkv, Tk, D), sel (Hkv, Tq, Tk). ``softcap``:
+    the model's logit soft-capping (Gemma 2: scores -> softcap * tanh(scores / softcap), before the mask).
+    Returns out (B, Hq, Tq, D), probs (B, Hq, Tq, Tk)."""
     B, Hq, Tq, _ = query.shape
     Hkv, Tk = k_versions[0].shape[1], k_versions[0].shape[2]
     n_rep = Hq // Hkv
@@ -306,6 +302,8 @@ def _attend_reference(query, k_versions, k_sel, v_versions, v_sel, attention_mas
     for i, kv in enumerate(k_versions):
         s = torch.matmul(query, rep(kv).transpose(-1, -2)) * scaling
         scores = s if scores is None else torch.where((k_sel == i).repeat_interleave(n_rep, 0), s, scores)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is None:
         scores = scores.masked_fill(~_causal(Tq, Tk).to(query.device), float("-inf"))
     elif attention_mask.dtype == torch.bool:
@@ -500,13 +498,19 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     kv, k_keys = _versions(state, layer, "k", key, n_query, cos_sin)
     vv, v_keys = _versions(state, layer, "v", value, n_query, cos_sin)
     qq = _query(state, layer, query, key.shape[1])  # (B, Hq, Tq, D): the query the compressed K meets
+    softcap = kw.get("softcap")  # Gemma 2's logit soft-capping (its eager attention applies it)
     if state.rows is not None:
         kv, ks = _reference_inputs(state, kv, k_keys)
         vv, vs = _reference_inputs(state, vv, v_keys)
-        out_ref, p_ref = _attend_reference(query, [key], None, [value], None, attention_mask, scaling)
-        out_q, p_q = _attend_reference(qq, kv, ks, vv, vs, attention_mask, scaling)
+        out_ref, p_ref = _attend_reference(query, [key], None, [value], None, attention_mask, scaling, softcap)
+        out_q, p_q = _attend_reference(qq, kv, ks, vv, vs, attention_mask, scaling, softcap)
         _error_rows(state, layer, key, value, kv, ks, vv, vs, out_ref, p_ref, out_q, p_q)
         return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
     if _plain(state, k_keys) and _plain(state, v_keys):  # every key read as stored: plain attention
         return _sdpa(module, qq, kv[1], vv[1], attention_mask, dropout=dropout, scaling=scaling, **kw)
+    if softcap is not None:  # SDPA cannot soft-cap: the per-(query, key) form, as the model's eager attention
+        kv, ks = _reference_inputs(state, kv, k_keys)
+        vv, vs = _reference_inputs(state, vv, v_keys)
+        out, _ = _attend_reference(qq, kv, ks, vv, vs, attention_mask, scaling, softcap)
+        return out.transpose(1, 2).contiguous(), None
     return _attend(state, qq, kv, k_keys, vv, v_keys, attention_mask, scaling), None

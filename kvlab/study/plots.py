@@ -7,18 +7,68 @@ import math
 
 import matplotlib.pyplot as plt
 import matplotlib.ticker as mticker
+import numpy as np
 import pandas as pd
 import seaborn as sns
 
-__all__ = ["channel_magnitudes", "error_heatmaps", "lossless_by_codec", "lossless_by_layer", "mixed_ratio_vs_ppl",
-           "pareto_plot", "proxy_scatter", "stats_by_layer", "value_histograms"]
+__all__ = ["channel_magnitudes", "error_heatmaps", "family_styles", "lossless_by_codec", "lossless_by_layer",
+           "mixed_ratio_vs_ppl", "pareto_plot", "place_labels", "proxy_scatter", "stats_by_layer",
+           "value_histograms"]
 
 sns.set_theme(style="whitegrid", context="notebook")
 
+_TENSOR_LABEL = {"k_pre": "K pre-RoPE", "k_post": "K post-RoPE", "v": "V"}
+
+
+def place_labels(ax, xs, ys, texts, fontsize: float = 7, pad_px: float = 2.0) -> list:
+    """Annotate the points ``(xs, ys)`` of ``ax`` with ``texts`` so that no two labels overlap each other or
+    another labelled point: each label takes the first of a ring of offsets (growing with each ring) whose box
+    is free. Returns the annotations. Call it after the axis limits and scales are final."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData.transform
+    pts = [to_px((x, y)) for x, y in zip(xs, ys)]
+    r = 3.0  # half a marker, in pixels: a label never covers a labelled point
+    taken = [(px - r, py - r, px + r, py + r) for px, py in pts]
+    dirs = [(1, 0.3), (1, -1), (-1, 0.3), (-1, -1), (0, 1.2), (0, -1.8), (1, 1.2), (-1, 1.2)]
+    out = []
+    for (px, py), (x, y), text in zip(pts, zip(xs, ys), texts):
+        probe = ax.annotate(text, (x, y), fontsize=fontsize, ha="left", va="bottom")
+        bb = probe.get_window_extent(renderer)
+        w, h = bb.width, bb.height
+        probe.remove()
+        best = None
+        for ring in range(1, 7):
+            for dx, dy in dirs:
+                ox = 4 * ring * dx + (0 if dx >= 0 else -w) + (-w / 2 if dx == 0 else 0)
+                oy = 3 * ring * dy
+                box = (px + ox - pad_px, py + oy - pad_px, px + ox + w + pad_px, py + oy + h + pad_px)
+                if not any(box[0] < t[2] and t[0] < box[2] and box[1] < t[3] and t[1] < box[3] for t in taken):
+                    best = (ox, oy, box)
+                    break
+            if best:
+                break
+        if best is None:  # crowded: the first offset, on top of the others
+            best = (4, 1, (px + 4, py + 1, px + 4 + w, py + 1 + h))
+        ox, oy, box = best
+        taken.append(box)
+        # offsets in points (annotate's unit), the boxes above in pixels
+        k = 72.0 / fig.dpi
+        far = math.hypot(ox + w / 2, oy + h / 2) > 30
+        out.append(ax.annotate(text, (x, y), xytext=(ox * k, oy * k), textcoords="offset points", fontsize=fontsize,
+                               ha="left", va="bottom",
+                               arrowprops=dict(arrowstyle="-", lw=0.4, color="grey") if far else None))
+    return out
+
+
+# ---- notebook 01: Q/K/V statistics -----------------------------------------------------------------
+
 
 def channel_magnitudes(tensors: dict, layers: list[int]):
-    """Mean |x| per head_dim channel of K pre-RoPE, K post-RoPE and V (heads side by side)."""
-    fig, axes = plt.subplots(len(layers), 3, figsize=(15, 2.6 * len(layers)), squeeze=False, sharex=True)
+    """Mean |x| per head_dim channel of K pre-RoPE, K post-RoPE and V (one line per kv head), one row per
+    layer; the legend sits above the panels, off the data."""
+    fig, axes = plt.subplots(len(layers), 3, figsize=(15, 2.6 * len(layers) + 0.6), squeeze=False, sharex=True)
     for row, layer in enumerate(layers):
         for col, name in enumerate(("k_pre", "k_post", "v")):
             x = tensors[layer][name].float()  # (B, H, T, D)
@@ -26,57 +76,118 @@ def channel_magnitudes(tensors: dict, layers: list[int]):
             ax = axes[row, col]
             for h in range(mag.shape[0]):
                 ax.plot(mag[h].numpy(), lw=1, label=f"kv head {h}")
-            ax.set_title(f"layer {layer}: {name}  (mean |x| per channel)", fontsize=10)
+            ax.set_title(f"layer {layer}: {_TENSOR_LABEL[name]}", fontsize=10)
             if col == 0:
-                ax.set_ylabel("mean |x|")
-    axes[-1, 0].legend(fontsize=8)
+                ax.set_ylabel("mean |x| per channel")
     for ax in axes[-1]:
         ax.set_xlabel("head_dim channel")
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9, frameon=False)
     return fig
 
 
 def stats_by_layer(stats: pd.DataFrame, metrics=("kurtosis", "channel_outlier_ratio", "std")):
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6))
+    """Each statistic of :func:`kvlab.study.analysis.kv_stats` against the layer, one line per tensor."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.0))
+    data = stats.assign(tensor=stats.tensor.map(_TENSOR_LABEL).fillna(stats.tensor))
     for ax, m in zip(axes, metrics):
-        sns.lineplot(data=stats, x="layer", y=m, hue="tensor", marker="o", ax=ax)
-        ax.set_title(m)
+        sns.lineplot(data=data, x="layer", y=m, hue="tensor", marker="o", ax=ax, legend=False)
+        ax.set_title(m.replace("_", " ") + (" (log)" if m != "std" else ""))
+        ax.set_ylabel(m.replace("_", " "))
         if m != "std":
             ax.set_yscale("log")
-    fig.tight_layout()
+            ax.yaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(mticker.FormatStrFormatter("%g"))
+            ax.tick_params(axis="y", which="minor", labelsize=7)
+    colours = sns.color_palette(n_colors=data.tensor.nunique())
+    handles = [plt.Line2D([], [], color=c, marker="o", label=t) for c, t in zip(colours, data.tensor.unique())]
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), frameon=False)
     return fig
 
 
 def value_histograms(tensors: dict, layers: list[int]):
-    """Histograms of K (post-RoPE) and V values for a few layers (log count)."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    """Histograms of K (post-RoPE) and V values for a few layers (log count), legend beside the panels."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     for ax, name in zip(axes, ("k_post", "v")):
         for layer in layers:
             v = tensors[layer][name].float().flatten().numpy()
             ax.hist(v, bins=200, histtype="step", log=True, label=f"layer {layer}")
-        ax.set_title(f"{name} values")
-        ax.legend(fontsize=8)
+        ax.set_title(f"{_TENSOR_LABEL[name]} values, all heads and tokens")
+        ax.set_xlabel("value")
+        ax.set_ylabel("count (log)")
+    axes[1].legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     fig.tight_layout()
     return fig
+
+
+# ---- notebook 02: error heatmaps ----------------------------------------------------------------------
 
 
 def error_heatmaps(errors: pd.DataFrame, configs: list[str], metrics=("k_nmse", "v_nmse", "attn_nmse")):
-    """Layer x kv-head heatmaps of each metric (columns) for each config (rows), log colour scale."""
+    """Layer x kv-head heatmaps of each metric (columns) for each config (rows). One log colour scale per row
+    (shared by its metrics, one colour bar), so within a config K, V and attention-output error compare by
+    colour; the config names the row, the metric heads the column."""
     from matplotlib.colors import LogNorm
 
-    fig, axes = plt.subplots(len(configs), len(metrics), figsize=(6.0 * len(metrics), 1.6 * len(configs) + 0.6),
-                             squeeze=False)
+    names = {"k_nmse": "K NMSE", "v_nmse": "V NMSE", "attn_nmse": "attention-output NMSE"}
+    fig, axes = plt.subplots(len(configs), len(metrics) + 1, figsize=(4.6 * len(metrics) + 0.6,
+                                                                      1.25 * len(configs) + 0.9),
+                             squeeze=False, gridspec_kw={"width_ratios": [1] * len(metrics) + [0.04]})
     for i, c in enumerate(configs):
         e = errors[errors["config"] == c]
-        for j, m in enumerate(metrics):
-            grid = e.pivot(index="head", columns="layer", values=m)
-            vals = grid.to_numpy()
-            pos = vals[vals > 0]
-            norm = LogNorm(vmin=pos.min(), vmax=pos.max()) if pos.size else None
-            sns.heatmap(grid, ax=axes[i, j], cmap="magma", norm=norm, cbar=True)
-            axes[i, j].set_title(f"{c}\n{m}", fontsize=9)
+        grids = [e.pivot(index="head", columns="layer", values=m) for m in metrics]
+        vals = np.concatenate([g.to_numpy().ravel() for g in grids])
+        pos = vals[np.isfinite(vals) & (vals > 0)]
+        norm = LogNorm(vmin=pos.min(), vmax=pos.max()) if pos.size else None
+        for j, (m, grid) in enumerate(zip(metrics, grids)):
+            ax = axes[i, j]
+            im = ax.imshow(grid.to_numpy(), aspect="auto", cmap="magma", norm=norm, interpolation="nearest")
+            layers, heads = list(grid.columns), list(grid.index)
+            step = max(1, len(layers) // 6)
+            ax.set_xticks(range(0, len(layers), step), [str(layers[k]) for k in range(0, len(layers), step)],
+                          fontsize=8)
+            ax.set_yticks(range(len(heads)), [str(h) for h in heads], fontsize=8)
+            ax.grid(False)
+            if i == 0:
+                ax.set_title(names.get(m, m), fontsize=11)
+            if i == len(configs) - 1:
+                ax.set_xlabel("layer", fontsize=9)
+            if j == 0:
+                ax.set_ylabel(f"{c}\nkv head", fontsize=9)
+        cb = fig.colorbar(im, cax=axes[i, -1])
+        cb.ax.yaxis.set_major_locator(mticker.LogLocator(numticks=4))
+        cb.ax.yaxis.set_minor_formatter(mticker.NullFormatter())
+        cb.ax.tick_params(labelsize=7)
+    fig.suptitle("Error per layer x kv head (log colour; one scale per row)", fontsize=11)
     fig.tight_layout()
     return fig
+
+
+# ---- notebooks 03 and 04: proxies, bits and perplexity ---------------------------------------------
+
+# families drawn in one colour, told apart by the marker
+_GROUPS = {"float": ("bf16", "fp8", "fpmant"), "int": ("int", "int (truncate)", "int+hadamard"),
+           "llama.cpp": ("q4_0", "q4_0+hadamard", "q4_1", "q5_0", "q5_1", "q8_0"), "kivi": ("kivi",),
+           "kvquant": ("kvquant",), "sign+magnitude": ("signmag",)}
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def family_styles(families) -> dict[str, tuple]:
+    """{family: (colour, marker)}: one colour per group of related families (float, int, llama.cpp, kivi,
+    kvquant, sign+magnitude, then any other family its own), a marker per family inside its group."""
+    fams = sorted(set(families))
+    groups = {f: g for g, members in _GROUPS.items() for f in members}
+    order = list(_GROUPS) + sorted({f for f in fams if f not in groups})
+    colours = dict(zip(order, sns.color_palette("tab10", len(order))))
+    seen: dict[str, int] = {}
+    out = {}
+    for f in sorted(fams, key=lambda f: (order.index(groups.get(f, f)), f)):
+        g = groups.get(f, f)
+        out[f] = (colours[g], _MARKERS[seen.get(g, 0) % len(_MARKERS)])
+        seen[g] = seen.get(g, 0) + 1
+    return out
 
 
 def _symlog_y(ax, lo, hi, linthresh: float = 0.05) -> None:
@@ -94,14 +205,16 @@ def _symlog_y(ax, lo, hi, linthresh: float = 0.05) -> None:
     ax.yaxis.set_minor_locator(NullLocator())
 
 
-def _ci_points(ax, g: pd.DataFrame, x, y: str, color, label: str, ms: float) -> None:
-    """Points with their 95% CI bars: causal configs filled, oracle ones (``oracle`` column) hollow."""
+def _ci_points(ax, g: pd.DataFrame, x, y: str, color, label: str, ms: float, marker: str = "o", xerr=None) -> None:
+    """Points with their 95% CI bars: causal configs filled, oracle ones (``oracle`` column) hollow.
+    ``xerr(part)``: optional [lower, upper] x error bars."""
     oracle = g["oracle"].astype(bool) if "oracle" in g else pd.Series(False, index=g.index)
     for hollow, part in ((False, g[~oracle]), (True, g[oracle])):
         if part.empty:
             continue
-        ax.errorbar(x(part), part[y], yerr=[part[y] - part["ci_lo"], part["ci_hi"] - part[y]], fmt="o", ms=ms,
-                    capsize=2, color=color, mfc="none" if hollow else color,
+        ax.errorbar(x(part), part[y], yerr=[part[y] - part["ci_lo"], part["ci_hi"] - part[y]],
+                    xerr=xerr(part) if xerr else None, fmt=marker, ms=ms, capsize=2, color=color,
+                    mfc="none" if hollow else color, elinewidth=0.9,
                     label=label if not hollow or oracle.all() else None)
 
 
@@ -112,49 +225,58 @@ def _oracle_note(fig, table: pd.DataFrame) -> None:
 
 
 def proxy_scatter(table: pd.DataFrame, proxies: list[str], target: str = "delta_ppl"):
-    """Each proxy (log x) against delta PPL with its 95% CI, coloured by scheme family; oracle configs
-    hollow."""
+    """Each proxy (log x) against delta PPL with its 95% CI; one colour per group of families (float, int,
+    llama.cpp, kivi, kvquant, sign+magnitude), a marker per family; oracle configs hollow. Where ``table``
+    holds a proxy's CI (columns ``{proxy} lo`` / ``{proxy} hi``) it is drawn as an x error bar."""
     n = len(proxies)
     cols = min(3, n)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
-    fams = sorted(table["family"].unique())
-    palette = dict(zip(fams, sns.color_palette("tab20", len(fams))))
+    styles = family_styles(table["family"])
     for ax, p in zip(axes.flat, proxies):
-        for fam, g in table.groupby("family"):
-            _ci_points(ax, g, lambda d, p=p: d[p].clip(lower=1e-12), target, palette[fam], fam, ms=5)
+        xerr = None
+        if f"{p} lo" in table and f"{p} hi" in table:
+            def xerr(d, p=p):
+                return [(d[p] - d[f"{p} lo"]).clip(lower=0), (d[f"{p} hi"] - d[p]).clip(lower=0)]
+        for fam in styles:
+            g = table[table["family"] == fam]
+            colour, marker = styles[fam]
+            _ci_points(ax, g, lambda d, p=p: d[p].clip(lower=1e-12), target, colour, fam, ms=5, marker=marker,
+                       xerr=xerr)
         ax.set_xscale("log")
         _symlog_y(ax, table["ci_lo"], table["ci_hi"])
         ax.set_xlabel(p)
-        ax.set_ylabel("delta PPL vs fp16")
+        ax.set_ylabel("delta PPL vs fp16 (95% CI)")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(6, len(labels)), fontsize=8,
-               bbox_to_anchor=(0.5, 1.08))
+    fig.legend(handles, labels, loc="upper center", ncol=min(9, len(labels)), fontsize=8,
+               bbox_to_anchor=(0.5, 1.06), frameon=False)
     fig.tight_layout()
     _oracle_note(fig, table)
     return fig
 
 
 def pareto_plot(summary: pd.DataFrame, front: pd.DataFrame, label_families=()):
-    """Bits per value vs delta PPL (symlog), coloured by family, oracle configs hollow; the Pareto front as
-    a line."""
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    fams = sorted(summary["family"].unique())
-    palette = dict(zip(fams, sns.color_palette("tab20", len(fams))))
-    for fam, g in summary.groupby("family"):
-        _ci_points(ax, g, lambda d: d["bits_per_value"], "delta_ppl", palette[fam], fam, ms=6)
-        if fam in label_families:
-            for r in g.itertuples():
-                ax.annotate(r.config, (r.bits_per_value, r.delta_ppl), fontsize=7, xytext=(4, 2),
-                            textcoords="offset points")
+    """Bits per value vs delta PPL (symlog), one colour per group of families and a marker per family, oracle
+    configs hollow; the Pareto front as a line. The legend names a family of one config; the configs of every
+    family with several (the int family among them), and of ``label_families``, are labelled, the labels
+    placed so that none overlaps another (:func:`place_labels`)."""
+    fig, ax = plt.subplots(figsize=(10, 6))
+    styles = family_styles(summary["family"])
+    for fam in styles:
+        g = summary[summary["family"] == fam]
+        colour, marker = styles[fam]
+        _ci_points(ax, g, lambda d: d["bits_per_value"], "delta_ppl", colour, fam, ms=6, marker=marker)
     ax.plot(front["bits_per_value"], front["delta_ppl"], "k--", lw=1, label="Pareto front")
     _symlog_y(ax, summary["ci_lo"], summary["ci_hi"])
     ax.set_xlabel("bits per value (metadata and fp16 windows included)")
     ax.set_ylabel("delta PPL vs fp16 (95% CI)")
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, ncol=2, loc="upper right")
     fig.tight_layout()
+    counts = summary["family"].value_counts()
+    lab = summary[summary["family"].isin(set(label_families) | set(counts.index[counts > 1]))]
+    place_labels(ax, lab["bits_per_value"].tolist(), lab["delta_ppl"].tolist(), lab["config"].tolist())
     _oracle_note(fig, summary)
     return fig
 
@@ -164,51 +286,92 @@ _LOSSLESS_TENSORS = ["k_pre", "k_post", "v"]
 
 
 def lossless_by_layer(table: pd.DataFrame, codecs: list[str]):
-    """Lossless ratio per layer (log axis), one panel per tensor, a line per codec of ``codecs``, with the
-    order-0 entropy bound of the byte planes dashed. ``table``: :func:`kvlab.evaluation.lossless.ratio_table`."""
-    grid = sns.relplot(data=table[table.codec.isin(codecs)], x="layer", y="ratio", hue="codec",
-                       col="tensor", col_order=_LOSSLESS_TENSORS, kind="line", marker="o", height=3.4, aspect=1.1)
-    for ax, name in zip(grid.axes.flat, _LOSSLESS_TENSORS):
-        bound = table[(table.tensor == name) & (table.codec == "bytes+zstd")]
-        (line,) = ax.plot(bound.layer, bound.entropy_ratio, "k--", lw=1, label="order-0 bound, byte planes")
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(mticker.FixedLocator([1, 1.1, 1.2, 1.3, 1.5, 2, 3, 4, 5]))
-        ax.yaxis.set_major_formatter(mticker.FormatStrFormatter("%.1f"))
-        ax.yaxis.set_minor_formatter(mticker.NullFormatter())
-    grid.axes.flat[0].legend(handles=[line], loc="upper right", fontsize=8)
-    grid.set_axis_labels("layer", "lossless ratio (log)")
-    grid.figure.suptitle("Lossless ratio per layer (every container byte counted)", y=1.03)
-    return grid.figure
+    """Lossless ratio per layer, one panel per tensor, a line per codec of ``codecs``, with the order-0 entropy
+    bound of the byte planes dashed. The y axis is split: layer 0, whose repeated tokens compress far better,
+    sits in a short upper band, so the deeper layers keep a readable linear scale. ``table``:
+    :func:`kvlab.evaluation.lossless.ratio_table`."""
+    data = table[table.codec.isin(codecs)]
+    deep = data[data.layer > 0]
+    bound = table[table.codec == "bytes+zstd"]
+    lo_vals = pd.concat([deep.ratio, bound[bound.layer > 0].entropy_ratio]) if len(deep) else data.ratio
+    lo = (min(1.0, lo_vals.min()) - 0.01, lo_vals.max() + 0.03)
+    top_vals = pd.concat([data.ratio, bound.entropy_ratio])
+    split = top_vals.max() > lo[1] + 0.05
+    colours = dict(zip(codecs, sns.color_palette("tab10", len(codecs))))
+    rows = 2 if split else 1
+    fig, axes = plt.subplots(rows, 3, figsize=(14, 4.4), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [1, 3] if split else [1], "hspace": 0.08})
+    for col, name in enumerate(_LOSSLESS_TENSORS):
+        for r in range(rows):
+            ax = axes[r, col]
+            for c in codecs:
+                d = data[(data.tensor == name) & (data.codec == c)].sort_values("layer")
+                ax.plot(d.layer, d.ratio, marker="o", ms=3, lw=1.2, color=colours[c], label=c)
+            b = bound[bound.tensor == name].sort_values("layer")
+            ax.plot(b.layer, b.entropy_ratio, "k--", lw=1, label="order-0 bound, byte planes")
+            ax.axhline(1.0, color="grey", lw=0.6)
+        axes[-1, col].set_ylim(*lo)
+        axes[-1, col].set_xlabel("layer")
+        axes[0, col].set_title(_TENSOR_LABEL[name])
+        if split:
+            top, bot = axes[0, col], axes[1, col]
+            top.set_ylim(lo[1] + 0.05, top_vals.max() * 1.08)
+            top.spines["bottom"].set_visible(False)
+            bot.spines["top"].set_visible(False)
+            top.tick_params(bottom=False)
+            kw = dict(marker=[(-1, -0.5), (1, 0.5)], markersize=8, linestyle="none", color="k", mec="k", mew=1,
+                      clip_on=False)
+            top.plot([0, 1], [0, 0], transform=top.transAxes, **kw)
+            bot.plot([0, 1], [1, 1], transform=bot.transAxes, **kw)
+    axes[-1, 0].set_ylabel("lossless ratio")
+    if split:
+        axes[0, 0].set_ylabel("layer 0", fontsize=9)
+    handles, labels = axes[-1, 0].get_legend_handles_labels()
+    fig.suptitle("Lossless ratio per layer (every container byte counted; y axis split above the deeper layers)",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
+    return fig
 
 
 def lossless_by_codec(summary: pd.DataFrame, codecs: list[str]):
-    """Pooled ratio per codec of ``codecs`` and tensor (bars) against the order-0 bound of the same planes
-    (dashes). ``summary``: :func:`kvlab.evaluation.lossless.summarize`."""
-    fig, ax = plt.subplots(figsize=(10, 3.8))
-    data = summary[summary.codec.isin(codecs)]
-    sns.barplot(data=data, x="codec", y="ratio", hue="tensor", order=codecs, hue_order=_LOSSLESS_TENSORS, ax=ax)
-    sns.stripplot(data=data, x="codec", y="entropy_ratio", hue="tensor", order=codecs,
-                  hue_order=_LOSSLESS_TENSORS, dodge=True, marker="_", s=18, linewidth=2, color="k",
-                  palette="dark:k", legend=False, ax=ax)
-    ax.axhline(1, color="grey", lw=0.8)
-    ax.set(ylabel="pooled ratio (bars) / order-0 bound (dashes)", xlabel="",
-           ylim=(0.9, 1.05 * summary[["ratio", "entropy_ratio"]].max().max()))
-    sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1), title="tensor")
-    ax.tick_params(axis="x", rotation=30)
-    ax.set_title("Pooled over layers: measured zstd ratio vs the order-0 entropy bound of the same planes")
+    """Pooled ratio per codec of ``codecs`` and tensor (bars rising from 1.0, no compression) against the
+    order-0 bound of the same planes (black dashes). ``summary``: :func:`kvlab.evaluation.lossless.summarize`."""
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    data = summary[summary.codec.isin(codecs)].set_index(["codec", "tensor"])
+    colours = dict(zip(_LOSSLESS_TENSORS, sns.color_palette("tab10", 3)))
+    width = 0.8 / len(_LOSSLESS_TENSORS)
+    x = np.arange(len(codecs))
+    for j, t in enumerate(_LOSSLESS_TENSORS):
+        pos = x - 0.4 + width * (j + 0.5)
+        ratio = [data.at[(c, t), "ratio"] if (c, t) in data.index else np.nan for c in codecs]
+        bound = [data.at[(c, t), "entropy_ratio"] if (c, t) in data.index else np.nan for c in codecs]
+        ax.bar(pos, np.asarray(ratio) - 1.0, width * 0.95, bottom=1.0, color=colours[t], label=_TENSOR_LABEL[t])
+        ax.scatter(pos, bound, marker="_", s=150, linewidths=2, color="k", zorder=3,
+                   label="order-0 bound" if j == 0 else None)
+    top = np.nanmax(summary[["ratio", "entropy_ratio"]].to_numpy())
+    ax.set_ylim(1.0, 1.0 + (top - 1.0) * 1.12)
+    ax.set_xticks(x, codecs, rotation=25, ha="right", fontsize=9)
+    ax.set_ylabel("pooled lossless ratio")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=9)
+    ax.set_title("Pooled over layers: measured zstd ratio (bars) vs the order-0 entropy bound of the same planes",
+                 fontsize=10)
+    fig.tight_layout()
     return fig
 
 
 def mixed_ratio_vs_ppl(res: pd.DataFrame, title: str):
     """Compression ratio vs delta PPL (95% CI bars) of the mixed lossless/lossy policies of
-    :func:`kvlab.evaluation.lossless.evaluate_policies`, each point labelled with its policy."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    sns.scatterplot(data=res, x="ratio", y="delta_ppl", hue="policy", s=70, ax=ax, legend=False)
-    ax.errorbar(res.ratio, res.delta_ppl, yerr=[res.delta_ppl - res.ci_lo, res.ci_hi - res.delta_ppl], fmt="none",
-                ecolor="grey", capsize=3)
-    for row in res.itertuples():
-        ax.annotate(row.policy.replace(";keep=fp16", ""), (row.ratio, row.delta_ppl), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+    :func:`kvlab.evaluation.lossless.evaluate_policies`, each point labelled with its policy (labels placed
+    so that none overlaps another)."""
+    fig, ax = plt.subplots(figsize=(8.5, 4.6))
+    ax.errorbar(res.ratio, res.delta_ppl, yerr=[res.delta_ppl - res.ci_lo, res.ci_hi - res.delta_ppl], fmt="o",
+                ms=6, color="tab:blue", ecolor="grey", capsize=3)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set(xlabel="compression ratio vs fp16 (every stored byte)", ylabel="delta PPL vs fp16 (95% CI)", title=title)
+    span = res.ratio.max() - res.ratio.min()
+    ax.set_xlim(res.ratio.min() - 0.08 * span - 0.01, res.ratio.max() + 0.3 * span + 0.01)
+    fig.tight_layout()
+    labels = [p.replace(";keep=fp16", "").replace("kv=", "") for p in res.policy]
+    place_labels(ax, res.ratio.tolist(), res.delta_ppl.tolist(), labels, fontsize=8)
     return fig

@@ -329,8 +329,9 @@ def lossless_by_layer(table: pd.DataFrame, codecs: list[str]):
     handles, labels = axes[-1, 0].get_legend_handles_labels()
     fig.suptitle("Lossless ratio per layer (every container byte counted; y axis split above the deeper layers)",
                  fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
+    fig.subplots_adjust(left=0.06, right=0.99, top=0.88, bottom=0.2, wspace=0.18)  # the legend under the panels
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=len(labels), fontsize=9,
+               frameon=False)
     return fig
 
 

@@ -16,17 +16,43 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
 
+// Error messages are built as one std::string, numbers through std::to_string, and only when a check fails:
+// on the CUDA device image (torch 2.11 cu130) an extension that streams a number or an IntArrayRef into
+// TORCH_CHECK's ostringstream crashed in libstdc++'s number formatting (segfault) instead of raising
+// (KERNEL_NOTES.md, v10 s9-3). TORCH_CHECK with a single std::string argument uses no stream.
+inline std::string kv_piece(const char* s) { return s; }
+inline std::string kv_piece(const std::string& s) { return s; }
+inline std::string kv_piece(int64_t v) { return std::to_string(v); }
+inline std::string kv_piece(int v) { return std::to_string(v); }
+inline std::string kv_piece(at::ScalarType t) { return c10::toString(t); }
+inline std::string kv_piece(at::IntArrayRef a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + "]";
+}
+template <typename... Args>
+std::string kv_msg(const Args&... args) {
+  std::string s;
+  ((s += kv_piece(args)), ...);
+  return s;
+}
+#define KV_CHECK(cond, ...)                                \
+  do {                                                     \
+    if (!(cond)) TORCH_CHECK(false, kv_msg(__VA_ARGS__));  \
+  } while (0)
+
 constexpr int64_t BLOCK = 32;  // ggml block
 
 void check_rows(const at::Tensor& t, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK(t.dim() == 4, name, " must have rank 4, got ", t.dim());
-  TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
-  TORCH_CHECK(t.size(3) == 0 || t.stride(3) == 1, name, " must be contiguous along its last dim");
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  KV_CHECK(t.dim() == 4, name, " must have rank 4, got ", t.dim());
+  KV_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+  KV_CHECK(t.size(3) == 0 || t.stride(3) == 1, name, " must be contiguous along its last dim");
+  KV_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
 }
 
 // Raw pointer and strides of a rank-4 tensor, read once (Tensor accessors are not free inside loops).
@@ -40,8 +66,8 @@ struct View {
 };
 
 void check_input(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 4, "x must have rank 4 (B, H, T, D), got ", x.dim());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf, "x must be float32 or float16, got ",
+  KV_CHECK(x.dim() == 4, "x must have rank 4 (B, H, T, D), got ", x.dim());
+  KV_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf, "x must be float32 or float16, got ",
               x.scalar_type());
   check_rows(x, "x", x.scalar_type());
 }
@@ -89,11 +115,11 @@ struct InputRows {
 // ------------------------------------------------------------------------------------------------------
 std::vector<at::Tensor> ggml_quantize(const at::Tensor& x, int64_t nbits, bool asym) {
   check_input(x);
-  TORCH_CHECK(nbits == 4 || nbits == 8, "nbits must be 4 or 8, got ", nbits);
-  TORCH_CHECK(!(asym && nbits == 8), "q8 has no asymmetric format");
+  KV_CHECK(nbits == 4 || nbits == 8, "nbits must be 4 or 8, got ", nbits);
+  KV_CHECK(!(asym && nbits == 8), "q8 has no asymmetric format");
   const InputRows X(x);
   const int64_t B = X.B, H = X.H, T = X.T, D = X.D;
-  TORCH_CHECK(D % BLOCK == 0, "head_dim ", D, " is not a multiple of ", BLOCK);
+  KV_CHECK(D % BLOCK == 0, "head_dim ", D, " is not a multiple of ", BLOCK);
   if (!X.all_finite()) return {};
   const int64_t nb = D / BLOCK;
   auto u8 = at::TensorOptions().dtype(at::kByte);
@@ -165,9 +191,9 @@ void ggml_read(const at::Tensor& codes, const at::Tensor& scale, const c10::opti
   check_rows(scale, "scale", at::kHalf);
   const bool asym = mins.has_value() && mins->defined();
   if (asym) check_rows(*mins, "min", at::kHalf);
-  TORCH_CHECK(nbits == 4 || nbits == 8, "nbits must be 4 or 8, got ", nbits);
+  KV_CHECK(nbits == 4 || nbits == 8, "nbits must be 4 or 8, got ", nbits);
   const int64_t B = out.size(0), H = out.size(1), T = out.size(2), D = out.size(3), nb = D / BLOCK;
-  TORCH_CHECK(D % BLOCK == 0 && codes.size(0) == B && codes.size(1) == H && codes.size(2) == T &&
+  KV_CHECK(D % BLOCK == 0 && codes.size(0) == B && codes.size(1) == H && codes.size(2) == T &&
                   codes.size(3) == (nbits == 8 ? D : D / 2) && scale.size(0) == B && scale.size(1) == H &&
                   scale.size(2) == T && scale.size(3) == nb && (!asym || mins->sizes() == scale.sizes()),
               "codes/scale shapes do not match out ", out.sizes());
@@ -247,15 +273,15 @@ inline int code_of(float x, float lo, float s, float qmax) {
 
 std::vector<at::Tensor> kivi_quantize(const at::Tensor& x, int64_t bits, int64_t group, bool is_k) {
   check_input(x);
-  TORCH_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4, got ", bits);
+  KV_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4, got ", bits);
   const InputRows X(x);
   const int64_t B = X.B, H = X.H, T = X.T, D = X.D, per = 8 / bits;
   const float qmax = static_cast<float>((1 << bits) - 1);
-  TORCH_CHECK(group >= 1, "group must be positive");
+  KV_CHECK(group >= 1, "group must be positive");
   if (is_k) {
-    TORCH_CHECK(T % group == 0 && T % per == 0, "K: T=", T, " is not a multiple of group=", group);
+    KV_CHECK(T % group == 0 && T % per == 0, "K: T=", T, " is not a multiple of group=", group);
   } else {
-    TORCH_CHECK(D % group == 0 && D % per == 0, "V: D=", D, " is not a multiple of group=", group);
+    KV_CHECK(D % group == 0 && D % per == 0, "V: D=", D, " is not a multiple of group=", group);
   }
   if (!X.all_finite()) return {};
   auto u8 = at::TensorOptions().dtype(at::kByte);
@@ -387,9 +413,9 @@ void kivi_read(const at::Tensor& codes, const at::Tensor& scale, const at::Tenso
   check_rows(codes, "codes", at::kByte);
   check_rows(scale, "scale", at::kHalf);
   check_rows(mins, "min", at::kHalf);
-  TORCH_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4, got ", bits);
+  KV_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4, got ", bits);
   const int64_t B = out.size(0), H = out.size(1), T = out.size(2), D = out.size(3), per = 8 / bits;
-  TORCH_CHECK(group >= 1 && group % per == 0, "group=", group, " must be a positive multiple of ", per);
+  KV_CHECK(group >= 1 && group % per == 0, "group=", group, " must be a positive multiple of ", per);
   bool ok = codes.size(0) == B && codes.size(1) == H && scale.size(0) == B && scale.size(1) == H &&
             mins.sizes() == scale.sizes();
   if (is_k) {
@@ -399,7 +425,7 @@ void kivi_read(const at::Tensor& codes, const at::Tensor& scale, const at::Tenso
     ok = ok && D % group == 0 && codes.size(2) == T && codes.size(3) == D / per && scale.size(2) == T &&
          scale.size(3) == D / group;
   }
-  TORCH_CHECK(ok, (is_k ? "K" : "V"), " codes/scale shapes do not match out ", out.sizes());
+  KV_CHECK(ok, (is_k ? "K" : "V"), " codes/scale shapes do not match out ", out.sizes());
   const View<uint8_t> C(codes);
   const View<at::Half> S(scale), M(mins);
   const View<float> O(out);

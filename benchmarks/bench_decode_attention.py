@@ -237,6 +237,60 @@ def sweep_cuda(results, copy_bw, variants=("registers", "staged", "folded"), spl
                 log(f"scaling cuda-int{bits} {variant:9s} L={L:6d}: {t:8.1f} us (graph {tg:8.1f})")
 
 
+def tune_sweep(results, copy_bw, tunes, groups=(32, 128), splits_list=(None,)):
+    """The folded CUDA kernel's experimental tunings (``kivi_cuda.TUNES``: CTAs per SM of the register budget,
+    cp.async stages, and the loads-only / compute-only modes, which compute no attention) at B=8, T=32k beside
+    the automatic variant and fp16 SDPA of the same run: us (eager, L2 evicted), graph us, the fraction of the
+    byte floor, and each attention-computing tuning's error against the fp32 reference."""
+    import kvlab.kernels as K
+    from kvlab.kernels import kivi_cuda
+    from kvlab.kernels.kivi_attention import LOG2E
+
+    B, T = 8, 32768
+    k, v, q, lengths = random_inputs(B, T, 5)
+    sdpa_us = bench(functools.partial(sdpa, q, k, v))
+    sdpa_bytes = 2 * B * HKV * T * D * 2 + 2 * B * HQ * D * 2
+    log(f"tunes: fp16 SDPA {sdpa_us:.1f} us")
+    rows = []
+    for group in groups:
+        for bits in (4, 2):
+            c = kivi_cache(k, v, bits, group)
+            ref = K.kivi_decode_attention_ref(q.float(), *kivi_args(c), lengths, bits=bits, group=group,
+                                              residual=RESIDUAL)
+            nbytes = kivi_bytes(B, T, bits, group=group)
+            floor_x = sdpa_bytes / nbytes
+            auto = functools.partial(fused_kivi, q, c, lengths, T, bits, backend="cuda", group=group)
+            cands = [("auto", None, auto)]
+            if group == GROUP:
+                cands.append(("registers", None, functools.partial(auto, cuda_variant="registers")))
+            for name in tunes:
+                for splits in splits_list:
+                    def run(name=name, splits=splits, c=c):
+                        out = torch.empty_like(q)
+                        return kivi_cuda.kivi_decode_attention_cuda(
+                            q, *kivi_args(c), lengths, bits=bits, group=group, residual=RESIDUAL,
+                            qk_scale=D**-0.5 * LOG2E, out=out, max_len=T, num_splits=splits, variant="folded",
+                            chosen=True, tune=name)
+                    cands.append((f"folded:{name}" + (f" splits={splits}" if splits else ""), name, run))
+            for label, name, run in cands:
+                try:
+                    out = run()
+                    t, tg = bench(run), bench_graph(run)
+                except Exception as e:  # an instance that does not exist or fails to launch: say so, go on
+                    log(f"tune group {group} int{bits} {label}: failed: {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                err = rel_err(out, ref) if name is None or kivi_cuda.COMPUTES_ATTENTION[name] else None
+                row = dict(group=group, bits=bits, tune=label, us=t, graph_us=tg, speedup=sdpa_us / t,
+                           floor_x=floor_x, of_floor=sdpa_us / t / floor_x, bw_frac=nbytes / (t * 1e-6) / copy_bw,
+                           relerr_vs_reference=err)
+                rows.append(row)
+                log(f"tune group {group:3d} int{bits} {label:24s}: {t:7.1f} us (graph {tg:7.1f}) {sdpa_us / t:5.2f}x "
+                    f"SDPA, {row['of_floor']:5.1%} of floor {floor_x:.2f}x, {row['bw_frac']:5.1%} of copy bw, err "
+                    + (f"{err:.2e}" if err is not None else "- (no attention)"))
+            del c
+    results["tunes_sweep"] = dict(B=B, T=T, sdpa_us=sdpa_us, rows=rows)
+
+
 def bits_per_value(bits: int, group: int) -> float:
     """Stored bits per quantized K or V value: the code plus its share of an fp16 scale and an fp16 minimum."""
     return bits + 32 / group
@@ -570,7 +624,11 @@ def main(argv=None):
     ap.add_argument("--cuda-variants", default="registers,staged,folded", help="variants for --cuda-sweep")
     ap.add_argument("--cuda-splits", default="auto,4,6,8,12",
                     help="CTAs along the sequence for --cuda-sweep ('auto': the kernel's plan)")
-    ap.add_argument("--cuda-sweep-only", action="store_true", help="stop after --cuda-sweep")
+    ap.add_argument("--cuda-sweep-only", action="store_true", help="stop after --cuda-sweep (and --cuda-tunes)")
+    ap.add_argument("--cuda-tunes", default="",
+                    help="experimental tunings of the folded CUDA kernel to time at B=8, T=32k (names of "
+                         "kvlab.kernels.kivi_cuda.TUNES, comma-separated; 'all': every one)")
+    ap.add_argument("--cuda-tune-splits", default="auto", help="CTAs along the sequence for --cuda-tunes")
     ap.add_argument("--points", default=None,
                     help="(B, T) points as B:T,B:T (e.g. 8:32768,1:32768); default the product of --batches, --lengths")
     ap.add_argument("--kernels", default=",".join(KERNELS), help=f"contenders in the grid, of {','.join(KERNELS)}")
@@ -598,12 +656,19 @@ def main(argv=None):
         with open(stem + ".json", "w") as f:
             json.dump(results, f, indent=1)
 
+    if args.cuda_tunes:
+        from kvlab.kernels import kivi_cuda
+
+        names = list(kivi_cuda.TUNES) if args.cuda_tunes == "all" else args.cuda_tunes.split(",")
+        tsplits = [None if x == "auto" else int(x) for x in args.cuda_tune_splits.split(",")]
+        tune_sweep(results, copy_bw, names, splits_list=tsplits)
+        save()
     if args.cuda_sweep:
         splits_list = [None if x == "auto" else int(x) for x in args.cuda_splits.split(",")]
         sweep_cuda(results, copy_bw, tuple(args.cuda_variants.split(",")), splits_list)
         save()
-        if args.cuda_sweep_only:
-            return 0
+    if args.cuda_sweep_only and (args.cuda_sweep or args.cuda_tunes):
+        return 0
     if args.groups:
         group_sweep(results, copy_bw, [int(g) for g in args.groups.split(",")])
         save()

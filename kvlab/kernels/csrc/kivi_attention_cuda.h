@@ -46,13 +46,28 @@ constexpr int KIVI_VARIANT_REGISTERS = 6;
 constexpr int KIVI_VARIANT_STAGED = 7;
 constexpr int KIVI_VARIANT_FOLDED = 8;
 
+// What the folded kernel computes (a template argument): the attention, or for experiments only the loads of
+// every block without the arithmetic, or the arithmetic over the first block's data without further loads.
+constexpr int KIVI_MODE_FULL = 0;
+constexpr int KIVI_MODE_LOADS = 1;
+constexpr int KIVI_MODE_COMPUTE = 2;
+
+// Tunings of the folded kernel that the launcher instantiates (``tune`` argument of kivi_launch and
+// kivi_occupancy: min_blocks * 100 + stages * 10 + mode; 0 = the default, KIVI_TUNE_DEFAULT). Experimental
+// tunings exist for D = 128 and groups 32 and 128 only (kivi_attention_tuned.cu).
+constexpr int KIVI_TUNE_DEFAULT = 220;
+
 // Dynamic shared memory of one CTA (bytes); 0 for variant 6, which uses static shared memory.
-size_t kivi_smem_bytes(int bits, int D, int nt, int variant, int group);
+size_t kivi_smem_bytes(int bits, int D, int nt, int variant, int group, int tune = 0);
 // CTAs of the decode kernel that one SM of the current device holds at once; -1 when there is no such instance.
-int kivi_occupancy(int bits, int D, int nt, int variant, int group);
+int kivi_occupancy(int bits, int D, int nt, int variant, int group, int tune = 0);
 // Decode kernel over grid (bh, p.n_main), then the split merge into out (out_rows rows of D fp16); returns
-// cudaErrorInvalidValue when there is no instance for (bits, D, nt, variant).
+// cudaErrorInvalidValue when there is no instance for (bits, D, nt, variant, tune).
 cudaError_t kivi_launch(const KiviParams& p, int bits, int D, int nt, int variant, int bh, int out_rows, __half* out,
-                        cudaStream_t stream);
+                        cudaStream_t stream, int tune = 0);
+// Whether the folded kernel has an instance for a non-default tune (kivi_attention_tuned.cu), and its launch.
+bool kivi_tuned_exists(int bits, int D, int group, int tune);
+int kivi_tuned_occupancy(int bits, int D, int group, int tune);
+cudaError_t kivi_tuned_launch(const KiviParams& p, int bits, int D, int tune, dim3 grid, cudaStream_t stream);
 
 }  // namespace kvlab

@@ -95,16 +95,39 @@ __device__ __forceinline__ uint32_t half2_u32(__half lo, __half hi) {
 #endif
 
 // Dynamic shared memory of one CTA of the folded kernel: the staged variant's, with 8 merge states.
+#ifndef KVLAB_KIVI_FOLDED_VSTAGE
+#define KVLAB_KIVI_FOLDED_VSTAGE 0  // the V codes of a block: 0 into registers by plain loads, 1 staged by cp.async
+#endif
+
+// Staged V codes (VST = 1) of one block in a stage: token t's D * BITS / 8 bytes at t * VROW + (t / 4) * 8 * BITS,
+// after the V scales; the padding after every 4 tokens puts the 4 token rows that one read instruction's lanes
+// take (tokens 4c + e, c = 0..3) into 4 different sets of banks.
 template <int BITS, int D>
+__host__ __device__ constexpr int folded_vcode_bytes() {
+  return 64 * (D * BITS / 8) + 16 * 8 * BITS;
+}
+template <int BITS, int D>
+__host__ __device__ constexpr int folded_vtok(int t) {
+  return t * (D * BITS / 8) + (t / 4) * 8 * BITS;
+}
+
+template <int BITS, int D, int NSTAGE = 2, int VST = KVLAB_KIVI_FOLDED_VSTAGE>
 __host__ __device__ constexpr int folded_smem_bytes(int group) {
-  return staged_smem_bytes<BITS, D, 1, 8>(group);
+  return staged_smem_bytes<BITS, D, 1, 8, NSTAGE, VST ? folded_vcode_bytes<BITS, D>() : 0>(group);
 }
 
 // Needs (checked by the caller): what the staged variant needs (group = D / DG, DG in 1, 2, 4, 8; aligned K rows
 // and scales, V scales contiguous per token), one query-row tile with rows <= RS = min(group, 64) / 8, group 16,
 // 32 or a multiple of 64, and V code rows of D * BITS / 8 bytes (a contiguous token dimension).
-template <int BITS, int D, int DG>
-__global__ void __launch_bounds__(128, KVLAB_KIVI_FOLDED_MIN_BLOCKS) kivi_decode_folded_kernel(const KiviParams p) {
+// MINB: CTAs per SM the register allocation must allow; NSTAGE: cp.async stages a warp (NSTAGE - 1 blocks in
+// flight ahead of the one computed); MODE: KIVI_MODE_FULL, or for experiments KIVI_MODE_LOADS (the loads alone,
+// no arithmetic) / KIVI_MODE_COMPUTE (the arithmetic on the first block's data, no further loads): both of these
+// compute no attention.
+// VST: the V codes staged by cp.async with the rest of a block (NSTAGE - 1 blocks ahead; needs 16-byte aligned V
+// code rows) instead of loaded into registers one block ahead.
+template <int BITS, int D, int DG, int MINB = KVLAB_KIVI_FOLDED_MIN_BLOCKS, int NSTAGE = 2, int MODE = KIVI_MODE_FULL,
+          int VST = KVLAB_KIVI_FOLDED_VSTAGE>
+__global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const KiviParams p) {
   using C = KiviCfg<BITS, D, 1>;
   using S = StagedCfg<BITS, D>;
   constexpr int ROWS = C::ROWS, BN = C::BN, TPT = C::TPT, KK = C::KK, KS = C::KS, W = C::WARPS;
@@ -112,7 +135,8 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_FOLDED_MIN_BLOCKS) kivi_decode
   constexpr int SETS = D / 64;  // V channel sets; a lane holds 8 channels of each
   constexpr int VROW = D * BITS / 8;  // bytes of a token's V codes
   constexpr int PBYTES = W * ROWS * C::PST * 2;
-  constexpr int stage_bytes = staged_stage_bytes<BITS, D>(G);
+  constexpr int vc0 = staged_stage_bytes<BITS, D>(G);  // staged V codes in a stage (VST)
+  constexpr int stage_bytes = vc0 + (VST ? folded_vcode_bytes<BITS, D>() : 0);
   constexpr int vs0 = S::KC + staged_ngb(G) * S::KSG;  // V scales in a stage
   using Smem = KiviSmem<D, ROWS, 2 * W>;  // states: main blocks of warp w in slot w, its tail in W + w
   extern __shared__ __align__(16) uint8_t smem_dyn[];
@@ -127,7 +151,7 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_FOLDED_MIN_BLOCKS) kivi_decode
   const int slot = g / RS;  // group of this lane's K tokens within a block and of its V channels within a set
   const bool use[2] = {(2 * c) / RS == slot, (2 * c + 1) / RS == slot};  // C columns 2c, 2c+1 are this lane's
   __half* ps = reinterpret_cast<__half*>(smem_dyn) + warp * ROWS * C::PST;  // P rows 0 .. RS - 1 are read
-  constexpr int area = 2 * stage_bytes > TailCfg<D>::BYTES ? 2 * stage_bytes : TailCfg<D>::BYTES;
+  constexpr int area = NSTAGE * stage_bytes > TailCfg<D>::BYTES ? NSTAGE * stage_bytes : TailCfg<D>::BYTES;
   uint8_t* stages = smem_dyn + PBYTES + warp * area;
 
   float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
@@ -163,6 +187,7 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_FOLDED_MIN_BLOCKS) kivi_decode
   // block earlier still, into a second set of registers, was slower on an H100: 96.7 against 92.9 us)
   uint32_t vwd[KS][4][SETS];
   auto load_v = [&](int t0) {
+    if constexpr (VST) return;  // staged with the block
     const uint8_t* row = sq.vc + (t0 + 4 * c) * VROW + g * BITS;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks)
@@ -175,10 +200,34 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_FOLDED_MIN_BLOCKS) kivi_decode
         }
   };
   auto issue = [&](int st, int t0) {
-    stage_block<BITS, D, DG>(static_cast<uint32_t>(__cvta_generic_to_shared(stages + st * stage_bytes)), p, sq, t0);
+    const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(stages + st * stage_bytes));
+    stage_block<BITS, D, DG>(base, p, sq, t0);
+    if constexpr (VST) {  // the block's V codes: 64 rows of VROW contiguous bytes, 16-byte chunks
+      constexpr int CPR = VROW / 16, N = 64 * CPR / 32;
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const int q = lane + 32 * i, t = q / CPR, part = q % CPR;
+        cp_async16(base + vc0 + folded_vtok<BITS, D>(t) + part * 16, sq.vc + (t0 + t) * VROW + part * 16);
+      }
+    }
   };
 
-  staged_blocks(lo + warp * BN, hi, W * BN, stages, stage_bytes, issue, load_v, [&](const uint8_t* sst) {
+  staged_blocks<NSTAGE, MODE>(lo + warp * BN, hi, W * BN, stages, stage_bytes, issue, load_v, [&](const uint8_t* sst) {
+    if constexpr (MODE == KIVI_MODE_LOADS) {  // consume the V codes and a word of the stage, nothing else
+      uint32_t x = *reinterpret_cast<const uint32_t*>(sst + 4 * lane);
+      if constexpr (VST) {
+        x ^= *reinterpret_cast<const uint32_t*>(sst + vc0 + 4 * lane);
+      } else {
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+#pragma unroll
+            for (int s = 0; s < SETS; ++s) x ^= vwd[ks][e][s];
+      }
+      oacc[0][0] += x == 0x9e3779b9u ? 1.f : 0.f;
+      return;
+    }
     // ---- scores: S^T = codes . (Q s)^T, and the minima term
     float sacc[C::MTK][4], bk[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -270,7 +319,17 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_FOLDED_MIN_BLOCKS) kivi_decode
         const uint32_t m23 = half2_u32(vsp[(66 + tl) * DG + vg], vsp[(67 + tl) * DG + vg]);
         const uint32_t b0 = hmul2_u32(pv.x, s01), b1 = hmul2_u32(pv.y, s23);
         uint32_t y[4], ys[4];
-        pair_words(y, vwd[ks][0][s], vwd[ks][1][s], vwd[ks][2][s], vwd[ks][3][s]);
+        uint32_t vv[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if constexpr (VST) {  // token 16ks + 4c + e, this lane's 8 channels of set s
+            const uint8_t* src = sst + vc0 + folded_vtok<BITS, D>(16 * ks + 4 * c + e) + g * BITS + 8 * BITS * s;
+            vv[e] = BITS == 4 ? *reinterpret_cast<const uint32_t*>(src) : *reinterpret_cast<const uint16_t*>(src);
+          } else {
+            vv[e] = vwd[ks][e][s];
+          }
+        }
+        pair_words(y, vv[0], vv[1], vv[2], vv[3]);
 #pragma unroll
         for (int e = 0; e < 4; ++e) ys[e] = fold_shift<BITS>(y[e]);
 #pragma unroll

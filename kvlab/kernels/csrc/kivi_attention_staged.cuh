@@ -57,12 +57,13 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // Bytes of dynamic shared memory of one CTA: the warps' P buffers and two stages each, or the final merge
 // states (NS of them, laid over the rest), whichever is larger.
-template <int BITS, int D, int NT, int NS = 4>
+template <int BITS, int D, int NT, int NS = 4, int NSTAGE = 2, int VEXTRA = 0>
 __host__ __device__ constexpr int staged_smem_bytes(int group) {
   using C = KiviCfg<BITS, D, NT>;
   constexpr int PBYTES = C::WARPS * C::ROWS * C::PST * 2;
   constexpr int SBYTES = static_cast<int>(sizeof(KiviSmem<D, C::ROWS, NS>));
-  const int stages = 2 * staged_stage_bytes<BITS, D>(group);  // a warp's area, reused for its tail tiles
+  // a warp's area (VEXTRA more bytes a stage: the folded variant's staged V codes), reused for its tail tiles
+  const int stages = NSTAGE * (staged_stage_bytes<BITS, D>(group) + VEXTRA);
   const int main = PBYTES + C::WARPS * (stages > TailCfg<D>::BYTES ? stages : TailCfg<D>::BYTES);
   return main > SBYTES ? main : SBYTES;
 }
@@ -94,28 +95,35 @@ __device__ __forceinline__ void stage_block(uint32_t base, const KiviParams& p, 
   }
 }
 
-// One warp's staged main loop: blocks first, first + step, .. below hi, each copied into one of two stages by
-// issue(stage, t0) a block ahead (cp.async, one commit group a block) and its V codes loaded by load_v(t0) a
-// block ahead; body(stage) computes a block once the stage's copies have landed.
-template <class Issue, class LoadV, class Body>
+// One warp's staged main loop: blocks first, first + step, .. below hi, each copied into one of NSTAGE stages by
+// issue(stage, t0) NSTAGE - 1 blocks ahead (cp.async, one commit group a block) and its V codes loaded by
+// load_v(t0) a block ahead; body(stage) computes a block once the stage's copies have landed.
+// MODE (experiments only, kivi_attention_cuda.h: KIVI_MODE_*): KIVI_MODE_COMPUTE issues the first block's
+// copies and V codes only and runs every body on them (the arithmetic without the memory traffic); the loads-only
+// mode is the caller's body.
+template <int NSTAGE = 2, int MODE = 0, class Issue, class LoadV, class Body>
 __device__ __forceinline__ void staged_blocks(int first, int hi, int step, const uint8_t* stages, int stage_bytes,
                                               Issue&& issue, LoadV&& load_v, Body&& body) {
-  if (first < hi) {
-    issue(0, first);
-    load_v(first);
+  static_assert(NSTAGE >= 2 && NSTAGE <= 4, "2 to 4 stages");
+  constexpr bool COMPUTE_ONLY = MODE == KIVI_MODE_COMPUTE;
+#pragma unroll
+  for (int i = 0; i < NSTAGE - 1; ++i) {  // the first NSTAGE - 1 blocks, one commit group each
+    const int t = first + i * step;
+    if (t < hi && (i == 0 || !COMPUTE_ONLY)) issue(i, t);
+    cp_async_commit();
   }
-  cp_async_commit();
+  if (first < hi) load_v(first);
   int st = 0;
   for (int t0 = first; t0 < hi; t0 += step) {
-    const int tn = t0 + step;  // this warp's next block
-    if (tn < hi) issue(st ^ 1, tn);
+    const int tn = t0 + (NSTAGE - 1) * step;  // the block NSTAGE - 1 ahead goes into the stage freed last
+    if (!COMPUTE_ONLY && tn < hi) issue(st == 0 ? NSTAGE - 1 : st - 1, tn);
     cp_async_commit();
-    cp_async_wait<1>();  // this block's copies (all but the group just committed) have landed
+    cp_async_wait<NSTAGE - 1>();  // this block's copies (all but the NSTAGE - 1 groups committed after) landed
     __syncwarp();
-    body(stages + st * stage_bytes);
-    if (tn < hi) load_v(tn);
-    __syncwarp();  // every lane is done with this stage before the next iteration copies into it
-    st ^= 1;
+    body(stages + (COMPUTE_ONLY ? 0 : st) * stage_bytes);
+    if (!COMPUTE_ONLY && t0 + step < hi) load_v(t0 + step);
+    __syncwarp();  // every lane is done with this stage before a later iteration copies into it
+    st = st + 1 == NSTAGE ? 0 : st + 1;
   }
   cp_async_wait<0>();
 }

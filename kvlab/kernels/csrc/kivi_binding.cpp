@@ -20,12 +20,13 @@ int window_dtype(const at::Tensor& t) {
 
 }  // namespace
 
-// CTAs of the decode kernel (bits, D, nt, variant, group) that one SM of CUDA device `device` holds at once;
-// -1: no such kernel.
-int64_t occupancy(int64_t bits, int64_t D, int64_t nt, int64_t variant, int64_t group, int64_t device) {
+// CTAs of the decode kernel (bits, D, nt, variant, group, tune) that one SM of CUDA device `device` holds at
+// once; -1: no such kernel.
+int64_t occupancy(int64_t bits, int64_t D, int64_t nt, int64_t variant, int64_t group, int64_t device,
+                  int64_t tune) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   return kvlab::kivi_occupancy(static_cast<int>(bits), static_cast<int>(D), static_cast<int>(nt),
-                               static_cast<int>(variant), static_cast<int>(group));
+                               static_cast<int>(variant), static_cast<int>(group), static_cast<int>(tune));
 }
 
 // out (B, Hq, NQ, D) fp16 <- attention; o_part (B*Hq*NQ, n_main, D) fp32 and lse_part (B*Hq*NQ, n_main)
@@ -34,7 +35,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& k_
             const at::Tensor& k_fp16, const at::Tensor& v_codes, const at::Tensor& v_scale,
             const at::Tensor& v_min, const at::Tensor& v_fp16, const at::Tensor& lengths, at::Tensor& o_part,
             at::Tensor& lse_part, at::Tensor& out, int64_t bits, int64_t group, int64_t residual, int64_t n_main,
-            int64_t split_len, double qk_scale, int64_t variant) {
+            int64_t split_len, double qk_scale, int64_t variant, int64_t tune) {
   TORCH_CHECK(q.is_cuda() && q.scalar_type() == at::kHalf && q.dim() == 4, "q must be a CUDA fp16 (B, Hq, n, D)");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kHalf, "out must be contiguous fp16");
   const c10::cuda::CUDAGuard guard(q.device());
@@ -78,9 +79,9 @@ void decode(const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& k_
   const cudaError_t err =
       kvlab::kivi_launch(p, static_cast<int>(bits), static_cast<int>(D), nt, static_cast<int>(variant), bh,
                          static_cast<int>(out.numel() / D), reinterpret_cast<__half*>(out.data_ptr()),
-                         c10::cuda::getCurrentCUDAStream());
+                         c10::cuda::getCurrentCUDAStream(), static_cast<int>(tune));
   TORCH_CHECK(err == cudaSuccess, "CUDA KIVI kernel (bits=", bits, ", D=", D, ", nt=", nt, ", variant=", variant,
-              ", group=", group, "): ", cudaGetErrorString(err));
+              ", group=", group, ", tune=", tune, "): ", cudaGetErrorString(err));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -381,9 +381,9 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
     memory by cp.async; one query-row tile, D / group in 1, 2, 4, 8, 16-byte aligned K rows and scales, V scales
     contiguous per token), ``"folded"`` (staged loads, raw codes into the matrix unit, scales folded into the
     query and P operands; besides what staged needs, at most min(group, 64) / 8 query rows per kv head, group
-    16, 32 or a multiple of 64, V codes contiguous per token), or ``"auto"`` (default): for int2 the first of
-    folded, staged, registers that can serve the call, for int4 registers at group 32 and below and folded
-    (then registers) at 64 and above (the fastest on an H100, benchmarks/KERNEL_NOTES.md).
+    16, 32 or a multiple of 64, V codes contiguous per token), or ``"auto"`` (default): the first of folded,
+    staged, registers that can serve the call, for int2 and int4 (the fastest first on an H200,
+    benchmarks/KERNEL_NOTES.md, v11).
 
     Tuning: ``num_splits`` (None: one full wave of programs; both backends), and for Triton only
     ``block_n`` (tokens per block, a power of two), ``num_warps``, ``num_stages``, ``max_regs`` (a register

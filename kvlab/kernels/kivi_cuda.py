@@ -36,19 +36,33 @@ _state: dict = {}
 BLOCK = 64  # tokens per warp-block of the kernel (KiviCfg::BN)
 WARPS = 4
 VARIANTS = {"registers": 6, "staged": 7, "folded": 8}  # kivi_attention_cuda.h: KIVI_VARIANT_*
-# What "auto" tries, in order, for each bit width (the first that can serve the call): on an H100 at B=8, T=32k
+# The extension's translation units (ninja compiles them in parallel): the binding, the registers and staged
+# variants with the dispatch, the folded variant, and the folded variant's experimental tunings.
+SOURCES = ("kivi_binding.cpp", "kivi_attention_cuda.cu", "kivi_attention_folded.cu", "kivi_attention_tuned_int2.cu",
+           "kivi_attention_tuned_int4.cu")
+# Experimental tunings of the folded kernel (kivi_attention_launch.cuh: KVLAB_KIVI_TUNES; D = 128, groups 32 and
+# 128), by name: CTAs per SM of the register budget (b), cp.async stages (s), the V codes staged by cp.async with
+# the rest of a block ("v-" prefix) instead of loaded into registers, and two modes that compute no attention:
+# "loads" (every block's loads, no arithmetic) and "compute" (the arithmetic over the first block's data, no
+# further loads). The benchmark's --cuda-tunes times them (benchmarks/KERNEL_NOTES.md, v11); the public API runs
+# the default (TUNES["b2s2"] = 0).
+TUNES = {"b2s2": 0, "b3s2": 320, "b2s3": 230, "loads": 221, "compute": 222, "v-b2s2": 1220, "v-b2s3": 1230,
+         "v-b3s2": 1320, "v-loads": 1221}
+COMPUTES_ATTENTION = {name: tune % 10 == 0 for name, tune in TUNES.items()}
+# What "auto" tries, in order, for each bit width (the first that can serve the call). On an H100 at B=8, T=32k
 # (Llama-3-8B heads, benchmarks/KERNEL_NOTES.md, v8) int2 took 92.9 us folded, 103.7 staged, 115.5 registers
-# (from CUDA graphs); int4 at group 32 took 130-132 us folded or registers and 137 staged, and the registers
-# variant (half the folded one's rounding error) serves every call. At groups of 64 and more the folded variant
-# is the fastest for int4 too (run s8-1, L2 flushed: 124.0 against 130.8 us at group 64, 118.3 against 128.3
-# at 128), so "auto" takes it there (:func:`auto_variants`).
-AUTO_VARIANTS = {2: ("folded", "staged", "registers"), 4: ("registers",)}
-AUTO_VARIANTS_INT4_WIDE_GROUPS = ("folded", "registers")  # int4 at groups of 64 and more
+# (from CUDA graphs); int4 at group 32 took 130-132 us folded or registers and 137 staged; at groups of 64 and
+# more folded was the fastest for int4 too (run s8-1). On the H200, where the project now measures (run s10-1,
+# eager, L2 evicted), the order is the same for both widths at group 32: int4 99.0 us folded, 114.4 staged,
+# 124.6 registers; int2 89.6 / 105.2 / 119.9. So "auto" tries folded, then staged, then registers (which
+# serves every call) for int2 and int4 alike; the folded variant's rounding error is about twice the others'
+# (7.6e-4 against 3.9e-4 for int4 there; tests/kernels hold it within 3x).
+AUTO_VARIANTS = {2: ("folded", "staged", "registers"), 4: ("folded", "staged", "registers")}
 
 
 def auto_variants(bits: int, group: int) -> tuple[str, ...]:
     """The variants "auto" tries for a call, fastest first (the comment above says where the order comes from)."""
-    return AUTO_VARIANTS_INT4_WIDE_GROUPS if bits == 4 and group >= 64 else AUTO_VARIANTS[bits]
+    return AUTO_VARIANTS[bits]
 
 
 def enabled() -> bool:
@@ -70,7 +84,7 @@ def ops():
                   file=sys.stderr, flush=True)
             module = load(
                 name="kvlab_kivi_cuda",
-                sources=[str(_DIR / "kivi_binding.cpp"), str(_DIR / "kivi_attention_cuda.cu")],
+                sources=[str(_DIR / name) for name in SOURCES],
                 extra_include_paths=[str(_DIR)],
                 extra_cuda_cflags=["-O3", "-std=c++17", *os.environ.get("KVLAB_CUDA_CFLAGS", "").split()],
                 verbose=False,
@@ -169,11 +183,12 @@ def folded_unsupported(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits
     return None
 
 
-def _occupancy(mod, bits: int, D: int, nt: int, variant: int, group: int, device: torch.device) -> int:
+def _occupancy(mod, bits: int, D: int, nt: int, variant: int, group: int, device: torch.device,
+               tune: int = 0) -> int:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = ("occ", bits, D, nt, variant, group, index)
+    key = ("occ", bits, D, nt, variant, group, index, tune)
     if key not in _state:
-        _state[key] = max(1, int(mod.occupancy(bits, D, nt, variant, group, index)))
+        _state[key] = max(1, int(mod.occupancy(bits, D, nt, variant, group, index, tune)))
     return _state[key]
 
 
@@ -206,10 +221,11 @@ def choose_variant(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits: in
 def kivi_decode_attention_cuda(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, *,
                                bits: int, group: int, residual: int, qk_scale: float, out: torch.Tensor,
                                max_len: int, num_splits: int | None = None, variant: str = "auto",
-                               chosen: bool = False) -> torch.Tensor:
+                               chosen: bool = False, tune: str = "b2s2") -> torch.Tensor:
     """Run the CUDA kernel into ``out`` (arguments already validated, :func:`unsupported` returned None);
     ``variant`` as :func:`choose_variant` takes it, or (``chosen=True``) what it returned for this call's
-    geometry."""
+    geometry. ``tune`` (experiments; a key of :data:`TUNES`, folded variant, D = 128, groups 32 and 128 only):
+    an experimental instance of the folded kernel; "loads" and "compute" compute no attention."""
     mod = ops()
     if mod is None:
         raise RuntimeError("the CUDA KIVI kernel is not available (see the warning from its build)")
@@ -219,11 +235,18 @@ def kivi_decode_attention_cuda(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_sc
     if not chosen:
         variant = choose_variant(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits, group, variant)
     vid = VARIANTS[variant]
-    resident = _occupancy(mod, bits, D, nt, vid, group, q.device)
+    if tune not in TUNES:
+        raise ValueError(f"tune={tune!r} is not allowed; allowed: {', '.join(TUNES)}")
+    tid = TUNES[tune]
+    if tid and not (variant == "folded" and D == 128 and group in (32, 128) and nt == 1):
+        raise ValueError(f"tune={tune!r} exists for the folded variant at head_dim 128, groups 32 and 128 only")
+    if tid >= 1000 and not _aligned(v_codes, 16, dims=2):
+        raise ValueError(f"tune={tune!r} stages the V codes by 16-byte copies: v_codes rows must be 16-byte aligned")
+    resident = _occupancy(mod, bits, D, nt, vid, group, q.device, tid)
     n_main, split_len = plan(B * H, max_len, residual, q.device, resident, num_splits)
     rows = B * Hq * NQ
     o_part = torch.empty((rows, n_main, D), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((rows, n_main), device=q.device, dtype=torch.float32)
     mod.decode(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, o_part, lse_part,
-               out, bits, group, residual, n_main, split_len, qk_scale, vid)  # out: contiguous (checked by the caller)
+               out, bits, group, residual, n_main, split_len, qk_scale, vid, tid)  # out: contiguous (checked by the caller)
     return out

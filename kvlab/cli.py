@@ -120,8 +120,17 @@ def cmd_study(a) -> int:
     import os
     import time
 
+    from kvlab.study import findings
     from kvlab.study.runner import run_notebooks
 
+    def readme() -> int:
+        changed = findings.update_readme()
+        print(f"kvlab study: README.md findings {'regenerated' if changed else 'unchanged'} from "
+              f"{findings.METRICS_DIR.relative_to(findings.ROOT)}/ and benchmarks/results/")
+        return 0
+
+    if a.findings:
+        return readme()
     params = {"smoke": a.smoke}
     if a.smoke:  # smoke figures and tables must not overwrite the rendered findings
         base = os.path.abspath(a.out)
@@ -150,7 +159,10 @@ def cmd_study(a) -> int:
     for p in paths:
         print(f"  {p}")
     print("  figures: figures/*.png")
-    return 0
+    if a.inplace and not a.smoke:  # the committed renders' metrics are committed beside them
+        for p in paths:
+            print(f"  metrics: {findings.record_metrics(p, params)}")
+    return readme()
 
 
 def main(argv=None) -> int:
@@ -195,7 +207,10 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="a few windows and layers: minutes, not a finding")
     p.add_argument("--only", nargs="*", default=None, help="notebook numbers or names, e.g. 01 03")
     p.add_argument("--out", default="data/executed", help="where executed notebooks go (default data/executed)")
-    p.add_argument("--inplace", action="store_true", help="overwrite notebooks/ (renders the committed findings)")
+    p.add_argument("--inplace", action="store_true", help="overwrite notebooks/ (renders the committed findings) "
+                   "and copy each notebook's metrics to notebooks/metrics/")
+    p.add_argument("--findings", action="store_true", help="execute nothing: only regenerate README.md's findings "
+                   "from notebooks/metrics/ and benchmarks/results/ (every study run does this last)")
     p.set_defaults(fn=cmd_study)
     a = parser.parse_args(argv)
     try:

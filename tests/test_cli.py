@@ -60,3 +60,20 @@ def test_cli_bad_scheme_is_one_line_before_any_run(scheme, match, monkeypatch, c
     assert main(["ppl", "--scheme", scheme, "--corpus", "pydoc", "--ctx", "32", "--windows", "1"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kvlab")]  # not load bars
     assert len(err) == 1 and err[0].startswith("kvlab: error: ") and match in err[0], err
+
+
+def test_cli_study_findings_regenerates_the_readme_block_only(monkeypatch, tmp_path, capsys):
+    """`kvlab study --findings` executes no notebook and rewrites only the README's findings block."""
+    import kvlab.study.runner as R
+    from kvlab.cli import main
+    from kvlab.study import findings as F
+
+    monkeypatch.setattr(R, "run_notebooks", lambda *a, **k: pytest.fail("a notebook ran"))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{F.BEGIN}\nstale\n{F.END}\nafter\n")
+    monkeypatch.setattr(F, "README", readme)
+    assert main(["study", "--findings"]) == 0
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("# x\n") and text.endswith(f"{F.END}\nafter\n")
+    assert "**Kernels**" in text and "findings regenerated" in capsys.readouterr().out
+    assert main(["study", "--findings"]) == 0 and "findings unchanged" in capsys.readouterr().out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["GOALS", "KERNELS", "POINT_KERNELS", "cuda_variant_table", "fused_cache_table", "fused_graph_markdown",
+__all__ = ["GOALS", "KERNELS", "POINT_KERNELS", "cache_cpu_table", "cuda_variant_table", "fused_cache_table", "fused_graph_markdown",
            "fused_graph_table", "goal_check", "group_markdown", "group_table", "load_results", "plot_points",
            "plot_speedups", "point_markdown", "point_table", "speedup_table", "verdict_markdown"]
 
@@ -400,3 +400,45 @@ def fused_graph_markdown(path: str | Path) -> str:
                          "from graphs (under a capture transformers passes SDPA an explicit mask, a slower path: not "
                          "its best).")
     return "\n".join(lines)
+
+
+# ---- the CPU benchmark of CompressedCache in generate() (a text table: benchmarks/bench_cache.py) ---------
+
+_CACHE_CPU_COLS = ("prefill s", "decode tok/s", "decode x dyn", "CPU tok/s", "CPU x dyn", "e2e tok/s", "e2e x dyn",
+                   "KiB held", "bytes x dyn", "bytes x fp16", "same")
+
+
+def cache_cpu_table(path: str | Path) -> pd.DataFrame:
+    """The saved ``benchmarks/bench_cache.py`` run (``benchmarks/results/cache_cpu.txt``): one row per cache with
+    ``prefill s``, ``decode tok/s`` and its ratio to DynamicCache (``decode x dyn``), the CPU and end-to-end
+    figures, ``KiB held``, ``bytes x dyn`` (DynamicCache's bytes over this cache's: > 1 holds fewer), ``bytes x
+    fp16`` and ``same`` (greedy tokens equal to DynamicCache's). ``df.attrs``: ``prompt``, ``new`` (tokens),
+    ``threads``, ``repeats`` and ``nbytes``, the table of ``CompressedCache.nbytes()`` against an fp16 cache by
+    token count (columns ``tokens``, ``fp16 KiB``, then ``{scheme} KiB`` / ``{scheme} x fp16``)."""
+    import re
+
+    lines = Path(path).read_text().splitlines()
+    head = next(i for i, s in enumerate(lines) if s.startswith("cache "))
+    rows = []
+    for s in lines[head + 1:]:
+        parts = s.split()
+        if len(parts) <= len(_CACHE_CPU_COLS) or s.startswith("("):  # the end of the table, or a note under it
+            break
+        rows.append({"cache": " ".join(parts[:-len(_CACHE_CPU_COLS)]),
+                     **{c: float(v) for c, v in zip(_CACHE_CPU_COLS, parts[-len(_CACHE_CPU_COLS):])}})
+    df = pd.DataFrame(rows).set_index("cache")
+    df["same"] = df["same"].astype(int)
+    setup = next(s for s in lines if s.startswith("greedy generate"))
+    m = re.search(r"prompt (\d+) \+ (\d+) new tokens.*?(\d+) threads?, median of (\d+)", setup)
+    if m is None:
+        raise ValueError(f"{path}: no 'prompt P + N new tokens ... T threads, median of R' line")
+    df.attrs.update(prompt=int(m[1]), new=int(m[2]), threads=int(m[3]), repeats=int(m[4]))
+    t0 = next((i for i, s in enumerate(lines) if s.split()[:2] == ["tokens", "fp16"]), None)
+    if t0 is not None:
+        hdr = lines[t0].split()
+        cols = ["tokens", "fp16 KiB"]
+        for name in hdr[3::4]:  # after "tokens fp16 KiB": "<scheme> KiB x fp16" per scheme
+            cols += [f"{name} KiB", f"{name} x fp16"]
+        body = [list(map(float, s.split())) for s in lines[t0 + 1:] if s.strip() and s.split()[0].isdigit()]
+        df.attrs["nbytes"] = pd.DataFrame(body, columns=cols[:len(body[0])])
+    return df

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["NOTEBOOK_DIR", "notebooks", "run_notebooks", "strip_volatile"]
+__all__ = ["NOTEBOOK_DIR", "notebooks", "parameter_defaults", "run_notebooks", "strip_volatile"]
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 
@@ -24,6 +24,21 @@ def notebooks(names=None) -> list[Path]:
         if not found:
             raise ValueError(f"no notebook matches {sorted(wanted)}; have {[p.stem for p in notebooks()]}")
     return found
+
+
+def parameter_defaults(path: Path) -> dict:
+    """{name: value} of the literal assignments in a notebook's cell tagged ``parameters``."""
+    import ast
+
+    nb = json.loads(Path(path).read_text())
+    cell = next((c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if cell is None:
+        raise ValueError(f"{Path(path).name} has no cell tagged 'parameters'")
+    out = {}
+    for node in ast.parse("".join(cell["source"])).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            out[node.targets[0].id] = ast.literal_eval(node.value)
+    return out
 
 
 def strip_volatile(path: Path) -> None:

@@ -1,0 +1,131 @@
+"""kvlab.study.findings: the README's Findings block is what the committed metrics generate, and every
+number in it moves with the metrics it comes from."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from kvlab.study import findings as F
+from kvlab.study.runner import NOTEBOOK_DIR, notebooks, parameter_defaults
+
+
+@pytest.fixture(scope="module")
+def metrics():
+    return F.load_metrics()
+
+
+@pytest.fixture(scope="module")
+def block(metrics):
+    return F.findings_block(metrics)
+
+
+def test_every_rendered_notebook_has_committed_metrics(metrics):
+    assert set(F.NOTEBOOK_BULLETS) <= set(metrics), sorted(set(F.NOTEBOOK_BULLETS) - set(metrics))
+    assert set(metrics) <= {p.stem for p in notebooks()}
+
+
+def test_readme_findings_match_the_committed_metrics(block):
+    """The drift test: regenerate the block from notebooks/metrics/ and benchmarks/results/ and compare.
+    On failure run `python -m kvlab study --findings` (or re-render) and commit README.md."""
+    text = F.README.read_text()
+    assert F.replace_block(text, block) == text, "README.md's findings block drifted from notebooks/metrics/"
+
+
+def test_committed_metrics_match_the_rendered_notebooks(metrics):
+    """Notebooks that display their metrics in the last cell show the same numbers as the committed copy."""
+    import ast
+    import re
+
+    for name, m in metrics.items():
+        nb = json.loads((NOTEBOOK_DIR / f"{name}.ipynb").read_text())
+        last = [c for c in nb["cells"] if c["cell_type"] == "code"][-1]
+        shown = [o["data"]["text/plain"] for o in last.get("outputs", []) if "text/plain" in o.get("data", {})]
+        if not shown or not "".join(shown[-1]).lstrip().startswith("{"):
+            continue
+        rendered = ast.literal_eval(re.sub(r"np\.(?:float64|int64)\(([^()]*)\)", r"\1", "".join(shown[-1])))
+        assert json.loads(json.dumps(rendered)) == m, name
+
+
+@pytest.mark.parametrize("name, path, value, old, new", [
+    ("01_dump_tensors", ("outlier_ratio_k_pre",), 77.7, "K pre-RoPE 10.4", "K pre-RoPE 77.7"),
+    ("02_error_heatmaps", ("mixed_delta_ppl",), 12.5, "to +983.6", "to +12.5"),
+    ("03_cosine_vs_perplexity", ("discordance", "1 - V cosine", "discordant"), 7, "V cosine 13 of 291",
+     "V cosine 7 of 291"),
+    ("04_negative_result", ("rival_better",), 5, "in 9 of 12", "in 5 of 12"),
+    ("06_lossless", ("lossless_ratio_all_layers",), 9.87, None, "9.87x"),
+])
+def test_a_changed_metric_changes_the_text(metrics, block, name, path, value, old, new):
+    m = copy.deepcopy(metrics)
+    d = m[name]
+    for k in path[:-1]:
+        d = d[k]
+    d[path[-1]] = value
+    changed = F.findings_block(m)
+    assert new in changed and new not in block
+    if old is not None:
+        assert old in block and old not in changed
+
+
+def test_02_verdict_follows_the_numbers(metrics):
+    """'broken everywhere' is said only while keeping the worst heads leaves most of the loss."""
+    m = copy.deepcopy(metrics["02_error_heatmaps"])
+    assert "broken everywhere" in F.nb02(m)
+    m["mixed_delta_ppl"] = m["base_delta_ppl"] / 10
+    assert "broken everywhere" not in F.nb02(m) and "90% of the loss" in F.nb02(m)
+
+
+def test_benchmark_bullets_come_from_the_results_files(tmp_path):
+    src = F.ROOT / "benchmarks" / "results" / "fused_cache_h200.json"
+    raw = json.loads(src.read_text())
+    raw["graph_rows"][1]["step_ms"] = 2.0  # kivi-4's step from graphs
+    path = tmp_path / "fused_cache_h200.json"
+    path.write_text(json.dumps(raw))
+    assert "1.49 / 1.34 ms" in F.fused_bullet(src) and "2.00 / 1.34 ms" in F.fused_bullet(path)
+    cpu = (F.ROOT / "benchmarks" / "results" / "cache_cpu.txt").read_text()
+    (tmp_path / "cache_cpu.txt").write_text(cpu.replace("CompressedCache q4_0                1.10        15.65",
+                                                        "CompressedCache q4_0                1.10        17.65"))
+    assert "q4_0 15.65" in F.cache_cpu_bullet() and "q4_0 17.65" in F.cache_cpu_bullet(tmp_path / "cache_cpu.txt")
+
+
+def test_replace_block_needs_both_markers():
+    with pytest.raises(ValueError, match="once"):
+        F.replace_block("no markers here", "x")
+    text = f"a\n{F.BEGIN}\nold\n{F.END}\nb\n"
+    assert F.replace_block(text, "new") == f"a\n{F.BEGIN}\nnew\n{F.END}\nb\n"
+
+
+def test_record_metrics_copies_what_the_render_saved(tmp_path):
+    nb = notebooks(["01"])[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f"{nb.stem}.metrics.json").write_text(json.dumps({"ctx": 7}))
+    dst = F.record_metrics(nb, {"out_dir": str(out)}, metrics_dir=tmp_path / "metrics")
+    assert json.loads(dst.read_text()) == {"ctx": 7} and dst.name == f"{nb.stem}.json"
+    assert parameter_defaults(nb)["out_dir"] == "../data/01"
+    with pytest.raises(FileNotFoundError, match="saved no metrics"):
+        F.record_metrics(nb, {"out_dir": str(tmp_path / "nowhere")}, metrics_dir=tmp_path / "metrics")
+
+
+def test_03_04_use_the_keys_their_notebooks_may_add(metrics):
+    """The keys asked of notebooks 03 and 04 fill in the CIs, the rule and the examples when they appear."""
+    m3 = copy.deepcopy(metrics["03_cosine_vs_perplexity"])
+    m3.update(spearman_ci={"1 - K cosine": [0.92, 0.99]}, near_lossless=3.0, n_near_lossless=17,
+              proxy_tolerance=0.1, bits_per_value={"signmag:v=1": 1.25, "fp16": 16.0},
+              discordant_example={"1 - V cosine": ["int:bits=3", "kivi:bits=2", 109.2, 29.9]})
+    for d in m3["discordance"].values():
+        d["rule"] = "holm over 406 pairs at alpha=0.05"
+    m3["discordance"]["1 - V cosine"].update(rate_lo=0.024, rate_hi=0.075)
+    t3 = F.nb03(m3)
+    for s in ("K cosine 0.98 [0.92, 0.99]", "delta PPL <= 3, 17 configs", "within 10%", "from 1.25 to 16 bits",
+              "(4.5% [2.4%, 7.5%])", "after Holm's correction", "prefers `int:bits=3` over `kivi:bits=2`"):
+        assert s in t3, s
+    m4 = copy.deepcopy(metrics["04_negative_result"])
+    m4.update(fp16_ppl=27.6147, signmag_wins_against=["int:bits=2,group=32"], thesis="only partly support",
+              delta_ppl_ci={"signmag:v=4": [20.9, 35.7]}, cosine_twins_overrated_configs=["signmag:v=2,outliers=8"])
+    t4 = F.nb04(m4)
+    for s in ("against `int:bits=2,group=32` (PPL 1034, 37.4x fp16's)", "+27.8 [+20.9, +35.7]",
+              "data only partly support the thesis", "(`signmag:v=2,outliers=8`)"):
+        assert s in t4, s

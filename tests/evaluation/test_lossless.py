@@ -331,7 +331,7 @@ def test_notebook_06_report_and_figures(tiny_model, tiny_dump):
     figs = [plots.lossless_by_layer(table, ["zstd", "bytes+zstd"]),
             plots.lossless_by_codec(summary, [c for c in L.CODECS if c != "store"]),
             plots.mixed_ratio_vs_ppl(res, "t")]
-    assert [len(f.axes) for f in figs] == [3, 1, 1]
-    assert figs[0].axes[0].get_yscale() == "log" and len(figs[2].axes[0].texts) == 2
+    assert [len(f.axes) for f in figs] == [6, 1, 1]  # per-layer: each tensor's panel split (layer 0 on top)
+    assert figs[0].axes[-1].get_yscale() == "linear" and len(figs[2].axes[0].texts) == 2
     for f in figs:
         plt.close(f)

@@ -41,7 +41,7 @@ from typing import ClassVar
 
 import torch
 
-from kvlab.quant.base import Layout, Quantizer, hadamard
+from kvlab.quant.base import Layout, Quantizer
 from kvlab.quant.packing import pack_bits, unpack_bits
 from kvlab.quant.registry import register
 
@@ -115,20 +115,12 @@ class _GGMLBlock(Quantizer):
         return self.compute == "kvlab"
 
     def query(self, q):
-        """q (B, Hq, Tq, D). ``compute=llama.cpp``: q in K's basis (reordered and rotated as K is), rounded to
-        int8 codes with one scale per 32 values (``quantize_row_q8_0``: d = max|x| / 127, codes roundf(x / d);
-        q8_1 has the same codes and d), taken back to the model's basis."""
+        """q (B, Hq, Tq, D). ``compute=llama.cpp``: q rounded as q8_0 stores a value in K's basis (reordered and
+        rotated as K is; ``quantize_row_q8_0``: d = max|x| / 127, codes roundf(x / d); q8_1 has the same codes
+        and d), taken back to the model's basis."""
         if self.compute == "kvlab":
             return q
-        B, H, T, D = q.shape
-        qb = self.rotated(q).reshape(B, H, T, D // BLOCK, BLOCK)
-        d = qb.abs().amax(-1, keepdim=True) / 127
-        y = (roundf(qb * _recip(d)) * d.half().float()).reshape(B, H, T, D)
-        if self.rotate == "hadamard":
-            y = hadamard(y)
-        if self.order == "interleaved":
-            y = y[..., interleave_order(D, y.device).argsort()]
-        return y.to(q.dtype)
+        return Q8_0(order=self.order, rotate=self.rotate).roundtrip(q)
 
     def _params(self, xb):
         """Blocks (..., 32) float32 -> (d, min, q): float32 d and min as ggml computes them, and the codes

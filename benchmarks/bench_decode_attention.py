@@ -265,7 +265,7 @@ def tune_sweep(results, copy_bw, tunes, groups=(32, 128), splits_list=(None,)):
                 cands.append(("registers", None, functools.partial(auto, cuda_variant="registers")))
             for name in tunes:
                 for splits in splits_list:
-                    def run(name=name, splits=splits, c=c):
+                    def run(name=name, splits=splits, c=c, bits=bits, group=group):
                         out = torch.empty_like(q)
                         return kivi_cuda.kivi_decode_attention_cuda(
                             q, *kivi_args(c), lengths, bits=bits, group=group, residual=RESIDUAL,

@@ -83,6 +83,13 @@ def check_pow2(name: str, value: int, lo: int, hi: int) -> None:
         raise ValueError(f"{name}={value!r} is not allowed; allowed: a power of two in [{lo}, {hi}]")
 
 
+def check_window(window) -> None:
+    """A sliding window for the decode kernels: None (full attention) or an int >= 1."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window={window!r} is not allowed; allowed: None (full attention) or an int >= 1 "
+                         "(a sliding-window layer's sliding_window)")
+
+
 def check_devices(tensors: dict[str, torch.Tensor]) -> torch.device:
     """All tensors on one device, and that device one the kernels can run on (CUDA, or CPU when interpreted)."""
     devices = {name: t.device for name, t in tensors.items()}

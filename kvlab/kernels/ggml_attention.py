@@ -26,6 +26,7 @@ from kvlab.kernels._common import (
     check_devices,
     check_pow2,
     check_rank,
+    check_window,
     checked_once,
     next_pow2,
 )
@@ -117,6 +118,7 @@ def _ggml_attn_kernel(
     H,  # kv heads
     SPLITS,  # programs along the sequence (grid axis 1)
     SPLIT_LEN,  # tokens per split (a multiple of BLOCK_N)
+    WINDOW,  # HAS_WINDOW: a sliding window; row i sees tokens last_i - WINDOW < t <= last_i
     sq_b, sq_h, sq_t,  # strides of q
     skc_b, skc_h, skc_t,  # strides of K codes
     skd_b, skd_h, skd_t,  # strides of K scales
@@ -131,6 +133,7 @@ def _ggml_attn_kernel(
     BLOCK_N: tl.constexpr,  # tokens per block
     DT: tl.constexpr,  # dtype of the dot operands (q's dtype)
     ONE_SPLIT: tl.constexpr,  # SPLITS == 1: write the normalised output itself
+    HAS_WINDOW: tl.constexpr,  # a sliding-window layer: mask the tokens older than WINDOW
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -178,7 +181,10 @@ def _ggml_attn_kernel(
             v_a, v_b = _load_halves(vc_base, vd_base, t, c, svc_t, svd_t, tm, False, V_Q4, False, D, BLOCK_N,
                                     DT)
         s = (_dot(q_a, k_a, DT) + _dot(q_b, k_b, DT)) * qk_scale
-        s = tl.where(tm[None, :] & (t[None, :] <= last[:, None]), s, float("-inf"))
+        valid = tm[None, :] & (t[None, :] <= last[:, None])
+        if HAS_WINDOW:
+            valid = valid & (t[None, :] > (last - WINDOW)[:, None])
+        s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -244,14 +250,16 @@ def ggml_decode_attention(q, k_codes, k_d, v_codes, v_d, lengths, *, k_fmt: str 
                           sm_scale: float | None = None, out: torch.Tensor | None = None,
                           max_len: int | None = None, num_splits: int | None = None, block_n: int = 64,
                           num_warps: int = 4, num_stages: int | None = 2,
-                          max_regs: int | None = 128) -> torch.Tensor:
+                          max_regs: int | None = 128, window: int | None = None) -> torch.Tensor:
     """Attention of ``q`` (B, Hq, n, D) over a q4_0/q8_0 cache, returned in q's dtype as (B, Hq, n, D).
 
     ``k_codes``/``k_d`` and ``v_codes``/``v_d`` in the layouts of :func:`kvlab.kernels.ggml_shapes` for
     ``k_fmt`` / ``v_fmt``; ``lengths`` (B,) int32. ``sm_scale`` defaults to ``D ** -0.5``; ``max_len``,
     ``num_splits``, ``block_n``, ``num_warps``, ``num_stages``, ``max_regs`` as in
-    :func:`kivi_decode_attention`.
+    :func:`kivi_decode_attention`; ``window`` (a sliding-window layer's ``sliding_window``): query row ``i``
+    sees only the tokens ``t`` with ``L - n + i - window < t <= L - n + i``.
     """
+    check_window(window)
     key = call_signature((q, k_codes, k_d, v_codes, v_d, lengths, out), (k_fmt, v_fmt, block_n))
     B, Hq, NQ, D, H = checked_once(_VALIDATED, key, _validate, q, k_codes, k_d, v_codes, v_d, lengths, k_fmt,
                                    v_fmt, out, block_n)
@@ -262,8 +270,8 @@ def ggml_decode_attention(q, k_codes, k_d, v_codes, v_d, lengths, *, k_fmt: str 
     for prefix, t in (("sq", q), ("skc", k_codes), ("skd", k_d), ("svc", v_codes), ("svd", v_d)):
         strides.update({f"{prefix}_{n}": st for n, st in zip("bht", t.stride()[:3])})
     args = dict(q_ptr=q, kc_ptr=k_codes, kd_ptr=k_d, vc_ptr=v_codes, vd_ptr=v_d, len_ptr=lengths,
-                qk_scale=(D**-0.5 if sm_scale is None else sm_scale) * LOG2E, H=H, **strides)
-    static = dict(D=D, K_Q4=k_fmt == "q4_0", V_Q4=v_fmt == "q4_0", GQA=Hq // H, NQ=NQ,
+                qk_scale=(D**-0.5 if sm_scale is None else sm_scale) * LOG2E, H=H, WINDOW=window or 0, **strides)
+    static = dict(D=D, K_Q4=k_fmt == "q4_0", V_Q4=v_fmt == "q4_0", GQA=Hq // H, NQ=NQ, HAS_WINDOW=window is not None,
                   BLOCK_M=max(16, next_pow2(Hq // H * NQ)), BLOCK_N=block_n,
                   DT=_torch_to_tl(q.dtype), num_warps=num_warps, enable_fp_fusion=True)
     if num_stages is not None:
@@ -275,13 +283,14 @@ def ggml_decode_attention(q, k_codes, k_d, v_codes, v_d, lengths, *, k_fmt: str 
 
 def ggml_decode_attention_ref(q, k_codes, k_d, v_codes, v_d, lengths, *, k_fmt: str = "q8_0",
                               v_fmt: str = "q8_0", sm_scale: float | None = None,
-                              out: torch.Tensor | None = None) -> torch.Tensor:
+                              out: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """Pure-torch reference of :func:`ggml_decode_attention`: dequantize, then fp32 softmax attention."""
     B, Hq, NQ, D, H = _check(q, k_codes, k_d, v_codes, v_d, lengths, k_fmt, v_fmt, out)
+    check_window(window)
     out = torch.empty_like(q) if out is None else out
     scale = D**-0.5 if sm_scale is None else sm_scale
     for b, L in enumerate(lengths.tolist()):
         k = ggml_dequantize_ref(k_codes[b, :, :L], k_d[b, :, :L], k_fmt)
         v = ggml_dequantize_ref(v_codes[b, :, :L], v_d[b, :, :L], v_fmt)
-        out[b] = attention_ref(q[b], k, v, scale).to(out.dtype)
+        out[b] = attention_ref(q[b], k, v, scale, window).to(out.dtype)
     return out

@@ -38,6 +38,7 @@ from kvlab.kernels._common import (
     check_devices,
     check_pow2,
     check_rank,
+    check_window,
     checked_once,
     next_pow2,
 )
@@ -162,6 +163,7 @@ def _kivi_attn_kernel(
     SPLITS,  # programs along the sequence (grid axis 1)
     SPLIT_LEN,  # tokens per split (a multiple of BLOCK_N)
     RESIDUAL,  # R: window length rule (a multiple of GROUP)
+    WINDOW,  # HAS_WINDOW: a sliding window; row i sees tokens last_i - WINDOW < t <= last_i
     sq_b, sq_h, sq_t,  # strides of q
     skc_b, skc_h, skc_d,  # strides of k_codes (bytes; the word strides are these / 4)
     sks_b, sks_h, sks_g,  # strides of k_scale / k_min
@@ -179,6 +181,7 @@ def _kivi_attn_kernel(
     BLOCK_T: tl.constexpr,  # tokens per block of the masked tail (small: gathers take registers)
     DT: tl.constexpr,  # dtype of the dot operands (q's dtype)
     ONE_SPLIT: tl.constexpr,  # SPLITS == 1: write the normalised output itself
+    HAS_WINDOW: tl.constexpr,  # a sliding-window layer: mask the tokens older than WINDOW (in every block)
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -254,7 +257,11 @@ def _kivi_attn_kernel(
             vsc = tl.reshape(tl.broadcast_to(vsc[:, :, None], (BLOCK_N, NGV, GROUP)), (BLOCK_N, D))
             vmn = tl.reshape(tl.broadcast_to(vmn[:, :, None], (BLOCK_N, NGV, GROUP)), (BLOCK_N, D))
         v = _dequant(_words_to_codes(vw, BITS, DT), vsc, vmn, DT)  # (BLOCK_N, D), channels in pair order
-        m_i, l_i, acc = _softmax_step(q, k, v, None, m_i, l_i, acc, qk_scale, False, DT)
+        if HAS_WINDOW:  # t: the token of each pair-order column, as for V's rows
+            m_i, l_i, acc = _softmax_step(q, k, v, t[None, :] > (last - WINDOW)[:, None], m_i, l_i, acc, qk_scale,
+                                          True, DT)
+        else:
+            m_i, l_i, acc = _softmax_step(q, k, v, None, m_i, l_i, acc, qk_scale, False, DT)
 
     # ---- the rest (the last R tokens, partial blocks): masked gathers, windows included; V columns
     # in the accumulator's channel order ----
@@ -283,6 +290,8 @@ def _kivi_attn_kernel(
         v = tl.where(vq[:, None], vcode.to(tl.float32) * vsc + vmn, vwin.to(tl.float32)).to(DT)
 
         valid = tm[None, :] & (t[None, :] <= last[:, None])
+        if HAS_WINDOW:
+            valid = valid & (t[None, :] > (last - WINDOW)[:, None])
         m_i, l_i, acc = _softmax_step(q, k, v, valid, m_i, l_i, acc, qk_scale, True, DT)
 
     # ---- write: the output itself (one split) or this split's normalised partial and its lse ----
@@ -366,7 +375,8 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
                           out: torch.Tensor | None = None, max_len: int | None = None,
                           num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
                           num_stages: int | None = 2, max_regs: int | None = 128,
-                          backend: str = "auto", cuda_variant: str = "auto") -> torch.Tensor:
+                          backend: str = "auto", cuda_variant: str = "auto",
+                          window: int | None = None) -> torch.Tensor:
     """Attention of ``q`` (B, Hq, n, D) over a KIVI cache, returned in q's dtype as (B, Hq, n, D).
 
     Cache tensors as in the module docstring; ``lengths`` (B,) int32 on the same device. ``sm_scale``
@@ -385,6 +395,10 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
     staged, registers that can serve the call, for int2 and int4 (the fastest first on an H200,
     benchmarks/KERNEL_NOTES.md, v11).
 
+    ``window`` (a sliding-window layer's ``sliding_window``): query row ``i`` sees only the tokens ``t`` with
+    ``L - n + i - window < t <= L - n + i``, as transformers' sliding mask; served by the Triton kernel (the CUDA
+    kernel has no window: ``"auto"`` takes Triton, ``"cuda"`` raises).
+
     Tuning: ``num_splits`` (None: one full wave of programs; both backends), and for Triton only
     ``block_n`` (tokens per block, a power of two), ``num_warps``, ``num_stages``, ``max_regs`` (a register
     cap per thread: 128 lets 4 programs of 4 warps share an SM). The defaults are the fastest of a sweep on
@@ -394,6 +408,7 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
     key = call_signature((*cache, out), (bits, group, residual, backend, cuda_variant, block_n))
     B, Hq, NQ, D, H, cuda_why, variant = checked_once(_VALIDATED, key, _validate, *cache, bits, group, residual,
                                                        out, backend, cuda_variant, block_n)
+    check_window(window)
     out = torch.empty_like(q) if out is None else out
     if q.numel() == 0:  # no sequences, heads or query tokens: nothing to attend
         return out
@@ -401,7 +416,7 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
         max_len = int(lengths.max())
     qk_scale = (D**-0.5 if sm_scale is None else sm_scale) * LOG2E
     if backend != "triton":
-        why = cuda_why
+        why = cuda_why if window is None else "a sliding window (the CUDA kernel attends to every token)"
         if why is None and kivi_cuda.ops() is None:
             why = "the CUDA extension is not available (disabled by KVLAB_CUDA_KERNELS=0, or it failed to build)"
         if why is None:
@@ -420,8 +435,8 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, 
     args = dict(q_ptr=q, kc_ptr=k_codes, kcw_ptr=k_codes.view(torch.int32), ks_ptr=k_scale, km_ptr=k_min,
                 kw_ptr=k_fp16, vc_ptr=v_codes, vcw_ptr=v_codes.view(torch.int32), vs_ptr=v_scale, vm_ptr=v_min,
                 vw_ptr=v_fp16, len_ptr=lengths, qk_scale=qk_scale,
-                H=H, RESIDUAL=residual, **strides)
-    static = dict(D=D, BITS=bits, GROUP=group, GQA=Hq // H, NQ=NQ,
+                H=H, RESIDUAL=residual, WINDOW=window or 0, **strides)
+    static = dict(D=D, BITS=bits, GROUP=group, GQA=Hq // H, NQ=NQ, HAS_WINDOW=window is not None,
                   BLOCK_M=max(16, next_pow2(Hq // H * NQ)), BLOCK_N=block_n, BLOCK_T=16,
                   DT=_torch_to_tl(q.dtype), num_warps=num_warps, enable_fp_fusion=True)
     if num_stages is not None:
@@ -453,25 +468,31 @@ def kivi_dequantize_v_ref(v_codes, v_scale, v_min, n: int, *, bits: int, group: 
     return codes * scale + zero
 
 
-def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
+                  window: int | None = None) -> torch.Tensor:
     """fp32 softmax attention of one sequence: q (Hq, n, D), k and v (H, L, D); query i of n sees
-    tokens 0 .. L - n + i; query head hq reads kv head hq // (Hq / H)."""
+    tokens 0 .. L - n + i (with ``window``, only the last ``window`` of them); query head hq reads kv head
+    hq // (Hq / H)."""
     Hq, NQ, _ = q.shape
     L = k.shape[1]
     k = k.float().repeat_interleave(Hq // k.shape[0], dim=0)
     v = v.float().repeat_interleave(Hq // v.shape[0], dim=0)
     s = q.float() @ k.transpose(-1, -2) * sm_scale  # (Hq, n, L)
-    hidden = torch.arange(L, device=q.device)[None, :] > (L - NQ + torch.arange(NQ, device=q.device))[:, None]
+    t, last = torch.arange(L, device=q.device)[None, :], (L - NQ + torch.arange(NQ, device=q.device))[:, None]
+    hidden = t > last
+    if window is not None:
+        hidden |= t <= last - window
     s = s.masked_fill(hidden, float("-inf"))
     return torch.softmax(s, dim=-1) @ v
 
 
 def kivi_decode_attention_ref(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths, *,
                               bits: int, group: int, residual: int, sm_scale: float | None = None,
-                              out: torch.Tensor | None = None) -> torch.Tensor:
+                              out: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """Pure-torch reference of :func:`kivi_decode_attention`: dequantize, then fp32 softmax attention."""
     B, Hq, NQ, D, H = _check(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_scale, v_min, v_fp16, lengths,
                              bits, group, residual, out)
+    check_window(window)
     out = torch.empty_like(q) if out is None else out
     scale = D**-0.5 if sm_scale is None else sm_scale
     for b, L in enumerate(lengths.tolist()):
@@ -481,5 +502,5 @@ def kivi_decode_attention_ref(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_sca
                        k_fp16[b, :, : L - nk].float()], dim=1)
         v = torch.cat([kivi_dequantize_v_ref(v_codes[b], v_scale[b], v_min[b], nv, bits=bits, group=group),
                        v_fp16[b, :, : L - nv].float()], dim=1)
-        out[b] = attention_ref(q[b], k, v, scale).to(out.dtype)
+        out[b] = attention_ref(q[b], k, v, scale, window).to(out.dtype)
     return out

@@ -302,6 +302,69 @@ def test_ggml_decode_attention(fmts, D, gqa, nq, dtype):
     assert_close(out, ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize(("nq", "window"), [(1, 1), (1, 45), (3, 70), (2, 129), (1, 1000)])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_decode_attention_sliding_window(bits, nq, window, dtype):
+    """A sliding window (the fused cache's sliding layers): row i sees only the last ``window`` tokens up to its
+    own, inside the unmasked main loop's blocks (long sequences, several splits) and in the masked tail; a
+    window of 1 (each row its own token), windows shorter and longer than the residual, and one longer than
+    every sequence (= full attention). "auto" takes the Triton kernel (the CUDA one has no window)."""
+    g = gen(fresh_seed())
+    B, H, gqa, D, group, residual, cap = len(LENGTHS), 2, 2, 64, 32, 64, 320
+    cache = random_kivi(B, H, D, bits, group, residual, cap, g)
+    q = randn(B, H * gqa, nq, D, g=g, dtype=dtype, scale=2.0)
+    lengths = torch.tensor(LENGTHS, dtype=torch.int32, device=DEV)
+    args = kivi_args(q, cache, lengths)
+    ref = K.kivi_decode_attention_ref(*args, bits=bits, group=group, residual=residual, window=window)
+    for splits in (None, 1):
+        out = torch.full_like(q, float("nan"))
+        K.kivi_decode_attention(*args, bits=bits, group=group, residual=residual, out=out, num_splits=splits,
+                                window=window, block_n=32)
+        assert_close(out, ref, dtype)
+    full = K.kivi_decode_attention_ref(*args, bits=bits, group=group, residual=residual)
+    if window >= max(LENGTHS):
+        assert torch.equal(ref, full)
+    else:  # the window changes the answer: the test above can fail
+        assert (ref.float() - full.float()).abs().max() > 100 * tol(dtype)
+
+
+def test_sliding_window_cuda_backend_refused_and_bad_windows():
+    g = gen(0)
+    cache = random_kivi(1, 1, 64, 4, 32, 64, 128, g)
+    q = randn(1, 1, 1, 64, g=g, dtype=torch.float16)
+    args = kivi_args(q, cache, torch.tensor([100], dtype=torch.int32, device=DEV))
+    if CUDA:
+        with pytest.raises(ValueError, match="sliding window"):
+            K.kivi_decode_attention(*args, bits=4, group=32, residual=64, window=16, backend="cuda")
+    for bad in (0, -3, 2.5, True, "16"):
+        with pytest.raises(ValueError, match=r"window=.* is not allowed; allowed: None .* or an int >= 1"):
+            K.kivi_decode_attention(*args, bits=4, group=32, residual=64, window=bad)
+
+
+@pytest.mark.parametrize(("nq", "window"), [(1, 1), (1, 50), (2, 77), (1, 1000)])
+@pytest.mark.parametrize("fmts", [("q8_0", "q8_0"), ("q4_0", "q4_0")], ids="-".join)
+def test_ggml_decode_attention_sliding_window(fmts, nq, window):
+    g = gen(fresh_seed())
+    B, H, D, cap = len(LENGTHS), 2, 64, 320
+    bufs = {}
+    for n, fmt in zip("kv", fmts):
+        shapes = K.ggml_shapes(fmt, B, H, cap, D)
+        codes = torch.empty(shapes["codes"][0], dtype=shapes["codes"][1], device=DEV)
+        d = torch.empty(shapes["d"][0], dtype=torch.float16, device=DEV)
+        K.ggml_pack_ref(randn(B, H, cap, D, g=g), codes, d, 0, fmt=fmt)
+        bufs[n] = (codes, d)
+    q = randn(B, H * 2, nq, D, g=g, dtype=torch.float32, scale=2.0)
+    args = (q, *bufs["k"], *bufs["v"], torch.tensor(LENGTHS, dtype=torch.int32, device=DEV))
+    ref = K.ggml_decode_attention_ref(*args, k_fmt=fmts[0], v_fmt=fmts[1], window=window)
+    for splits in (None, 1):
+        out = torch.full_like(q, float("nan"))
+        K.ggml_decode_attention(*args, k_fmt=fmts[0], v_fmt=fmts[1], out=out, num_splits=splits, window=window)
+        assert_close(out, ref, torch.float32)
+    full = K.ggml_decode_attention_ref(*args, k_fmt=fmts[0], v_fmt=fmts[1])
+    assert torch.equal(ref, full) if window >= max(LENGTHS) else (ref - full).abs().max() > 100 * tol(torch.float32)
+
+
 # ---- quantize-and-pack on append: byte-identical to the references -------------------------------------
 
 

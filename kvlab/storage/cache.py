@@ -32,8 +32,13 @@ Sliding-window and chunked attention layers (the config's ``layer_types``) are
 :class:`~kvlab.storage.layers.CompressedSlidingLayer` layers, with transformers' own ``DynamicSlidingWindowLayer``
 semantics: such a layer holds its last ``window - 1`` tokens and drops the older ones from its storage.
 
+With ``fused=True`` (and in :class:`FusedCache`) sliding-window layers are fused layers too
+(:class:`~kvlab.storage.fused.FusedLayer` with ``sliding_window``: the kernels mask what the window leaves out and
+the layer drops it from its storage).
+
 Refused up front with a ValueError (they would be silently wrong): layer types other than full, sliding
-and chunked attention, sliding layers with ``fused=True``, recency policies (``recent=``/``old=``),
+and chunked attention, chunked layers and logit soft-capping (Gemma 2) with ``fused=True``, recency policies
+(``recent=``/``old=``),
 schemes that are not causal (their stored values depend on later tokens) and schemes that quantize K
 before RoPE.
 """
@@ -41,8 +46,10 @@ before RoPE.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
+import transformers
 from transformers.cache_utils import Cache
 
 from kvlab import kernels as K
@@ -148,6 +155,7 @@ class CompressedCache(Cache):
                 _check_scheme(quant.get(spec).for_tensor(which), which)
         self.n_layers = None
         self._windows: list[int | None] = []  # per layer: its sliding window (or chunk), None for full attention
+        self._types: list[str] = []  # per layer: its attention type (full_attention, sliding_attention, ...)
         self._geometry: tuple[int, int] | None = None  # (kv heads, head_dim) the config promises
         self._pads: list[int] | None = None  # left padding per row, read at the first update
         if config is not None:
@@ -159,6 +167,7 @@ class CompressedCache(Cache):
             head_dim = getattr(text, "head_dim", None) or getattr(text, "hidden_size", 0) // text.num_attention_heads
             self._geometry = (heads, head_dim or None)
             self._windows = _layer_windows(text)
+            self._types = _layer_types(text)
             self.n_layers = text.num_hidden_layers
             self.policy.check_model(self.n_layers, getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
         elif self.policy.keep_last:
@@ -167,11 +176,17 @@ class CompressedCache(Cache):
         self._splits: dict = {}
         self.fused, self.max_len = bool(fused), max_len
         if self.fused:
-            if any(self._windows):
-                raise ValueError(f"{type(self).__name__}(fused=True): this model has "
-                                 f"{sum(w is not None for w in self._windows)} sliding-window or chunked layers, "
-                                 "which the fused kernels do not serve; allowed: fused=False (CompressedCache "
-                                 "stores them), or a model whose layers all use full attention")
+            chunked = self._types.count("chunked_attention")
+            if chunked:
+                raise ValueError(f"{type(self).__name__}(fused=True): this model has {chunked} chunked-attention "
+                                 f"layers of {len(self._types)}, whose mask (a query sees its own chunk) the fused "
+                                 "kernels do not apply; allowed: fused=False (CompressedCache stores them), or a "
+                                 "model of full and sliding-window layers")
+            cap = getattr(text, "attn_logit_softcapping", None) if config is not None else None
+            if cap is not None:
+                raise ValueError(f"{type(self).__name__}(fused=True): this model soft-caps its attention logits "
+                                 f"(attn_logit_softcapping={cap}, Gemma 2), which the fused kernels do not; "
+                                 "allowed: fused=False (CompressedCache), or a model without soft-capping")
             check_fused_config(config, type(self).__name__)
         super().__init__(layers=[])
 
@@ -180,16 +195,16 @@ class CompressedCache(Cache):
         the policy gives every head of the layer one scheme the kernels serve; else a CompressedLayer (whose
         full K/V the fused attention function hands to SDPA)."""
         n = self.n_layers or 10**9
-        if self.fused:
+        window = self._windows[idx] if idx < len(self._windows) else None
+        if self.fused and self._pads is None:  # (a padded batch: refused below, or stored per row)
             ks = {self.policy.quantizer(idx, h, "k", n).spec for h in range(n_heads)}
             vs = {self.policy.quantizer(idx, h, "v", n).spec for h in range(n_heads)}
             if len(ks) == 1 and len(vs) == 1:
                 try:
                     return fused_layer(self.policy.quantizer(idx, 0, "k", n), self.policy.quantizer(idx, 0, "v", n),
-                                       self.max_len)
+                                       self.max_len, window)
                 except ValueError:  # a scheme the kernels do not serve (fp16 layers of keep_first, ...)
                     pass
-        window = self._windows[idx] if idx < len(self._windows) else None
         if self._pads is not None:
             if window is not None or self.fused:
                 raise ValueError(f"CompressedCache: a left-padded batch (pads {self._pads}) on layer {idx}, a "
@@ -236,6 +251,12 @@ class CompressedCache(Cache):
         self._check_update(key_states, value_states, layer_idx)
         if layer_idx == 0 and not self.layers:
             extra = kwargs.get("kwargs") if isinstance(kwargs.get("kwargs"), dict) else kwargs
+            if extra.get("position_ids") is None and key_states.shape[0] > 1 and not self.fused:
+                warnings.warn("CompressedCache: the model passed no position_ids to Cache.update (transformers "
+                              f"{transformers.__version__}; 5.24 and later pass them), so a left-padded batch cannot "
+                              "be told from an unpadded one here: its pad tokens would be stored with the real ones "
+                              "(and enter the groups of schemes that group tokens, such as KIVI's K); for padded "
+                              "batches use transformers >= 5.24, or pass position_ids", stacklevel=2)
             self._pads = left_padding(extra.get("position_ids"), key_states.shape[0], key_states.shape[2])
         while len(self.layers) <= layer_idx:
             self.layers.append(self._new_layer(len(self.layers), key_states.shape[1]))
@@ -283,4 +304,4 @@ class FusedCache(CompressedCache):
             raise ValueError(f"FusedCache: a left-padded batch (pads {self._pads}): the fused layout holds one token "
                              "count for every row, so pads would enter KIVI's groups and windows; allowed: an "
                              "unpadded batch, or kvlab.CompressedCache (which stores padded rows apart)")
-        return fused_layer(self.k, self.v, self.max_len)
+        return fused_layer(self.k, self.v, self.max_len, self._windows[idx] if idx < len(self._windows) else None)

@@ -62,17 +62,33 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _plain_causal(mask: torch.Tensor | None, n: int, L: int) -> bool:
+def _plain_causal(mask: torch.Tensor | None, n: int, L: int, window: int | None = None) -> bool:
     """Whether ``mask`` (None, or (B, 1 or Hq, n, L) bool / additive float) hides exactly the future of
-    the last ``n`` of ``L`` tokens, what the fused kernels apply on their own."""
+    the last ``n`` of ``L`` tokens (with ``window``: and the tokens a sliding window leaves out), what the
+    fused kernels apply on their own."""
     if mask is None:
         return True
     if mask.dim() != 4 or mask.shape[-2] != n or mask.shape[-1] != L:
         return False
     visible = mask if mask.dtype == torch.bool else mask == 0
-    pos = torch.arange(L, device=mask.device)
-    expected = pos[None, :] <= (L - n + torch.arange(n, device=mask.device))[:, None]  # (n, L)
+    pos = torch.arange(L, device=mask.device)[None, :]
+    last = (L - n + torch.arange(n, device=mask.device))[:, None]
+    expected = pos <= last  # (n, L)
+    if window is not None:
+        expected &= pos > last - window
     return bool((visible == expected).all())
+
+
+def _hides_past(mask: torch.Tensor | None, n: int, L: int, window: int | None = None) -> bool:
+    """Whether ``mask`` ((B, 1 or Hq, n, L), the last ``n`` of ``L`` tokens querying) hides from some query a
+    past token that the causal (sliding) rule shows: the mark of a left-padded batch, whatever transformers
+    passed to ``update``."""
+    if mask is None or mask.dim() != 4 or mask.shape[-2:] != (n, L):
+        return False
+    visible = mask if mask.dtype == torch.bool else mask == 0
+    last = L - n + torch.arange(n, device=mask.device)  # (n,) the column of each query's own token
+    expected = last + 1 if window is None else (last + 1).clamp(max=window)
+    return bool((visible.sum(-1) < expected).any())
 
 
 def _sdpa(module, query, key, value, attention_mask, scaling, **kwargs):
@@ -86,18 +102,33 @@ class FusedLayer(PackedBatchOps, DynamicLayer):
     the fused and the dequantizing path, growth, batch reordering and byte accounting.
 
     ``max_len`` (optional): tokens to preallocate for, so that no buffer grows during generation.
-    Shapes: ``update`` takes K/V (B, kv heads, t, D); the cache holds ``cumulative_length`` tokens.
+    Shapes: ``update`` takes K/V (B, kv heads, t, D); the cache has seen ``cumulative_length`` tokens and holds
+    the last ``held`` of them (all, unless ``sliding_window``).
+
+    ``sliding_window`` (a sliding-window layer's window W, as transformers' ``DynamicSlidingWindowLayer``):
+    attention sees the last W tokens up to each query (the kernels' ``window``), and after each attention the
+    layer drops from its front what no later query can see, in the units its layout can lose without
+    touching later tokens (``_evictable``): the tokens kept are stored exactly as in a full-attention layer
+    (KIVI's K groups and windows follow the full length, as in a decode loop), and ``nbytes`` counts only
+    what is held. The dequantizing path hands SDPA the last ``min(seen, W - 1) + n`` tokens, what
+    :meth:`get_mask_sizes` told transformers to build the mask for.
     """
 
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, max_len: int | None = None):
+    def __init__(self, max_len: int | None = None, sliding_window: int | None = None):
         super().__init__()
         if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
             raise ValueError(f"max_len={max_len!r} is not allowed; allowed: None or an int >= 1")
+        if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                           or sliding_window < 1):
+            raise ValueError(f"sliding_window={sliding_window!r} is not allowed; allowed: None or an int >= 1")
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
         self.max_len = max_len
         self.cumulative_length = 0
+        self.offset = 0  # tokens dropped from the front (a sliding layer's eviction); held = seen - offset
         self.bufs: dict[str, torch.Tensor] = {}  # every stored tensor, by name
         self.n_fused = 0  # attention calls served by the fused kernel
         self.n_dequant = 0  # attention calls served by dequantize + SDPA
@@ -123,6 +154,20 @@ class FusedLayer(PackedBatchOps, DynamicLayer):
     def _used_bytes(self) -> dict[str, int]:
         """{"codes", "metadata", "fp16"}: bytes of the stored data (not of the room beyond it)."""
         raise NotImplementedError
+
+    def _evictable(self, held: int, keep: int) -> int:
+        """How many of the ``held`` oldest tokens the layout can drop, all of them older than the last ``keep``
+        (a sliding layer; the base drops none)."""
+        return 0
+
+    def _drop_front(self, k: int) -> None:
+        """Drop the ``k`` oldest held tokens (as ``_evictable`` allowed), moving the rest to the buffers' front."""
+        raise NotImplementedError
+
+    @property
+    def held(self) -> int:
+        """Tokens stored: those seen, less those a sliding layer dropped."""
+        return self.cumulative_length - self.offset
 
     # ---- the cache-layer interface ------------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states):
@@ -154,10 +199,10 @@ class FusedLayer(PackedBatchOps, DynamicLayer):
                                                       key_states.shape[3]) != self.shape:
             raise ValueError(f"{type(self).__name__}: K {tuple(key_states.shape)} and V {tuple(value_states.shape)} "
                              f"must both be (B, H, t, D) with (B, H, D) = {self.shape}")
-        L0 = self.cumulative_length
+        L0 = self.held
         L1 = L0 + key_states.shape[2]
         self._append(key_states.to(torch.float16), value_states.to(torch.float16), L0, L1)
-        self.cumulative_length = L1
+        self.cumulative_length += key_states.shape[2]
         self.lengths.fill_(L1)
         k, v = key_states.view(key_states.shape), value_states.view(value_states.shape)  # views, so the tag is ours
         setattr(k, _TAG, self)
@@ -168,15 +213,31 @@ class FusedLayer(PackedBatchOps, DynamicLayer):
         """Attention of ``query`` (B, Hq, n, D) over the cache; returns ((B, n, Hq, D), None) as
         transformers' attention functions do."""
         self._unread = False
-        n, L = query.shape[2], self.cumulative_length
+        n, W = query.shape[2], self.sliding_window
+        # the tokens the mask covers: every held one, or a sliding layer's min(seen before, W - 1) + n
+        L = self.held if W is None else min(self.cumulative_length - n, W - 1) + n
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        if n <= self._max_queries() and (self._causal_trusted or _plain_causal(attention_mask, n, L)):
+        if n <= self._max_queries() and (self._causal_trusted or _plain_causal(attention_mask, n, L, W)):
             self.n_fused += 1
-            return self._decode(query.contiguous(), scaling).transpose(1, 2), None
-        self.n_dequant += 1
-        k, v = self._dequantize()
-        return _sdpa(module, query, k.to(query.dtype), v.to(query.dtype), attention_mask, scaling, **kwargs)
+            out = self._decode(query.contiguous(), scaling).transpose(1, 2), None
+        else:
+            if self.n_dequant + self.n_fused == 0 and _hides_past(attention_mask, n, L, W):
+                raise ValueError("FusedCache: a left-padded batch (the mask hides past tokens from a row's last "
+                                 "query): the fused layout holds one token count for every row, so pads would enter "
+                                 "KIVI's groups and windows; allowed: an unpadded batch, or kvlab.CompressedCache "
+                                 "(which stores padded rows apart)")
+            self.n_dequant += 1
+            k, v = self._dequantize()
+            k, v = k[:, :, k.shape[2] - L :], v[:, :, v.shape[2] - L :]
+            out = _sdpa(module, query, k.to(query.dtype), v.to(query.dtype), attention_mask, scaling, **kwargs)
+        if W is not None:  # what no later query sees (all of them come after the last token held)
+            drop = self._evictable(self.held, W - 1)
+            if drop:
+                self._drop_front(drop)
+                self.offset += drop
+                self.lengths.fill_(self.held)
+        return out
 
     def _max_queries(self) -> int:
         return MAX_FUSED_QUERIES
@@ -185,16 +246,30 @@ class FusedLayer(PackedBatchOps, DynamicLayer):
         return self.cumulative_length
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.sliding_window is None else self.sliding_window
+
+    def get_max_cache_shape(self) -> int:
+        return -1 if self.sliding_window is None else self.sliding_window
+
+    def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the next update's mask: a full layer's, or as ``DynamicSlidingWindowLayer``
+        gives them for a sliding one (transformers before 5 pass the cache positions, whose count is the query
+        length)."""
+        if self.sliding_window is None:
+            return super().get_mask_sizes(query_length, *args)
+        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        W = self.sliding_window
+        return min(self.cumulative_length, W - 1) + q, max(self.cumulative_length - W + 1, 0)
 
     def reset(self) -> None:
         self.bufs, self.cumulative_length, self.is_initialized, self._unread = {}, 0, False, False
+        self.offset = 0
 
     def _map_batch(self, fn) -> None:
         self.bufs = {name: fn(t).contiguous() for name, t in self.bufs.items()}
         B = next(iter(self.bufs.values())).shape[0]
         self.shape = (B, *self.shape[1:])
-        self.lengths = torch.full((B,), self.cumulative_length, dtype=torch.int32, device=self.device)
+        self.lengths = torch.full((B,), self.held, dtype=torch.int32, device=self.device)
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held: ``codes``, ``metadata`` (scales, minima), ``fp16`` (the fp16 windows) and
@@ -228,6 +303,15 @@ class FusedLayer(PackedBatchOps, DynamicLayer):
                 new.narrow(dim, 0, keep).copy_(old.narrow(dim, 0, keep))
             self.bufs[name] = new
 
+    def _shift(self, names: tuple[str, ...], dim: int, per_token: float, used: int, k: int) -> None:
+        """Move tokens ``k .. used`` of buffers ``names`` (``per_token`` entries a token along ``dim``) to
+        their front: the ``k`` oldest go."""
+        a, n = int(k * per_token), int((used - k) * per_token)
+        for name in names:
+            buf = self.bufs[name]
+            if n:
+                buf.narrow(dim, 0, n).copy_(buf.narrow(dim, a, n).clone())
+
 
 def _shift_window(win: torch.Tensor, held: int, new: torch.Tensor, leave: int):
     """A window buffer (B, H, W, D) holding ``held`` tokens, then the ``new`` tokens (B, H, t, D): the first
@@ -256,10 +340,25 @@ class FusedKiviLayer(FusedLayer):
     token, groups of channels) as :mod:`kvlab.kernels.layout` lays them out, plus fp16 windows of
     ``residual`` tokens each (``k_fp16`` holds ``L mod residual`` tokens, ``v_fp16`` ``min(L, residual)``)."""
 
-    def __init__(self, bits: int, group: int, residual: int, max_len: int | None = None):
-        super().__init__(max_len)
+    def __init__(self, bits: int, group: int, residual: int, max_len: int | None = None,
+                 sliding_window: int | None = None):
+        super().__init__(max_len, sliding_window)
         _check_kivi(bits, group, residual)
         self.bits, self.group, self.residual = bits, group, residual
+        if sliding_window is not None and max_len is not None:  # held <= R + max(W - 1, R) + a step's tokens
+            self.max_len = min(max_len, residual + max(sliding_window, residual) + MAX_FUSED_QUERIES)
+
+    def _evictable(self, held, keep):
+        """Whole residual blocks (so the kernels' rule nk = L // R * R, nv = L - R holds for what stays) that
+        both K and V hold quantized, all older than the last ``keep`` tokens."""
+        R = self.residual
+        return max(0, min(held - keep, held - R)) // R * R
+
+    def _drop_front(self, k):
+        nk, nv = self._counts(self.held)
+        self._shift(("k_codes",), 3, self.bits / 8, nk, k)
+        self._shift(("k_scale", "k_min"), 2, 1 / self.group, nk, k)
+        self._shift(("v_codes", "v_scale", "v_min"), 2, 1, nv, k)
 
     def _counts(self, L: int) -> tuple[int, int]:  # (quantized K tokens, quantized V tokens)
         return layout.kivi_counts(L, self.residual)
@@ -271,7 +370,10 @@ class FusedKiviLayer(FusedLayer):
         K.check_pow2("head_dim", D, 16, 256)
         if D % self.group or self.group > D:
             raise ValueError(f"kivi group={self.group} must divide head_dim={D} (V is grouped along head_dim)")
-        self.bufs = layout.kivi_empty(B, H, D, bits=self.bits, group=self.group, residual=self.residual, cap_k=0,
+        # one residual block of K room from the start: the kernels view the K codes as int32 words, which an
+        # empty (B, H, D, 0) buffer cannot be (a prompt shorter than the residual, then a decode step)
+        self.bufs = layout.kivi_empty(B, H, D, bits=self.bits, group=self.group, residual=self.residual,
+                                      cap_k=_round_up(self.max_len or 1, self.residual),
                                       device=device)._asdict()
 
     def _caps(self) -> tuple[int, int]:
@@ -299,10 +401,10 @@ class FusedKiviLayer(FusedLayer):
         b = self.bufs
         return K.kivi_decode_attention(q, *[b[n] for n in layout.KIVI_BUFFERS], self.lengths, bits=self.bits,
                                        group=self.group, residual=self.residual, sm_scale=scaling,
-                                       max_len=self.cumulative_length)
+                                       max_len=self.held, window=self.sliding_window)
 
     def _dequantize(self):
-        b, L = self.bufs, self.cumulative_length
+        b, L = self.bufs, self.held
         nk, nv = self._counts(L)
         kw = dict(bits=self.bits, group=self.group)
         k = torch.cat([K.kivi_dequantize_k_ref(b["k_codes"], b["k_scale"], b["k_min"], nk, **kw),
@@ -312,7 +414,7 @@ class FusedKiviLayer(FusedLayer):
         return k, v
 
     def _used_bytes(self):
-        (B, H, D), L = self.shape, self.cumulative_length
+        (B, H, D), L = self.shape, self.held
         return layout.kivi_bytes(B, H, D, L, bits=self.bits, group=self.group, residual=self.residual)
 
 
@@ -320,12 +422,21 @@ class FusedGgmlLayer(FusedLayer):
     """llama.cpp ``q4_0`` / ``q8_0`` (K and V each): every token quantized on arrival into the layout of
     :func:`kvlab.kernels.layout.ggml_shapes`; no fp16 window."""
 
-    def __init__(self, k_fmt: str, v_fmt: str, max_len: int | None = None):
-        super().__init__(max_len)
+    def __init__(self, k_fmt: str, v_fmt: str, max_len: int | None = None, sliding_window: int | None = None):
+        super().__init__(max_len, sliding_window)
         for name, fmt in (("k_fmt", k_fmt), ("v_fmt", v_fmt)):
             if fmt not in _GGML:
                 raise ValueError(f"{name}={fmt!r} is not allowed; allowed: {', '.join(_GGML)}")
         self.k_fmt, self.v_fmt = k_fmt, v_fmt
+        if sliding_window is not None and max_len is not None:  # held <= W - 1 + _EVICT_UNIT + a step's tokens
+            self.max_len = min(max_len, sliding_window + _EVICT_UNIT + MAX_FUSED_QUERIES)
+
+    def _evictable(self, held, keep):
+        """Every token is quantized on its own; they go in units of _EVICT_UNIT (a copy every so many steps)."""
+        return max(0, held - keep) // _EVICT_UNIT * _EVICT_UNIT
+
+    def _drop_front(self, k):
+        self._shift(tuple(self.bufs), 2, 1, self.held, k)
 
     def _allocate(self, B, H, D, device):
         K.check_pow2("head_dim", D, 32, 256)
@@ -347,19 +458,20 @@ class FusedGgmlLayer(FusedLayer):
         b = self.bufs
         return K.ggml_decode_attention(q, b["k_codes"], b["k_d"], b["v_codes"], b["v_d"], self.lengths,
                                      k_fmt=self.k_fmt, v_fmt=self.v_fmt, sm_scale=scaling,
-                                     max_len=self.cumulative_length)
+                                     max_len=self.held, window=self.sliding_window)
 
     def _dequantize(self):
-        b, L = self.bufs, self.cumulative_length
+        b, L = self.bufs, self.held
         return (K.ggml_dequantize_ref(b["k_codes"][:, :, :L], b["k_d"][:, :, :L], self.k_fmt),
                 K.ggml_dequantize_ref(b["v_codes"][:, :, :L], b["v_d"][:, :, :L], self.v_fmt))
 
     def _used_bytes(self):
-        (B, H, D), L = self.shape, self.cumulative_length
+        (B, H, D), L = self.shape, self.held
         return layout.ggml_bytes(self.k_fmt, self.v_fmt, B, H, D, L)
 
 
 _GGML = ("q4_0", "q8_0")
+_EVICT_UNIT = 64  # tokens a sliding q4_0 / q8_0 layer drops at once
 
 
 def _check_kivi(bits, group, residual) -> None:
@@ -373,9 +485,11 @@ def _check_kivi(bits, group, residual) -> None:
         raise ValueError(f"kivi residual={residual!r} is not allowed; allowed: a positive multiple of group={group}")
 
 
-def fused_layer(k: Quantizer, v: Quantizer, max_len: int | None = None) -> FusedLayer:
+def fused_layer(k: Quantizer, v: Quantizer, max_len: int | None = None,
+                sliding_window: int | None = None) -> FusedLayer:
     """The fused layer storing K with quantizer ``k`` and V with ``v`` (as ``Policy.quantizer`` returns
-    them); ValueError naming what is allowed when the kernels cannot serve that pair."""
+    them), a sliding-window layer with ``sliding_window``; ValueError naming what is allowed when the kernels
+    cannot serve that pair."""
     allowed = ("allowed: kivi for K and V with the same bits (2, 4), group and residual; or q4_0 / q8_0 "
                "for each of K and V")
     for q in (k, v):
@@ -386,9 +500,9 @@ def fused_layer(k: Quantizer, v: Quantizer, max_len: int | None = None) -> Fused
     if lk is not None and lv is not None and lk.kind == lv.kind == "group":
         if (lk.bits, lk.group, lk.window) != (lv.bits, lv.group, lv.window):
             raise ValueError(f"fused cache: K {k.spec} and V {v.spec} differ in bits, group or residual; " + allowed)
-        return FusedKiviLayer(lk.bits, lk.group, lk.window, max_len)
+        return FusedKiviLayer(lk.bits, lk.group, lk.window, max_len, sliding_window)
     if lk is not None and lv is not None and lk.kind == lv.kind == "block" and {lk.fmt, lv.fmt} <= set(_GGML):
-        return FusedGgmlLayer(lk.fmt, lv.fmt, max_len)
+        return FusedGgmlLayer(lk.fmt, lv.fmt, max_len, sliding_window)
     raise ValueError(f"fused cache: no fused kernel for K {k.spec} with V {v.spec}; " + allowed)
 
 

@@ -316,10 +316,14 @@ def test_unsupported_models_and_arguments(model):
     cfg._attn_implementation = fc.NAME
     with pytest.raises(ValueError, match="head_dim=16"):
         FusedCache("q8_0", config=cfg)  # the ggml kernels need head_dim >= 32
-    mistral = transformers.MistralConfig(num_hidden_layers=2)
-    mistral._attn_implementation = fc.NAME
-    with pytest.raises(ValueError, match="full attention"):
-        FusedCache(KIVI4, config=mistral)
+    chunked = _config(layer_types=["chunked_attention", "full_attention"], attention_chunk_size=32)
+    chunked._attn_implementation = fc.NAME
+    with pytest.raises(ValueError, match="1 chunked-attention layers of 2.*allowed: fused=False"):
+        FusedCache(KIVI4, config=chunked)
+    gemma2 = transformers.Gemma2Config(num_hidden_layers=2, head_dim=64, attn_logit_softcapping=50.0)
+    gemma2._attn_implementation = fc.NAME
+    with pytest.raises(ValueError, match=r"attn_logit_softcapping=50\.0.*allowed: fused=False"):
+        FusedCache(KIVI4, config=gemma2)
     use_fused_attention(model)
     with pytest.raises(ValueError, match="max_len=0"):
         FusedCache(KIVI4, config=model.config, max_len=0)

@@ -146,11 +146,6 @@ def test_layer_windows_from_the_config():
         _layer_windows(broken)
 
 
-def test_fused_cache_refuses_sliding_layers(mistral):
-    with pytest.raises(ValueError, match="2 sliding-window or chunked layers, which the fused kernels do not serve"):
-        CompressedCache("q4_0", config=mistral.config, fused=True)
-
-
 @pytest.mark.parametrize("spec, extra", [("q8_0", 0), ("kivi:bits=2,group=8,residual=8", 7)])
 def test_a_prefill_longer_than_the_window_keeps_the_window(mistral, ids, spec, extra):
     """A 40-token prefill into layers of window 16: the prefill's run is cut to the last 15 tokens at once

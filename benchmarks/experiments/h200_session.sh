@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# One device call of the tenth session (KERNEL_NOTES.md, v11): build the CUDA extension (timed), then
+# One device call (KERNEL_NOTES.md, v11-v12): build the CUDA extension (timed), then
 #   sweep: the folded kernel's tunings and the variants at B=8, T=32k, then the CUDA-kernel GPU tests;
 #   final: the GPU tests of the tree (tests/kernels, tests/storage), then the decode-attention benchmark.
-# Usage (on the device): bash benchmarks/experiments/h200_session.sh sweep|final; logs and results under $OUT.
+# Wheels under .whl/ (carried: FlashInfer and its apache-tvm-ffi, which the device image lacks) are installed
+# first; FlashInfer's JIT builds its decode kernels on the CPU while the GPU tests run.
+#   e2e: bench_fused_cache.py (DynamicCache, StaticCache, FusedCache kivi-4 / kivi-2; also after final with E2E=1).
+# Usage (on the device): bash benchmarks/experiments/h200_session.sh sweep|final|e2e; logs and results under $OUT.
 set -u -o pipefail
 mode=${1:-sweep}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/ext MAX_JOBS=16
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,clocks.max.sm --format=csv | tee "$OUT/smi_$mode.txt"
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,utilization.gpu --format=csv -lms 1000 \
   >> "$OUT/smi_$mode.txt" &
@@ -16,17 +23,35 @@ t0=$(date +%s)
 python3 -c "import kvlab.kernels.kivi_cuda as k; assert k.ops() is not None; print('extension built')" \
   2>&1 | tee "$OUT/build_$mode.log"
 echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build_$mode.log"
-if [ "$mode" = sweep ]; then
+e2e() {  # the decode step end to end in generate()'s loop, eager and from CUDA graphs (issue 20)
+  python3 benchmarks/bench_fused_cache.py --lengths ${E2E_LENGTHS:-4096 32768} --no-unfused \
+    --caches "DynamicCache,StaticCache,FusedCache kivi-4,FusedCache kivi-2" --out "$OUT/fused_cache_h200.txt" \
+    2>&1 | tee "$OUT/bench_fused.log" | tail -30
+}
+if [ "$mode" = e2e ]; then
+  e2e
+elif [ "$mode" = sweep ]; then
   # s10-1: TUNES=all, VARIANTS=registers,staged,folded; s10-2: the staged-V tunings, no variant sweep
   python3 benchmarks/bench_decode_attention.py --out "$OUT" --cuda-tunes "${TUNES:-all}" --cuda-sweep-only \
     ${VARIANTS:+--cuda-sweep --cuda-variants $VARIANTS --cuda-splits auto,8} --groups "" 2>&1 | tee "$OUT/sweep.log"
   timeout 200 python3 -m pytest -n 8 -q tests/kernels/test_triton.py tests/kernels/test_cpu.py \
     -k "${PYTEST_K:-cuda or gpu or shape_mismatches}" 2>&1 | tail -25 | tee "$OUT/pytest_cuda.log"
 else
+  # FlashInfer's JIT build of its fp16 and fp8 decode kernels (CPU work; tiny GPU calls), beside the tests
+  ( python3 -c "
+import sys, torch; sys.path.insert(0, 'benchmarks'); import bench_decode_attention as b
+q = torch.randn(1, b.HQ, 1, b.D, device='cuda', dtype=torch.float16)
+k = torch.randn(1, b.HKV, 256, b.D, device='cuda', dtype=torch.float16)
+for dt in (torch.float16, torch.float8_e4m3fn):
+    print(dt, 'built' if b.flashinfer_decode(q, k, k, dt) else b.FI.get('error'))
+" > "$OUT/flashinfer_jit.log" 2>&1 ) &
+  jit=$!
   { echo "tree: ${TREE:-?} (this session's working tree of kvlab/kernels, tests, benchmarks), pytest -n 8"; date;
     timeout 240 python3 -m pytest -n 8 -q -rs tests/kernels tests/storage; echo "pytest rc=$?"; date; } \
     2>&1 | tee "$OUT/gpu_pytest_h200.log" | tail -15
+  wait $jit; echo "flashinfer jit: $(( $(date +%s) - t0 )) s since start"; cat "$OUT/flashinfer_jit.log" | tail -5
   python3 benchmarks/bench_decode_attention.py --out "$OUT" --points 8:32768,8:131072,32:32768,1:32768 \
     --groups 32,128 --no-append 2>&1 | tee "$OUT/bench.log" | tail -60
+  if [ -n "${E2E:-}" ]; then e2e; fi
 fi
 kill $smi

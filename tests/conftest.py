@@ -34,11 +34,23 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def model_and_tokenizer():
+def _embedded(**kwargs):
+    """Load the embedded model. A missing model is an error (``make setup`` installs it, so CI fails on a
+    missing install step), except where ``KVLAB_ALLOW_NO_MODEL=1`` says the machine cannot hold it (the
+    GPU machine, which the GGUF file cannot travel to): there the tests that need it skip."""
     import kvlab
 
-    return kvlab.load_model()
+    try:
+        return kvlab.load_model(**kwargs)
+    except FileNotFoundError as exc:
+        if os.environ.get("KVLAB_ALLOW_NO_MODEL") == "1":
+            pytest.skip(f"embedded model not installed here (KVLAB_ALLOW_NO_MODEL=1): {exc}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def model_and_tokenizer():
+    return _embedded()
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +59,7 @@ def model64():
     comparisons are not swamped by fp32 GEMM-order noise amplified by the quantizers' rounding steps."""
     import torch
 
-    import kvlab
-
-    return kvlab.load_model(dtype=torch.float64)[0]
+    return _embedded(dtype=torch.float64)[0]
 
 
 @pytest.fixture(scope="session")

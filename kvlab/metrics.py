@@ -10,7 +10,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["block_means", "cosine", "kl_div", "logits_kl", "mse", "nmse", "paired_delta_ci", "paired_nll_test"]
+__all__ = ["block_means", "cosine", "kl_div", "logits_kl", "mean_ci", "mse", "nmse", "paired_delta_ci",
+           "paired_nll_test"]
 
 
 def mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -97,6 +98,29 @@ def block_means(x, block: int = 1) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     starts = np.arange(0, x.size, block)
     return np.add.reduceat(x, starts) / np.diff(np.append(starts, x.size))
+
+
+def mean_ci(x, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0, block: int = 1):
+    """The mean of per-window values ``x`` (in corpus order) with a percentile bootstrap CI over windows,
+    resampling blocks of ``block`` consecutive windows as :func:`paired_delta_ci` does. Returns
+    (mean, lo, hi); lo = hi = mean with a single block or no spread."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"need a non-empty 1-D list of per-window values, got shape {x.shape}")
+    if not isinstance(block, (int, np.integer)) or block < 1:
+        raise ValueError(f"block={block!r} is not allowed; allowed: an integer >= 1 (windows per resampled block)")
+    mean = float(x.mean())
+    b = block_means(x, block)
+    if b.size < 2 or np.all(x == x[0]):
+        return mean, mean, mean
+    starts = np.arange(0, x.size, block)
+    size = np.diff(np.append(starts, x.size)).astype(np.float64)  # (n_blocks,)
+    sums = np.add.reduceat(x, starts)  # (n_blocks,)
+    pick = np.random.default_rng(seed).integers(0, starts.size, size=(n_resamples, starts.size))
+    boot = sums[pick].sum(axis=1) / size[pick].sum(axis=1)  # (n_resamples,)
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(boot, [tail, 100 - tail])
+    return mean, float(lo), float(hi)
 
 
 def paired_nll_test(nll_a, nll_b, block: int = 1) -> float:

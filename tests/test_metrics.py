@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvlab.metrics import block_means, paired_delta_ci, paired_nll_test
+from kvlab.metrics import block_means, mean_ci, paired_delta_ci, paired_nll_test
 
 
 def _articles(n_articles=8, per_article=4, seed=0):
@@ -62,3 +62,28 @@ def test_block_bootstrap_is_seeded_and_checks_its_arguments():
         paired_delta_ci(a, b, block=0)
     assert np.allclose(block_means([1, 3, 5, 7, 9], 2), [2, 6, 9])
     assert paired_nll_test(a, a) == 1.0
+
+
+def test_mean_ci_brackets_the_mean_is_seeded_and_checks_its_arguments():
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.5, 0.1, 24)
+    m, lo, hi = mean_ci(x, seed=3)
+    assert m == pytest.approx(x.mean()) and lo < m < hi
+    assert (m, lo, hi) == mean_ci(x, seed=3)  # the same inputs give the same numbers
+    half = 1.96 * x.std(ddof=1) / np.sqrt(x.size)  # the normal-theory half-width, for scale
+    assert 0.6 * half < (hi - lo) / 2 < 1.4 * half
+    assert mean_ci(np.full(5, 0.25)) == (0.25, 0.25, 0.25)  # no spread: no interval
+    assert mean_ci([0.1, 0.9], block=2) == (0.5, 0.5, 0.5)  # one block: nothing to resample
+    for bad in ([], [[1.0, 2.0]]):
+        with pytest.raises(ValueError, match="1-D"):
+            mean_ci(bad)
+    with pytest.raises(ValueError, match="block=0"):
+        mean_ci(x, block=0)
+
+
+def test_mean_ci_blocks_widen_it_when_neighbours_move_together():
+    rng = np.random.default_rng(2)
+    x = np.repeat(rng.normal(0, 1, 8), 4) + rng.normal(0, 0.05, 32)  # 8 articles of 4 alike windows
+    _, lo1, hi1 = mean_ci(x)
+    _, lo4, hi4 = mean_ci(x, block=4)
+    assert hi4 - lo4 > 1.5 * (hi1 - lo1)

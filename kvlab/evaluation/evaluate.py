@@ -128,9 +128,11 @@ def evaluate_policy(model, windows, policy, emulation: str = "prefill", kl: bool
     return {"window_nll": nll, "window_kl": kls if kl else None, "seconds": time.perf_counter() - t0}
 
 
-def error_table(model, windows, policy, emulation: str = "prefill", progress: bool = True):
-    """Per-layer, per-kv-head tensor and attention-output errors of ``policy``, averaged over windows.
-    Returns a tidy pandas DataFrame (one row per layer x head)."""
+def error_table(model, windows, policy, emulation: str = "prefill", progress: bool = True,
+                per_window: bool = False):
+    """Per-layer, per-kv-head tensor and attention-output errors of ``policy``: averaged over windows
+    (one row per layer x head), or with ``per_window`` one row per window x layer x head (a ``window``
+    column: the index in ``windows``), from which a proxy gets a CI over windows. A tidy pandas DataFrame."""
     import pandas as pd
     import torch
     from tqdm.auto import tqdm
@@ -141,10 +143,16 @@ def error_table(model, windows, policy, emulation: str = "prefill", progress: bo
     rows = []
     with hooks.measure(model, policy, emulation=emulation) as measured, torch.no_grad():
         for i in tqdm(range(windows.shape[0]), desc="errors", disable=not progress, leave=False):
+            start = len(measured)
             model(input_ids=windows[i : i + 1].to(device), use_cache=False)
+            for row in measured[start:]:
+                row["window"] = i
         rows = list(measured)
     df = pd.DataFrame(rows)
-    return df.groupby(["layer", "head"], as_index=False).mean()
+    if per_window:
+        df = df.groupby(["window", "layer", "head"], as_index=False).mean()
+        return df[["window", *[c for c in df.columns if c != "window"]]]
+    return df.drop(columns="window").groupby(["layer", "head"], as_index=False).mean()
 
 
 def scheme_report(model_name=None, corpus="auto", ctx=512, windows=24, data_dir=None, policy="fp16",

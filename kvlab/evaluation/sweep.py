@@ -3,7 +3,8 @@
 Layout under ``out`` (default ``data/results``):
 
 - ``ppl/<key>.csv``: one row per window (NLL, logits KL) of one finished config;
-- ``errors/<key>.csv``: one row per layer x kv head (tensor and attention-output errors);
+- ``errors/<key>.csv``: one row per error window x layer x kv head (tensor and attention-output errors;
+  files of one window written before the ``window`` column existed are read as window 0);
 - ``ppl.csv`` and ``errors.csv``: every finished config merged, sorted (rewritten at the end of a run).
 
 ``key`` hashes the canonical policy spec, the emulation, what the model is (a fingerprint of its weights
@@ -97,11 +98,18 @@ def _read_result(path: Path, kind: str, n_rows: int | None = None,
     extra = set(df.columns) - set(required) - {"bos_token_id"}
     if not set(required) <= set(df.columns) or (kind == "ppl" and extra):
         return None, f"not a sweep {kind} file (columns {list(df.columns)}; expected {required})"
+    legacy = kind == "errors" and "window" not in df.columns and len(df) > 0
+    if legacy:
+        if df.duplicated(["layer", "head"]).any():
+            return None, "an errors file without a window column holding several rows per layer and head"
+        df.insert(df.columns.get_loc("layer"), "window", 0)  # a one-window file from before the column
     if not len(df) or (df["key"].astype(str) != path.stem).any():
         return None, f"not the rows of key {path.stem} (truncated or foreign)"
     if df[[c for c in required if c != "kl"]].isna().any().any():
         return None, "truncated (a row has missing values)"
     if n_rows is not None and len(df) != n_rows:
+        if legacy and n_rows > len(df):
+            return None, "averaged over its windows (written before per-window error rows)"
         return None, f"truncated ({len(df)} rows, expected {n_rows})"
     if ctx is not None and (df["ctx"] != ctx).any():
         return None, f"scored at ctx {sorted(set(df['ctx']))}, not {ctx}"
@@ -125,7 +133,7 @@ def merge(out: str | Path, kinds=KINDS) -> dict[str, pd.DataFrame]:
         if not frames:
             continue
         df = pd.concat(frames, ignore_index=True)
-        order = ["key", "window"] if kind == "ppl" else ["key", "layer", "head"]
+        order = ["key", "window"] if kind == "ppl" else ["key", "window", "layer", "head"]
         df = df.sort_values(order, kind="stable").reset_index(drop=True)
         _write_csv(df, out / f"{kind}.csv")
         merged[kind] = df
@@ -215,7 +223,7 @@ def sweep(configs, model=None, tokenizer=None, model_name: str | None = None, co
     tok_hash = tokens_sha256(w)
     w_err = w[: max(1, min(error_windows, w.shape[0]))]
     err_hash = tokens_sha256(w_err)
-    expected = {"ppl": int(w.shape[0]), "errors": n_layers * n_heads}
+    expected = {"ppl": int(w.shape[0]), "errors": int(w_err.shape[0]) * n_layers * n_heads}
 
     def key(kind, pol, em, digest, shape) -> str:
         """The key hashes the tokens and the windows' shape ((4, 512) and (8, 256) windows of one token
@@ -253,7 +261,7 @@ def sweep(configs, model=None, tokenizer=None, model_name: str | None = None, co
                                  "kl": r["window_kl"]})
         else:
             rows = error_table(model, w_err, pol, emulation="static" if emulation == "static" else "prefill",
-                               progress=progress)
+                               progress=progress, per_window=True)
             for j, (k, v) in enumerate({"key": key, **meta, "tokens_sha256": err_hash}.items()):
                 rows.insert(j, k, v)
         _write_csv(rows, path)

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from kvlab import quant
-from kvlab.metrics import paired_delta_ci, paired_nll_test
+from kvlab.metrics import mean_ci, paired_delta_ci, paired_nll_test
 from kvlab.quant.policy import parse_policy
 
 __all__ = [
@@ -65,7 +65,8 @@ def causal_only_rows(table: pd.DataFrame, causal_only: bool = True) -> pd.DataFr
 def summarize(ppl: pd.DataFrame, seed: int = 0, n_resamples: int = 2000, block: int = 1) -> pd.DataFrame:
     """One row per config: PPL, delta PPL vs the fp16 config on the same windows with a paired bootstrap
     95% CI (``block``: windows per resampled block, see :func:`kvlab.metrics.paired_delta_ci`), mean logits
-    KL, bits per value, bytes per token at 4096, and ``oracle`` (:func:`is_oracle`)."""
+    KL with its CI over windows (``kl_lo``, ``kl_hi``), bits per value, bytes per token at 4096, and
+    ``oracle`` (:func:`is_oracle`)."""
     rows = []
     for tokens, df in ppl.groupby("tokens_sha256", sort=False):
         fp = df[df["config"] == "fp16"].sort_values("window")
@@ -75,25 +76,48 @@ def summarize(ppl: pd.DataFrame, seed: int = 0, n_resamples: int = 2000, block: 
             g = g.sort_values("window")
             d, lo, hi = paired_delta_ci(fp["nll"].to_numpy(), g["nll"].to_numpy(), seed=seed,
                                         n_resamples=n_resamples, block=block)
+            kl = g["kl"].to_numpy(dtype=np.float64)
+            kl_lo, kl_hi = mean_ci(kl, seed=seed, n_resamples=n_resamples, block=block)[1:] \
+                if np.isfinite(kl).all() else (math.nan, math.nan)
             first = g.iloc[0]
             rows.append({
                 "config": first["config"], "family": family(first["config"]), "oracle": is_oracle(first["config"]),
                 "key": key,
                 "bits_per_value": first["bits_per_value"], "bytes_per_token_4096": first["bytes_per_token_4096"],
                 "ppl": math.exp(g["nll"].mean()), "delta_ppl": d, "ci_lo": lo, "ci_hi": hi,
-                "kl": g["kl"].mean(), "windows": len(g), "tokens_sha256": tokens,
+                "kl": g["kl"].mean(), "kl_lo": kl_lo, "kl_hi": kl_hi, "windows": len(g), "tokens_sha256": tokens,
             })
     return pd.DataFrame(rows).sort_values(["bits_per_value", "delta_ppl"]).reset_index(drop=True)
 
 
-def proxy_table(summary: pd.DataFrame, errors: pd.DataFrame) -> pd.DataFrame:
+def proxy_table(summary: pd.DataFrame, errors: pd.DataFrame, seed: int = 0, n_resamples: int = 2000,
+                block: int = 1) -> pd.DataFrame:
     """summary joined with the layer/head-averaged tensor and attention errors of each config, and
-    every proxy of :data:`PROXIES` as an error-like column."""
+    every proxy of :data:`PROXIES` as an error-like column, each with a 95% CI over the error windows
+    (``<proxy>_lo``, ``<proxy>_hi``: the per-window layer/head means resampled in blocks of ``block``
+    windows, :func:`kvlab.metrics.mean_ci`; a single error window gives lo = hi). ``error_windows``:
+    how many windows the errors come from."""
     cols = ["k_mse", "k_nmse", "k_cos", "v_mse", "v_nmse", "v_cos", "attn_nmse", "attn_cos", "attn_kl"]
-    mean = errors.groupby("config", as_index=False)[cols].mean()
-    t = summary.merge(mean, on="config", how="inner")
+    if "window" not in errors:
+        errors = errors.assign(window=0)
+    per = errors.groupby(["config", "window"], as_index=False)[cols].mean()  # (config x window) rows
+    rows = []
+    for config, g in per.groupby("config", sort=False):
+        g = g.sort_values("window")
+        row = {"config": config, "error_windows": len(g)}
+        for c in cols:
+            row[c], row[f"{c}_lo"], row[f"{c}_hi"] = mean_ci(g[c].to_numpy(), seed=seed,
+                                                               n_resamples=n_resamples, block=block)
+        rows.append(row)
+    t = summary.merge(pd.DataFrame(rows), on="config", how="inner")
     for name, col in PROXIES.items():
-        t[name] = 1 - t[col] if name.startswith("1 -") else t[col]
+        if col not in t:
+            continue
+        lo, hi = (f"{col}_lo", f"{col}_hi") if f"{col}_lo" in t else (col, col)
+        if name.startswith("1 -"):
+            t[name], t[f"{name}_lo"], t[f"{name}_hi"] = 1 - t[col], 1 - t[hi], 1 - t[lo]
+        else:
+            t[name], t[f"{name}_lo"], t[f"{name}_hi"] = t[col], t[lo], t[hi]
     return t
 
 

@@ -102,6 +102,40 @@ def test_committed_results_keep_their_keys():
         assert r.key == f.stem and r.key in (legacy, shaped), f.name  # keyed before or after the shape was hashed
 
 
+def test_errors_are_stored_per_window_and_average_to_the_error_table(model, tokenizer, tmp_path):
+    """Each error window has its own layer x head rows (the proxies' CIs resample them); their mean is
+    error_table's average over the same windows. A one-window file from before the window column is
+    reused as window 0; an averaged file of several windows is recomputed."""
+    from kvlab.evaluation.evaluate import error_table, load_windows
+
+    res = sweep(["q4_0"], model=model, tokenizer=tokenizer, out=tmp_path, kinds=("errors",), error_windows=2,
+                progress=False, **ARGS)
+    err = res["errors"]
+    q = err[err.config == "q4_0"]
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    assert len(q) == 2 * n_layers * n_heads and sorted(q.window.unique()) == [0, 1]
+    _, w = load_windows(tokenizer, ARGS["corpus"], ARGS["ctx"], ARGS["windows"])
+    avg = error_table(model, w[:2], "q4_0", progress=False)
+    got = q.groupby(["layer", "head"], as_index=False)[["k_mse", "v_cos", "attn_kl"]].mean()
+    pd.testing.assert_frame_equal(got, avg[["layer", "head", "k_mse", "v_cos", "attn_kl"]], rtol=1e-12)
+    # an averaged two-window file as written before per-window rows: not a result of these windows
+    f = tmp_path / "errors" / f"{q.key.iloc[0]}.csv"
+    q[q.window == 0].drop(columns="window").to_csv(f, index=False)  # one row per layer x head, no window
+    with pytest.warns(UserWarning, match="averaged over its windows"):
+        sweep(["q4_0"], model=model, tokenizer=tokenizer, out=tmp_path, kinds=("errors",), error_windows=2,
+              progress=False, **ARGS)
+    assert "window" in pd.read_csv(f).columns
+    # a one-window file without the column is read as window 0 and reused, not recomputed
+    one = sweep(["q4_0"], model=model, tokenizer=tokenizer, out=tmp_path, kinds=("errors",), error_windows=1,
+                progress=False, **ARGS)["errors"]
+    f1 = tmp_path / "errors" / f"{one[one.config == 'q4_0'].key.iloc[0]}.csv"
+    pd.read_csv(f1).drop(columns="window").to_csv(f1, index=False)
+    mtime = f1.stat().st_mtime_ns
+    again = sweep(["q4_0"], model=model, tokenizer=tokenizer, out=tmp_path, kinds=("errors",), error_windows=1,
+                  progress=False, **ARGS)["errors"]
+    assert f1.stat().st_mtime_ns == mtime and (again[again.config == "q4_0"].window == 0).all()
+
+
 @pytest.mark.parametrize("bad", ["2/2", "a/b", "1", (0, 0), (-1, 2)])
 def test_bad_shard(bad):
     with pytest.raises(ValueError, match="shard="):

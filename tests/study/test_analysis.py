@@ -222,3 +222,28 @@ def test_correlation_verdict_quotes_the_denominators(synth):
     rates = study.discordance(table, ppl, ["swap"])
     text = study.correlation_verdict(corr, study.discordant_pairs(table, ppl, "swap"), rates)
     assert "swap: 1 of 9 (11.1% [" in text and "of 9 significant pairs among 10" in text
+
+
+def test_proxy_table_gives_every_proxy_a_ci_over_error_windows(synth):
+    ppl, _ = synth
+    summary = study.summarize(ppl, n_resamples=200)
+    rng = np.random.default_rng(0)
+    rows = []
+    for c in SHIFTS:
+        for w in range(6):
+            for layer in range(2):
+                e = PROXY["good"][c] * (1 + 0.2 * rng.standard_normal())
+                rows.append({"config": c, "window": w, "layer": layer, "head": 0, "k_mse": e, "k_nmse": e,
+                             "k_cos": 1 - e, "v_mse": e, "v_nmse": e, "v_cos": 1 - e, "attn_nmse": e,
+                             "attn_cos": 1 - e, "attn_kl": e})
+    errors = pd.DataFrame(rows)
+    t = study.proxy_table(summary, errors, n_resamples=500).set_index("config")
+    q = t.loc["q4_0"]
+    assert q.error_windows == 6
+    assert q["K MSE_lo"] < q["K MSE"] < q["K MSE_hi"]
+    assert q["1 - K cosine"] == pytest.approx(q["K MSE"])  # 1 - (1 - e): the same numbers
+    assert q["1 - K cosine_lo"] == pytest.approx(1 - q.k_cos_hi) and q["1 - K cosine_hi"] == pytest.approx(1 - q.k_cos_lo)
+    assert q["logits KL_lo"] <= q["logits KL"] <= q["logits KL_hi"]  # from the ppl rows' per-window KL
+    # one error window: the CI collapses onto the value
+    one = study.proxy_table(summary, errors[errors.window == 0].drop(columns="window")).set_index("config")
+    assert (one["K MSE_lo"] == one["K MSE"]).all() and (one["K MSE_hi"] == one["K MSE"]).all()

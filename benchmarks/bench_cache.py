@@ -1,10 +1,10 @@
 """Greedy ``generate()`` through kvlab's ``CompressedCache`` and its peers: tokens/s and bytes held, on CPU.
 
-The embedded model (fp32) reads a ``--prompt``-token pydoc prompt and generates ``--new`` tokens greedily
+The model (the embedded one unless ``--model``; fp32) reads a ``--prompt``-token pydoc prompt and generates ``--new`` tokens greedily
 with each cache: transformers' ``DynamicCache`` (the baseline: fp32 K/V, as the model runs in fp32),
 transformers' ``QuantizedCache`` with the ``quanto`` and ``hqq`` backends at 4 and 2 bits (group 64,
 residual 128; note that it attends the prefill with the unquantized K/V and quantizes it only for later
-steps), and ``CompressedCache`` with ``q4_0``, ``kivi-4`` and ``kivi-2`` (through its compiled CPU kernels;
+steps), and ``CompressedCache`` with ``q8_0``, ``q4_0``, ``kivi-4`` and ``kivi-2`` (through its compiled CPU kernels;
 ``KVLAB_CPU_KERNELS=0`` measures its torch-ops fallback). Every variant runs once per
 repeat, interleaved, so drifting machine load hits them alike; the medians are printed with their ratios
 to ``DynamicCache`` measured in the same run. A logits processor timestamps every step, which splits the
@@ -19,7 +19,8 @@ model's whole geometry at several lengths, from synthetic K/V written through th
 "decode tok/s" is wall clock; "CPU tok/s" counts this thread's CPU time only, so that other jobs on a
 shared machine do not blur the comparison.
 
-    python benchmarks/bench_cache.py [--prompt 512] [--new 128] [--repeats 3] [--threads 1] [--json]
+    python benchmarks/bench_cache.py [--model gemma3-270m] [--caches "CompressedCache q8_0,..."] [--prompt 512]
+        [--new 128] [--repeats 3] [--threads 1] [--lengths 128 2048 ...] [--json]
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from kvlab.evaluation.evaluate import load_windows
 from kvlab.kernels import cpu as cpu_kernels
 from kvlab.storage.cache import CompressedCache, cache_kwarg
 
-POLICIES = {"kivi-2": "kivi:bits=2", "kivi-4": "kivi:bits=4", "q4_0": "q4_0"}
+POLICIES = {"kivi-2": "kivi:bits=2", "kivi-4": "kivi:bits=4", "q4_0": "q4_0", "q8_0": "q8_0"}
 LENGTHS = (128, 512, 1024, 2048, 8192)
 
 
@@ -53,7 +54,7 @@ def variants(config) -> dict:
         for bits in (4, 2):
             out[f"HF QuantizedCache {backend} {bits}b"] = (
                 lambda b=backend, n=bits: QuantizedCache(backend=b, config=config, nbits=n))
-    for label in ("q4_0", "kivi-4", "kivi-2"):
+    for label in ("q8_0", "q4_0", "kivi-4", "kivi-2"):
         out[f"CompressedCache {label}"] = lambda s=POLICIES[label]: CompressedCache(s, config=config)
     return out
 
@@ -113,8 +114,13 @@ def generate_once(model, ids, make_cache, new: int) -> dict:
             "tokens": out[0, ids.shape[1]:].tolist()}
 
 
-def run_generate(model, ids, new: int, repeats: int) -> list[dict]:
+def run_generate(model, ids, new: int, repeats: int, only: list[str] | None = None) -> list[dict]:
     makers = variants(model.config)
+    if only:
+        unknown = [c for c in only if c not in makers]
+        if unknown:
+            raise SystemExit(f"--caches: unknown {unknown}; allowed: {', '.join(makers)}")
+        makers = {k: m for k, m in makers.items() if k == "DynamicCache" or k in only}
     runs: dict[str, list[dict]] = {k: [] for k in makers}
     generate_once(model, ids[:, :64], DynamicCache, 4)  # warm-up
     for _ in range(repeats):  # interleaved
@@ -156,13 +162,20 @@ def base_element_size(model) -> int:
 
 def bytes_vs_length(config, lengths=LENGTHS) -> list[dict]:
     """CompressedCache.nbytes() for the model's whole geometry at each length, synthetic K/V written
-    through the cache API (a prefill of T tokens), vs an fp16 cache of the same tokens."""
-    L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    through the cache API (a prefill of T tokens), vs an fp16 cache of the same tokens: transformers'
+    DynamicCache for the same config holding fp16 K/V, so sliding-window layers hold their window in both
+    (``fp16_full_bytes``: what an fp16 cache would hold if every layer kept every token)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    L, H = text.num_hidden_layers, text.num_key_value_heads
+    D = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     gen = torch.Generator().manual_seed(0)
     rows = []
     for T in lengths:
         k, v = torch.randn(2, 1, H, T, D, generator=gen)
-        row = {"tokens": T, "fp16_bytes": 2 * L * H * T * D * 2}
+        fp16 = DynamicCache(config=config)
+        for layer in range(L):
+            fp16.update(k.half(), v.half(), layer)
+        row = {"tokens": T, "fp16_bytes": held_bytes(fp16), "fp16_full_bytes": 2 * L * H * T * D * 2}
         for label in ("kivi-2", "q4_0"):
             cache = CompressedCache(POLICIES[label], config=config)
             for layer in range(L):
@@ -179,21 +192,26 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default); on 2 "
                     "shared, loaded cores, 2 threads made decoding ~30x slower, hence 1")
+    ap.add_argument("--model", default=None, help="model id or alias (default: the embedded model)")
+    ap.add_argument("--caches", default="", help="comma-separated cache labels to run beside DynamicCache "
+                    "(default: all)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="tokens of the bytes table")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = kvlab.load_model()
-    _, w = load_windows(tok, "pydoc", ctx=args.prompt, windows=1)
-    rows = run_generate(model, w, args.new, args.repeats)
-    sizes = bytes_vs_length(model.config)
+    model, tok = kvlab.load_model(args.model) if args.model else kvlab.load_model()
+    name = args.model or "embedded model"
+    _, w = load_windows(tok, "pydoc", ctx=args.prompt, windows=1)  # BOS where the tokenizer adds one
+    rows = run_generate(model, w, args.new, args.repeats, [c for c in args.caches.split(",") if c])
+    sizes = bytes_vs_length(model.config, args.lengths)
     if args.json:
         for r in rows:
             r.pop("tokens", None)
-        print(json.dumps({"prompt": args.prompt, "new": args.new, "threads": torch.get_num_threads(),
+        print(json.dumps({"model": name, "prompt": args.prompt, "new": args.new, "threads": torch.get_num_threads(),
                           "generate": rows, "bytes_vs_length": sizes}, indent=1))
         return
-    print(f"greedy generate, embedded model ({model.dtype}), prompt {args.prompt} + {args.new} new tokens, "
+    print(f"greedy generate, {name} ({model.dtype}), prompt {args.prompt} + {args.new} new tokens, "
           f"CPU, {torch.get_num_threads()} threads, median of {args.repeats} interleaved runs")
     print(f"{'cache':<30}{'prefill s':>10}{'decode tok/s':>13}{'x dyn':>7}{'CPU tok/s':>10}{'x dyn':>7}"
           f"{'e2e tok/s':>10}{'x dyn':>7}{'KiB held':>10}{'x dyn':>7}{'x fp16':>7}{'same':>6}")
@@ -210,12 +228,17 @@ def main() -> None:
     print("(CompressedCache quantized and decoded through "
           + ("its compiled CPU kernels, kvlab.cpu_kernels)" if cpu_kernels.ops() is not None
              else "torch ops: the compiled CPU kernels were unavailable or KVLAB_CPU_KERNELS=0)"))
-    print(f"\nCompressedCache.nbytes() vs an fp16 cache, whole model ({model.config.num_hidden_layers} layers x "
-          f"{model.config.num_key_value_heads} kv heads x head_dim {model.config.head_dim}), synthetic K/V")
-    print(f"{'tokens':>7}{'fp16 KiB':>11}{'kivi-2 KiB':>12}{'x fp16':>8}{'q4_0 KiB':>10}{'x fp16':>8}")
+    cfg = model.config.get_text_config(decoder=True)
+    kinds = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    print(f"\nCompressedCache.nbytes() vs an fp16 cache, whole model ({cfg.num_hidden_layers} layers "
+          f"({kinds.count('sliding_attention')} sliding-window) x {cfg.num_key_value_heads} kv heads x "
+          f"head_dim {cfg.head_dim}), synthetic K/V; fp16 = DynamicCache holding fp16 K/V for the same config "
+          "(sliding layers keep their window in both), full = fp16 if every layer kept every token")
+    print(f"{'tokens':>7}{'fp16 KiB':>11}{'full KiB':>11}{'kivi-2 KiB':>12}{'x fp16':>8}{'q4_0 KiB':>10}{'x fp16':>8}")
     for s in sizes:
-        print(f"{s['tokens']:>7}{s['fp16_bytes'] / 1024:>11.0f}{s['kivi-2'] / 1024:>12.0f}"
-              f"{s['fp16_bytes'] / s['kivi-2']:>8.2f}{s['q4_0'] / 1024:>10.0f}{s['fp16_bytes'] / s['q4_0']:>8.2f}")
+        print(f"{s['tokens']:>7}{s['fp16_bytes'] / 1024:>11.0f}{s['fp16_full_bytes'] / 1024:>11.0f}"
+              f"{s['kivi-2'] / 1024:>12.0f}{s['fp16_bytes'] / s['kivi-2']:>8.2f}{s['q4_0'] / 1024:>10.0f}"
+              f"{s['fp16_bytes'] / s['q4_0']:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -418,9 +418,13 @@ def kernels_bullet(path: Path = ROOT / "benchmarks" / "results" / "decode_attent
     text += (f" Errors against the fp32 attention over each cache, at B={B}, T={T // 1024}k: {errs.min():.1e} "
              f"(`{errs.idxmin()}`) to {errs.max():.1e} (`{errs.idxmax()}`).")
     goal, ratio_goal = kt.FLOOR_GOALS["fraction"], kt.FLOOR_GOALS["int4_over_fp8"]
-    met = min(i4.of_floor, i2.of_floor) >= goal and f8.us / i4.us >= ratio_goal
-    text += (f" The issue-20 goals ({pc(goal)} of the floor, int4 {ratio_goal:g}x FlashInfer fp8) are "
-             f"{'met' if met else 'not met'}")
+    floor_met = min(i4.of_floor, i2.of_floor) >= goal
+    text += f" The issue-20 goal of {pc(goal)} of the byte floor is {'met' if floor_met else 'not met'}"
+    if has_fi:
+        text += (f"; its goal of int4 at {ratio_goal:g}x FlashInfer's fp8 is "
+                 f"{'met' if f8.us / i4.us >= ratio_goal else 'not met'} ({x(f8.us / i4.us)})")
+    else:
+        text += f"; its goal of int4 at {ratio_goal:g}x FlashInfer's fp8 is not measured in this run"
     h = kt.load_results(history)
     hat = h[(h.B == B) & (h["T"] == T) & (h.timing == "eager")].set_index("kernel")
     if {"cuda-int4", "cuda-int2"} <= set(hat.index):

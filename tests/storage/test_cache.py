@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 from transformers import DynamicCache
 
 import kvlab.quant as kq
@@ -322,6 +323,14 @@ def _padded_batch(pad_id: int):
     return ids, mask, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
+#: transformers before 5.24 hand the cache no position_ids, so it cannot see left padding (CompressedCache warns)
+NEEDS_POSITION_IDS = pytest.mark.skipif(
+    Version(transformers.__version__) < Version("5.24"),
+    reason=f"transformers {transformers.__version__} passes no position_ids to Cache.update: padded batches "
+           "store their pads (a stated limitation below 5.24, warned by CompressedCache)")
+
+
+@NEEDS_POSITION_IDS
 @pytest.mark.parametrize("policy", [PAD_POLICY, "q4_0", "k=kivi:bits=2,group=4,residual=4;v=q8_0;keep_first=1"])
 def test_masked_pad_token_does_not_move_any_logit(model64, policy):
     """Changing only the masked pad token id leaves every real position's logits bit-identical."""
@@ -337,6 +346,7 @@ def test_masked_pad_token_does_not_move_any_logit(model64, policy):
     assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
 
 
+@NEEDS_POSITION_IDS
 def test_padded_row_in_generate_equals_the_prompt_alone(model64):
     ids, mask, _ = _padded_batch(0)
     with torch.no_grad():

@@ -153,9 +153,32 @@ def cmd_study(a) -> int:
             raise FileNotFoundError(f"--inplace renders the committed findings on WikiText-2, which is not "
                                     f"reachable ({e}); give --data-dir (or KVLAB_DATA_DIR), or name another "
                                     f"corpus with --corpus to render on it deliberately") from None
+    if a.fresh:  # nothing reused: the sweeps write into a new, empty results folder
+        params["results_dir"] = os.path.abspath(os.path.join(a.out, f"fresh-{time.strftime('%Y%m%d-%H%M%S')}",
+                                                             "results"))
+    import json
+    import tempfile
+
+    from kvlab.evaluation.sweep import LEDGER_ENV
+
+    ledger = tempfile.NamedTemporaryFile(prefix="kvlab-sweeps-", suffix=".jsonl", delete=False)
+    ledger.close()
+    os.environ[LEDGER_ENV] = ledger.name  # the notebooks' kernels inherit it
     t0 = time.perf_counter()
-    paths = run_notebooks(a.only, out_dir=None if a.inplace else a.out, parameters=params)
+    try:
+        paths = run_notebooks(a.only, out_dir=None if a.inplace else a.out, parameters=params)
+    finally:
+        del os.environ[LEDGER_ENV]
+        with open(ledger.name, encoding="utf-8") as f:
+            runs = [json.loads(line) for line in f if line.strip()]
+        os.unlink(ledger.name)
     print(f"kvlab study: {len(paths)} notebooks executed in {time.perf_counter() - t0:.0f} s:")
+    for kind in ("ppl", "errors"):
+        n = [r[kind] for r in runs if kind in r]
+        if n:
+            print(f"  {kind} results: {sum(c['reused'] for c in n)} configs reused from finished files, "
+                  f"{sum(c['computed'] for c in n)} computed ({len(n)} sweeps"
+                  + (f"; results in {params['results_dir']}" if a.fresh else "") + ")")
     for p in paths:
         print(f"  {p}")
     print("  figures: figures/*.png")
@@ -209,6 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="data/executed", help="where executed notebooks go (default data/executed)")
     p.add_argument("--inplace", action="store_true", help="overwrite notebooks/ (renders the committed findings) "
                    "and copy each notebook's metrics to notebooks/metrics/")
+    p.add_argument("--fresh", action="store_true", help="reuse no finished sweep results: compute every config "
+                   "again, into a new folder under --out")
     p.add_argument("--findings", action="store_true", help="execute nothing: only regenerate README.md's findings "
                    "from notebooks/metrics/ and benchmarks/results/ (every study run does this last)")
     p.set_defaults(fn=cmd_study)

@@ -77,3 +77,30 @@ def test_cli_study_findings_regenerates_the_readme_block_only(monkeypatch, tmp_p
     assert "stale" not in text and text.startswith("# x\n") and text.endswith(f"{F.END}\nafter\n")
     assert "**Kernels**" in text and "findings regenerated" in capsys.readouterr().out
     assert main(["study", "--findings"]) == 0 and "findings unchanged" in capsys.readouterr().out
+
+
+def test_cli_study_says_how_many_configs_it_reused_and_fresh_reuses_none(monkeypatch, tmp_path, capsys):
+    """`kvlab study` sums the reused / computed counts its notebooks' sweeps report; `--fresh` points the
+    notebooks at a new, empty results folder. (Notebooks replaced by a stand-in that runs one real sweep.)"""
+    import kvlab.study.runner as R
+    from kvlab.cli import main
+    from kvlab.evaluation.sweep import sweep
+    from kvlab.study import findings as F
+
+    seen = []
+
+    def fake_run(only, out_dir=None, parameters=None):
+        seen.append(dict(parameters))
+        sweep(["q4_0"], corpus="pydoc", ctx=32, windows=2, progress=False,
+              out=parameters.get("results_dir", tmp_path / "results"))
+        return []
+
+    monkeypatch.setattr(R, "run_notebooks", fake_run)
+    monkeypatch.setattr(F, "update_readme", lambda: False)
+    assert main(["study", "--only", "05", "--out", str(tmp_path / "exec")]) == 0
+    assert "ppl results: 0 configs reused from finished files, 2 computed (1 sweeps)" in capsys.readouterr().out
+    assert main(["study", "--only", "05", "--out", str(tmp_path / "exec")]) == 0
+    assert "ppl results: 2 configs reused from finished files, 0 computed" in capsys.readouterr().out
+    assert main(["study", "--only", "05", "--fresh", "--out", str(tmp_path / "exec")]) == 0
+    out = capsys.readouterr().out
+    assert "0 configs reused from finished files, 2 computed" in out and "fresh-" in seen[-1]["results_dir"]

@@ -246,13 +246,13 @@ def sweep(configs, model=None, tokenizer=None, model_name: str | None = None, co
             em = emulation if emulation != "decode" else "prefill"
             jobs.append(("errors", key("errors", pol, em, err_hash, w_err.shape), spec, pol, meta))
 
-    def run(job) -> None:
+    def run(job) -> bool:
         kind, key, _, pol, meta = job
         path = out / kind / f"{key}.csv"
         if path.exists():
             df, problem = _read_result(path, kind, expected[kind], T)
             if df is not None:
-                return
+                return False  # finished meanwhile (by a concurrent run): reused
             warnings.warn(f"sweep: {path} is {problem}; recomputing it", stacklevel=3)
         if kind == "ppl":
             r = evaluate_policy(model, w, pol, emulation=emulation, kl=True, progress=progress)
@@ -265,25 +265,52 @@ def sweep(configs, model=None, tokenizer=None, model_name: str | None = None, co
             for j, (k, v) in enumerate({"key": key, **meta, "tokens_sha256": err_hash}.items()):
                 rows.insert(j, k, v)
         _write_csv(rows, path)
+        return True
 
     held = []  # configs another process is computing: waited for after the free ones
+    reused = {kind: 0 for kind in kinds}
     bar = tqdm(jobs, desc="configs", disable=not progress)
     for job in bar:
         bar.set_postfix_str(job[2][:40])
         path = out / job[0] / f"{job[1]}.csv"
         if path.exists() and _read_result(path, job[0], expected[job[0]], T)[0] is not None:
+            reused[job[0]] += 1
             continue
         with _claim(path.with_suffix(".lock"), wait=False) as mine:
             if mine:
                 run(job)
             else:
                 held.append(job)
+    bar.close()
     for job in held:
         with _claim(out / job[0] / f"{job[1]}.lock", wait=True):
-            run(job)  # done by the other process (then skipped), or left undone by it (a crash)
+            if not run(job):  # done by the other process (then skipped), or left undone by it (a crash)
+                reused[job[0]] += 1
     tables = {}
     keys = {kind: [j[1] for j in jobs if j[0] == kind] for kind in kinds}
+    counts = {kind: {"reused": reused[kind], "computed": len(keys[kind]) - reused[kind]} for kind in kinds}
+    _report_counts(out, counts, progress)
     for kind, df in merge(out, kinds).items():  # the folder may hold other runs: keep this call's rows
         tables[kind] = df[df["key"].isin(keys[kind])].reset_index(drop=True)
-        tables[kind].attrs.update(tokens_sha256=tok_hash, error_tokens_sha256=err_hash)
+        tables[kind].attrs.update(tokens_sha256=tok_hash, error_tokens_sha256=err_hash, **counts[kind])
     return tables
+
+
+#: a file that every sweep appends its reused/computed counts to (one JSON object a line), if set: ``kvlab
+#: study`` sets it to sum them over the notebooks it renders
+LEDGER_ENV = "KVLAB_SWEEP_LEDGER"
+
+
+def _report_counts(out: Path, counts: dict, progress: bool) -> None:
+    """Say how many configs came from finished files in ``out`` and how many were computed (configs reused by
+    a concurrent run count as reused); append them to ``$KVLAB_SWEEP_LEDGER`` when that is set."""
+    import json
+
+    if progress:
+        text = "; ".join(f"{kind}: {c['reused']} configs reused from {out}, {c['computed']} computed"
+                         for kind, c in counts.items())
+        tqdm.write(f"sweep: {text}")
+    ledger = os.environ.get(LEDGER_ENV)
+    if ledger:
+        with open(ledger, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"out": str(out), **counts}) + "\n")

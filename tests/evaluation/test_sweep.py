@@ -72,12 +72,25 @@ def test_shards_split_and_merge(model, tokenizer, tmp_path):
     assert sorted(merged.config.unique()) == sorted(["fp16", *CONFIGS[:2]])
 
 
-def test_rerun_skips_finished_configs(model, tokenizer, tmp_path):
-    sweep(["q4_0"], model=model, tokenizer=tokenizer, out=tmp_path, progress=False, **ARGS)
-    f = next((tmp_path / "ppl").glob("*.csv"))
+def test_rerun_skips_finished_configs(model, tokenizer, tmp_path, monkeypatch, capsys):
+    import json
+
+    from kvlab.evaluation.sweep import LEDGER_ENV
+
+    ledger = tmp_path / "ledger.jsonl"
+    monkeypatch.setenv(LEDGER_ENV, str(ledger))
+    out = tmp_path / "out"
+    first = sweep(["q4_0"], model=model, tokenizer=tokenizer, out=out, progress=False, **ARGS)["ppl"]
+    f = next((out / "ppl").glob("*.csv"))
     mtime = f.stat().st_mtime_ns
-    sweep(["q4_0"], model=model, tokenizer=tokenizer, out=tmp_path, progress=False, **ARGS)
+    again = sweep(["q4_0", "q8_0"], model=model, tokenizer=tokenizer, out=out, progress=True, **ARGS)["ppl"]
     assert f.stat().st_mtime_ns == mtime
+    # it says what it reused: fp16 and q4_0 from the first run, q8_0 computed
+    assert (first.attrs["reused"], first.attrs["computed"]) == (0, 2)
+    assert (again.attrs["reused"], again.attrs["computed"]) == (2, 1)
+    assert "sweep: ppl: 2 configs reused from" in capsys.readouterr().out
+    runs = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert [r["ppl"] for r in runs] == [{"reused": 0, "computed": 2}, {"reused": 2, "computed": 1}]
 
 
 def test_key_depends_on_every_input():

@@ -19,7 +19,7 @@ from kvlab.quant.policy import parse_policy
 
 __all__ = [
     "PROXIES", "adjust_pvalues", "bytes_table", "causal_only_rows", "compare_proxies", "discordance",
-    "discordant_pairs", "family", "is_oracle", "kv_stats", "matched_bits", "pair_orderings", "pair_tests",
+    "discordant_pairs", "family", "head_means", "is_oracle", "kv_stats", "matched_bits", "pair_orderings", "pair_tests",
     "pareto_front", "proxy_table", "rank_correlations", "spearman_ranges", "summarize", "worst_heads",
     "worst_heads_policy",
 ]
@@ -346,9 +346,19 @@ def pareto_front(summary: pd.DataFrame, x: str = "bits_per_value", y: str = "del
     return s.loc[keep].reset_index(drop=True)
 
 
-def worst_heads(errors: pd.DataFrame, config: str, n: int, metric: str = "k_nmse") -> list[tuple[int, int]]:
-    """The n (layer, kv head) pairs with the largest ``metric`` under ``config``."""
+def head_means(errors: pd.DataFrame, config: str) -> pd.DataFrame:
+    """One row per (layer, kv head) of ``config``: its errors averaged over the error windows (the sweep
+    stores a row per window x layer x head; a table without a ``window`` column is returned as it is)."""
     e = errors[errors["config"] == config]
+    if "window" not in e or e.empty:
+        return e
+    cols = [c for c in e.columns if c not in ("window", "layer", "head") and pd.api.types.is_numeric_dtype(e[c])]
+    return e.groupby(["layer", "head"], as_index=False)[cols].mean().assign(config=config)
+
+
+def worst_heads(errors: pd.DataFrame, config: str, n: int, metric: str = "k_nmse") -> list[tuple[int, int]]:
+    """The n (layer, kv head) pairs with the largest ``metric`` under ``config`` (averaged over windows)."""
+    e = head_means(errors, config)
     if e.empty:
         raise ValueError(f"config {config!r} is not in the errors table; it has {sorted(errors['config'].unique())}")
     top = e.sort_values(metric, ascending=False).head(n)
@@ -423,8 +433,9 @@ def describe_kv(stats: pd.DataFrame) -> str:
 
 
 def error_share(errors: pd.DataFrame, config: str, n: int, metric: str = "k_mse") -> float:
-    """Fraction of the total ``metric`` (summed over layers x heads) held by the worst n heads."""
-    e = errors[errors["config"] == config][metric].sort_values(ascending=False)
+    """Fraction of the total ``metric`` (summed over layers x heads, each averaged over windows) held by the
+    worst n heads."""
+    e = head_means(errors, config)[metric].sort_values(ascending=False)
     return float(e.head(n).sum() / e.sum()) if e.sum() > 0 else 0.0
 
 

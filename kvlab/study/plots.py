@@ -136,8 +136,8 @@ def error_heatmaps(errors: pd.DataFrame, configs: list[str], metrics=("k_nmse", 
                                                                       1.25 * len(configs) + 0.9),
                              squeeze=False, gridspec_kw={"width_ratios": [1] * len(metrics) + [0.04]})
     for i, c in enumerate(configs):
-        e = errors[errors["config"] == c]
-        grids = [e.pivot(index="head", columns="layer", values=m) for m in metrics]
+        e = errors[errors["config"] == c].groupby(["head", "layer"])[list(metrics)].mean()  # over error windows
+        grids = [e[m].unstack("layer") for m in metrics]
         vals = np.concatenate([g.to_numpy().ravel() for g in grids])
         pos = vals[np.isfinite(vals) & (vals > 0)]
         norm = LogNorm(vmin=pos.min(), vmax=pos.max()) if pos.size else None

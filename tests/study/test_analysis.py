@@ -247,3 +247,18 @@ def test_proxy_table_gives_every_proxy_a_ci_over_error_windows(synth):
     # one error window: the CI collapses onto the value
     one = study.proxy_table(summary, errors[errors.window == 0].drop(columns="window")).set_index("config")
     assert (one["K MSE_lo"] == one["K MSE"]).all() and (one["K MSE_hi"] == one["K MSE"]).all()
+
+
+def test_head_tables_average_the_error_windows_first():
+    """worst_heads, error_share and the heatmaps see one value per (layer, head): the mean over windows."""
+    from kvlab.study import plots
+
+    rows = [{"config": "q4_0", "window": w, "layer": la, "head": h,
+             "k_nmse": (2 * la + h + 1) * (1 + w), "v_nmse": 1.0, "attn_nmse": 1.0, "k_mse": float(la == 1 and h == 0)}
+            for w in range(2) for la in range(2) for h in range(2)]
+    errors = pd.DataFrame(rows)
+    assert len(study.head_means(errors, "q4_0")) == 4
+    assert study.worst_heads(errors, "q4_0", 2) == [(1, 1), (1, 0)]  # no (layer, head) twice
+    assert study.error_share(errors, "q4_0", 1) == 1.0
+    fig = plots.error_heatmaps(errors, ["q4_0"])
+    assert fig is not None

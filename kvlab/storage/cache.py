@@ -253,7 +253,7 @@ class CompressedCache(Cache):
             extra = kwargs.get("kwargs") if isinstance(kwargs.get("kwargs"), dict) else kwargs
             if extra.get("position_ids") is None and key_states.shape[0] > 1 and not self.fused:
                 warnings.warn("CompressedCache: the model passed no position_ids to Cache.update (transformers "
-                              f"{transformers.__version__}; 5.24 and later pass them), so a left-padded batch cannot "
+                              f"{transformers.__version__}; its generate() passes them from 5.24 on), so a left-padded batch cannot "
                               "be told from an unpadded one here: its pad tokens would be stored with the real ones "
                               "(and enter the groups of schemes that group tokens, such as KIVI's K); for padded "
                               "batches use transformers >= 5.24 (which hands the cache the position_ids generate() derives "

@@ -441,10 +441,48 @@ def _store_captures(state, layer, query, key, value, cos_sin):
         state.captures[(layer, name)] = t.detach().to("cpu", copy=True)
 
 
-def _error_rows(state, layer, key, value, kv, ks, vv, vs, out_ref, p_ref, out_q, p_q):
+#: elements of one (Hq, query rows, keys) block of scores in :func:`_reference_errors`
+_ERROR_BLOCK_ELEMENTS = 1 << 21
+
+
+def _reference_errors(query, qq, key, value, kv, ks, vv, vs, attention_mask, scaling, softcap=None):
+    """The fp16 attention (query over key/value) and the compressed one (qq over the versions, ``ks`` /
+    ``vs`` selections as :func:`_attend_reference` takes them), by blocks of query rows, each block only
+    over the keys it can see (the causal prefix, or every key where the mask shows one beyond it), so no
+    (Hq, Tq, Tk) map is ever held whole. query/qq (B, Hq, Tq, D), key/value (B, Hkv, Tk, D). Returns
+    out_ref, out_q (B, Hq, Tq, D) and kl (B, Hq, Tq): KL(p_ref || p_q) of each query's attention row."""
+    from kvlab.metrics import kl_div
+
+    B, Hq, Tq, _ = query.shape
+    Tk = key.shape[2]
+    rows = max(16, min(Tq, _ERROR_BLOCK_ELEMENTS // max(1, B * Hq * Tk)))
+    outs_ref, outs_q, kls = [], [], []
+    for a in range(0, Tq, rows):
+        b = min(Tq, a + rows)
+        end = Tk - Tq + b  # the causal prefix of keys the block's last query sees
+        am = None
+        if attention_mask is not None:
+            am = attention_mask[..., a:b, :Tk]
+            beyond = am[..., end:]
+            shown = beyond if am.dtype == torch.bool else beyond > _hidden(am.dtype)
+            if beyond.numel() and bool(shown.any()):  # a mask that shows later keys: keep them all
+                end = Tk
+            am = am[..., :end]
+        # _attend_reference masks (without a mask) with _causal(b - a, end): the block's queries are the
+        # last b - a tokens of the first `end` keys, as they are of the window's
+        sl = (slice(None), slice(None), slice(None, end))
+        o_r, p_r = _attend_reference(query[:, :, a:b], [key[sl]], None, [value[sl]], None, am, scaling, softcap)
+        o_q, p_q = _attend_reference(qq[:, :, a:b], [x[sl] for x in kv], None if ks is None else ks[:, a:b, :end],
+                                     [x[sl] for x in vv], None if vs is None else vs[:, a:b, :end], am, scaling,
+                                     softcap)
+        outs_ref.append(o_r), outs_q.append(o_q), kls.append(kl_div(p_r, p_q))
+    return torch.cat(outs_ref, 2), torch.cat(outs_q, 2), torch.cat(kls, 2)
+
+
+def _error_rows(state, layer, key, value, kv, ks, vv, vs, out_ref, out_q, kl):
     """One row per kv head: tensor errors of K and V as stored after the whole window, attention
-    output errors and attention-probability KL from the same Q."""
-    from kvlab.metrics import cosine, kl_div, mse, nmse
+    output errors and attention-probability KL (``kl`` (B, Hq, Tq) per query row) from the same Q."""
+    from kvlab.metrics import cosine, mse, nmse
 
     Hkv = key.shape[1]
     n_rep = out_ref.shape[1] // Hkv
@@ -462,7 +500,7 @@ def _error_rows(state, layer, key, value, kv, ks, vv, vs, out_ref, p_ref, out_q,
     k_st, v_st = stored(kv, ks), stored(vv, vs)
     o_r = out_ref.unflatten(1, (Hkv, n_rep))
     o_q = out_q.unflatten(1, (Hkv, n_rep))
-    kl = kl_div(p_ref.unflatten(1, (Hkv, n_rep)), p_q.unflatten(1, (Hkv, n_rep)))  # (B, Hkv, n_rep, Tq)
+    kl = kl.unflatten(1, (Hkv, n_rep))  # (B, Hkv, n_rep, Tq)
     for h in range(Hkv):
         state.rows.append({
             "layer": layer, "head": h,
@@ -502,9 +540,9 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if state.rows is not None:
         kv, ks = _reference_inputs(state, kv, k_keys)
         vv, vs = _reference_inputs(state, vv, v_keys)
-        out_ref, p_ref = _attend_reference(query, [key], None, [value], None, attention_mask, scaling, softcap)
-        out_q, p_q = _attend_reference(qq, kv, ks, vv, vs, attention_mask, scaling, softcap)
-        _error_rows(state, layer, key, value, kv, ks, vv, vs, out_ref, p_ref, out_q, p_q)
+        out_ref, out_q, kl = _reference_errors(query, qq, key, value, kv, ks, vv, vs, attention_mask, scaling,
+                                               softcap)
+        _error_rows(state, layer, key, value, kv, ks, vv, vs, out_ref, out_q, kl)
         return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
     if _plain(state, k_keys) and _plain(state, v_keys):  # every key read as stored: plain attention
         return _sdpa(module, qq, kv[1], vv[1], attention_mask, dropout=dropout, scaling=scaling, **kw)

@@ -254,6 +254,40 @@ def test_blockwise_attention_equals_reference(spec, emulation, n_rep, padded):
         torch.testing.assert_close(fast, ref.transpose(1, 2), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("spec", ["kivi:bits=2,group=16,residual=32", "kv=int:bits=8;recent=24;old=int:bits=2"])
+@pytest.mark.parametrize("mask_kind", ["none", "padded", "additive", "shows_later_key"])
+def test_error_blocks_equal_one_whole_map(spec, mask_kind, monkeypatch):
+    # measure's reference and compressed attention by blocks of query rows over their visible keys, against
+    # the same computed in one block over every key (float64): outputs and per-row KL agree, whatever the mask
+    gen = torch.Generator().manual_seed(1)
+    B, Hkv, n_rep, Tk, D = 2, 2, 3, 300, 32
+    Tq = Tk - 37 if mask_kind != "none" else Tk
+    state = hooks._State(None, 1, parse_policy(spec), "prefill")
+    cos, sin = _rope(B, Tk, D)
+    q = torch.randn(B, Hkv * n_rep, Tq, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, Hkv, Tk, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, Hkv, Tk, D, generator=gen, dtype=torch.float64)
+    mask = None
+    if mask_kind != "none":
+        mask = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq).expand(B, 1, Tq, Tk).clone()
+        mask[1, :, :, 250:] = False
+        if mask_kind == "shows_later_key":  # not causal: early queries see the last key
+            mask[:, :, :10, -1] = True
+        if mask_kind == "additive":
+            mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, -torch.inf)
+    kv, k_keys = hooks._versions(state, 0, "k", k, Tq, lambda: (cos, sin))
+    vv, v_keys = hooks._versions(state, 0, "v", v, Tq, lambda: (cos, sin))
+    args = (q, q, k, v, *hooks._reference_inputs(state, kv, k_keys), *hooks._reference_inputs(state, vv, v_keys),
+            mask, D**-0.5)
+    monkeypatch.setattr(hooks, "_ERROR_BLOCK_ELEMENTS", 1 << 40)
+    whole = hooks._reference_errors(*args)
+    monkeypatch.setattr(hooks, "_ERROR_BLOCK_ELEMENTS", 1)  # blocks of 16 rows
+    blocks = hooks._reference_errors(*args)
+    for a, b in zip(whole, blocks):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert whole[2].shape == (B, Hkv * n_rep, Tq) and bool((whole[2] > 0).any())
+
+
 # ---- llama.cpp's channel order and compute path (kvlab.quant.ggml: order=, compute=) -------------------
 def test_interleaved_order_blocks_the_gguf_layout():
     """order=interleaved quantizes K as ggml would in llama.cpp's channel order: the same codes as the

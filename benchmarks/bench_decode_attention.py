@@ -264,6 +264,8 @@ def tune_sweep(results, copy_bw, tunes, groups=(32, 128), splits_list=(None,)):
             if group == GROUP:
                 cands.append(("registers", None, functools.partial(auto, cuda_variant="registers")))
             for name in tunes:
+                if bits != 2 and name in kivi_cuda.INT2_ONLY_TUNES:
+                    continue
                 for splits in splits_list:
                     def run(name=name, splits=splits, c=c, bits=bits, group=group):
                         out = torch.empty_like(q)

@@ -44,10 +44,14 @@ SOURCES = ("kivi_binding.cpp", "kivi_attention_cuda.cu", "kivi_attention_folded.
 # 128), by name: CTAs per SM of the register budget (b), cp.async stages (s), the V codes staged by cp.async with
 # the rest of a block ("v-" prefix) instead of loaded into registers, and two modes that compute no attention:
 # "loads" (every block's loads, no arithmetic) and "compute" (the arithmetic over the first block's data, no
-# further loads). The benchmark's --cuda-tunes times them (benchmarks/KERNEL_NOTES.md, v11); the public API runs
-# the default (TUNES["b2s2"] = 0).
+# further loads). For int2 only (v13): "m-" (V codes staged in ldmatrix's layout, the K and V code operands read
+# by ldmatrix), "mk-" (the K code operands by ldmatrix, V codes into registers), "ca-" (the K codes copied
+# through L1, cp.async.ca; "ca-loads": its loads alone) and "mca-" ("m-" and "ca-"). The benchmark's --cuda-tunes times them
+# (benchmarks/KERNEL_NOTES.md, v11, v13); the public API runs the default (TUNES["b2s2"] = 0).
 TUNES = {"b2s2": 0, "b3s2": 320, "b2s3": 230, "loads": 221, "compute": 222, "v-b2s2": 1220, "v-b2s3": 1230,
-         "v-b3s2": 1320, "v-loads": 1221}
+         "v-b3s2": 1320, "v-loads": 1221, "m-b2s2": 2220, "mk-b2s2": 3220, "ca-b2s2": 4220, "mca-b2s2": 6220,
+         "ca-loads": 4221}
+INT2_ONLY_TUNES = frozenset(name for name, tune in TUNES.items() if tune // 1000 >= 2)
 COMPUTES_ATTENTION = {name: tune % 10 == 0 for name, tune in TUNES.items()}
 # What "auto" tries, in order, for each bit width (the first that can serve the call). On an H100 at B=8, T=32k
 # (Llama-3-8B heads, benchmarks/KERNEL_NOTES.md, v8) int2 took 92.9 us folded, 103.7 staged, 115.5 registers
@@ -240,7 +244,9 @@ def kivi_decode_attention_cuda(q, k_codes, k_scale, k_min, k_fp16, v_codes, v_sc
     tid = TUNES[tune]
     if tid and not (variant == "folded" and D == 128 and group in (32, 128) and nt == 1):
         raise ValueError(f"tune={tune!r} exists for the folded variant at head_dim 128, groups 32 and 128 only")
-    if tid >= 1000 and not _aligned(v_codes, 16, dims=2):
+    if tune in INT2_ONLY_TUNES and bits != 2:
+        raise ValueError(f"tune={tune!r} exists for int2 only (bits={bits})")
+    if (tid // 1000) % 4 in (1, 2) and not _aligned(v_codes, 16, dims=2):
         raise ValueError(f"tune={tune!r} stages the V codes by 16-byte copies: v_codes rows must be 16-byte aligned")
     resident = _occupancy(mod, bits, D, nt, vid, group, q.device, tid)
     n_main, split_len = plan(B * H, max_len, residual, q.device, resident, num_splits)

@@ -26,6 +26,7 @@ UNITS = ("kivi_attention_cuda.cu", "kivi_attention_folded.cu", "kivi_attention_t
          "kivi_attention_tuned_int4.cu")
 # experimental tunings of the folded kernel (kivi_attention_launch.cuh): (V codes staged, min blocks, stages, mode)
 TUNES = [(0, 3, 2, 0), (0, 2, 3, 0), (0, 2, 2, 1), (0, 2, 2, 2), (1, 2, 2, 0), (1, 2, 3, 0), (1, 3, 2, 0), (1, 2, 2, 1)]
+TUNES_INT2 = [(2, 2, 2, 0), (3, 2, 2, 0), (4, 2, 2, 0), (6, 2, 2, 0), (4, 2, 2, 1)]  # int2 only: ldmatrix operands, K via L1 (v13)
 VSTAGE_DEFAULT = 0  # KVLAB_KIVI_FOLDED_VSTAGE
 
 
@@ -62,7 +63,7 @@ def test_cuda_kivi_kernels_compile_without_spills(tmp_path):
         assert regs <= 255, f"kivi_decode_folded_kernel<{bits}, {d}, {dg}> uses {regs} registers (2 CTAs: 255)"
     for bits in (2, 4):
         for dg in (4, 1):  # groups 32 and 128 at D = 128
-            for vst, minb, stages, mode in TUNES:
+            for vst, minb, stages, mode in TUNES + (TUNES_INT2 if bits == 2 else []):
                 spill, regs = found[folded_name(bits, 128, dg, minb, stages, mode, vst)]
                 print(f"tuned folded<{bits}, 128, {dg}, {minb}, {stages}, {mode}, {vst}>: {regs} registers, "
                       f"{spill} B spilled")

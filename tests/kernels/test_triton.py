@@ -912,18 +912,29 @@ def test_kivi_auto_backend_takes_cuda_and_refuses_misaligned_gpu(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("tune", ["b3s2", "b2s3", "loads", "compute", "v-b2s2", "v-b2s3", "v-b3s2", "v-loads"])
+@pytest.mark.parametrize("tune", ["b3s2", "b2s3", "loads", "compute", "v-b2s2", "v-b2s3", "v-b3s2", "v-loads",
+                                  "m-b2s2", "mk-b2s2", "ca-b2s2", "mca-b2s2", "ca-loads"])
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_kivi_cuda_folded_tunes_gpu(bits, group, tune):
-    """The folded kernel's experimental tunings (kivi_cuda.TUNES: CTAs per SM, cp.async stages) compute the same
-    attention as the default one within the same tolerance against the fp32 reference, over many blocks, warps
-    and splits of long unequal sequences; the loads-only and compute-only modes (timing experiments, no
-    attention) launch and write every output row."""
+    """The folded kernel's experimental tunings (kivi_cuda.TUNES: CTAs per SM, cp.async stages, ldmatrix operands)
+    compute the same attention as the default one within the same tolerance against the fp32 reference, over many
+    blocks, warps and splits of long unequal sequences; the loads-only and compute-only modes (timing
+    experiments, no attention) launch and write every output row; the int2-only tunings refuse int4."""
     from kvlab.kernels import kivi_cuda
     from kvlab.kernels.kivi_attention import LOG2E
 
     g = gen(fresh_seed())
+    if tune in kivi_cuda.INT2_ONLY_TUNES and bits != 2:
+        B, H, D, residual, cap = 1, 2, 128, 128, 1024
+        cache = random_kivi(B, H, D, bits, group, residual, cap, g)
+        q = randn(B, H * 4, 1, D, g=g, dtype=torch.float16)
+        lengths = torch.tensor([1000], dtype=torch.int32, device=DEV)
+        with pytest.raises(ValueError, match="exists for int2 only"):
+            kivi_cuda.kivi_decode_attention_cuda(*kivi_args(q, cache, lengths), bits=bits, group=group,
+                                                 residual=residual, qk_scale=D**-0.5 * LOG2E, out=torch.empty_like(q),
+                                                 max_len=1000, variant="folded", chosen=True, tune=tune)
+        return
     B, H, D, gqa, residual, cap = 3, 2, 128, 4, 128, 4096
     cache = random_kivi(B, H, D, bits, group, residual, cap, g)
     q = randn(B, H * gqa, 1, D, g=g, dtype=torch.float16, scale=2.0)
@@ -942,3 +953,34 @@ def test_kivi_cuda_folded_tunes_gpu(bits, group, tune):
     with pytest.raises(ValueError, match="tune='b9s9' is not allowed"):
         kivi_cuda.kivi_decode_attention_cuda(*args, **kw, qk_scale=D**-0.5 * LOG2E, out=out, max_len=4096,
                                              variant="folded", chosen=True, tune="b9s9")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("tune", ["m-b2s2", "mk-b2s2", "ca-b2s2", "mca-b2s2"])
+@pytest.mark.parametrize("group", [32, 128])
+def test_kivi_cuda_folded_ldsm_tunes_gqa_gpu(group, tune):
+    """The int2 tunings of v13 (K and V code operands read by ldmatrix from a permuted stage layout; K codes copied
+    through L1) against the fp32 reference on fresh random caches for every query-row shape the folded variant
+    takes at this group (GQA 1, 2, 4, 8 where the column slots allow, 2 query tokens), unequal lengths (inside the
+    residual window, across block and group boundaries, long), poisoned outputs, automatic and forced splits."""
+    from kvlab.kernels import kivi_cuda
+    from kvlab.kernels.kivi_attention import LOG2E
+
+    slots = min(group, 64) // 8
+    shapes = [(gqa, nq) for gqa, nq in ((1, 1), (2, 1), (4, 1), (8, 1), (2, 2)) if gqa * nq <= slots]
+    for gqa, nq in shapes:
+        g = gen(fresh_seed())
+        B, H, D, bits, residual, cap = 4, 2, 128, 2, 128, 3072
+        cache = random_kivi(B, H, D, bits, group, residual, cap, g)
+        q = randn(B, H * gqa, nq, D, g=g, dtype=torch.float16, scale=2.0)
+        lengths = torch.tensor([3072, 2111, 200, 100], dtype=torch.int32, device=DEV)
+        args = kivi_args(q, cache, lengths)
+        kw = dict(bits=bits, group=group, residual=residual)
+        ref = K.kivi_decode_attention_ref(*args, **kw)
+        for splits in (None, 5):
+            out = torch.full_like(q, float("nan"))
+            kivi_cuda.kivi_decode_attention_cuda(*args, **kw, qk_scale=D**-0.5 * LOG2E, out=out, max_len=3072,
+                                                 num_splits=splits, variant="folded", chosen=True, tune=tune)
+            torch.cuda.synchronize()
+            assert_close(out, ref, torch.float16)

@@ -53,6 +53,9 @@ bool kivi_tuned_exists(int bits, int D, int group, int tune) {
   if (D != 128 || (bits != 2 && bits != 4) || (group != 32 && group != 128)) return false;
 #define KV_TUNE_IS(V, M, S, O) if (tune == KV_TUNE_ID(V, M, S, O)) return true;
   KVLAB_KIVI_TUNES(KV_TUNE_IS)
+  if (bits == 2) {
+    KVLAB_KIVI_TUNES_INT2(KV_TUNE_IS)
+  }
 #undef KV_TUNE_IS
   return false;
 }
@@ -70,7 +73,7 @@ cudaError_t kivi_tuned_launch(const KiviParams& p, int bits, int D, int tune, di
 size_t kivi_smem_bytes(int bits, int D, int nt, int variant, int group, int tune) {
   if (variant == KIVI_VARIANT_REGISTERS || !dynamic_exists(variant, D, nt, group)) return 0;
   const int stages = is_tuned(tune) ? (tune / 10) % 10 : 2;
-  const bool vst = is_tuned(tune) ? tune / 1000 == 1 : KVLAB_KIVI_FOLDED_VSTAGE == 1;
+  const bool vst = folded_vstaged(is_tuned(tune) ? tune / 1000 : KVLAB_KIVI_FOLDED_VSTAGE);
 #define KV_SMEM(B_, D_, N_)                                                                                     \
   if (bits == B_ && D == D_ && nt == N_) {                                                                     \
     if (variant != KIVI_VARIANT_FOLDED) return staged_smem_bytes<B_, D_, N_>(group);                           \

@@ -96,8 +96,34 @@ __device__ __forceinline__ uint32_t half2_u32(__half lo, __half hi) {
 
 // Dynamic shared memory of one CTA of the folded kernel: the staged variant's, with 8 merge states.
 #ifndef KVLAB_KIVI_FOLDED_VSTAGE
-#define KVLAB_KIVI_FOLDED_VSTAGE 0  // the V codes of a block: 0 into registers by plain loads, 1 staged by cp.async
+// The V codes of a block: 0 into registers by plain loads, 1 staged by cp.async; for int2 also 2: staged by
+// cp.async in ldmatrix's layout, and the K and V code operands read by ldmatrix (ldsm_x4_trans), 3: the K code
+// operands by ldmatrix, the V codes into registers; + 4: the K codes copied through L1 (cp.async.ca; v13)
+#define KVLAB_KIVI_FOLDED_VSTAGE 0
 #endif
+
+// Whether V mode VST stages the V codes in shared memory, reads the K / V code operands by ldmatrix, copies the K
+// codes through L1.
+__host__ __device__ constexpr bool folded_vstaged(int vst) { return (vst & 3) == 1 || (vst & 3) == 2; }
+__host__ __device__ constexpr bool folded_kldsm(int vst) { return (vst & 3) == 2 || (vst & 3) == 3; }
+__host__ __device__ constexpr bool folded_vldsm(int vst) { return (vst & 3) == 2; }
+__host__ __device__ constexpr bool folded_kca(int vst) { return (vst & 4) != 0; }
+
+// Four 8x8 matrices of 16-bit elements, transposed: lane (g, c) gets in r[j] elements g of the 16-byte rows 2c (low
+// half) and 2c + 1 (high half) of matrix j, whose row i lanes 8j + i address.
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// int2 V codes staged for ldmatrix (VST = 2): the 16-byte half s (channels 64s ..) of token t's 32-byte row at
+// (t / 4) * 128 + 16 * ((2 (t % 4) + s) ^ f((t / 4) % 4)), f(q) = (q & 1) | (q & 2) << 1, so that the 8 rows of
+// each matrix ldsm_x4_trans reads (tokens 4j + {0, 1} or 4j + {2, 3}, j = 0..3, one half) hit 8 different
+// 16-byte sets of banks.
+__host__ __device__ constexpr int vldsm_chunk(int t, int s) {
+  return (t / 4) * 128 + 16 * ((2 * (t % 4) + s) ^ (((t / 4) & 1) | (((t / 4) & 2) << 1)));
+}
 
 // Staged V codes (VST = 1) of one block in a stage: token t's D * BITS / 8 bytes at t * VROW + (t / 4) * 8 * BITS,
 // after the V scales; the padding after every 4 tokens puts the 4 token rows that one read instruction's lanes
@@ -113,7 +139,7 @@ __host__ __device__ constexpr int folded_vtok(int t) {
 
 template <int BITS, int D, int NSTAGE = 2, int VST = KVLAB_KIVI_FOLDED_VSTAGE>
 __host__ __device__ constexpr int folded_smem_bytes(int group) {
-  return staged_smem_bytes<BITS, D, 1, 8, NSTAGE, VST ? folded_vcode_bytes<BITS, D>() : 0>(group);
+  return staged_smem_bytes<BITS, D, 1, 8, NSTAGE, folded_vstaged(VST) ? folded_vcode_bytes<BITS, D>() : 0>(group);
 }
 
 // Needs (checked by the caller): what the staged variant needs (group = D / DG, DG in 1, 2, 4, 8; aligned K rows
@@ -123,20 +149,24 @@ __host__ __device__ constexpr int folded_smem_bytes(int group) {
 // flight ahead of the one computed); MODE: KIVI_MODE_FULL, or for experiments KIVI_MODE_LOADS (the loads alone,
 // no arithmetic) / KIVI_MODE_COMPUTE (the arithmetic on the first block's data, no further loads): both of these
 // compute no attention.
-// VST: the V codes staged by cp.async with the rest of a block (NSTAGE - 1 blocks ahead; needs 16-byte aligned V
-// code rows) instead of loaded into registers one block ahead.
+// VST: 1, the V codes staged by cp.async with the rest of a block (NSTAGE - 1 blocks ahead; needs 16-byte aligned V
+// code rows) instead of loaded into registers one block ahead; int2 only: 2, staged as 1 in ldmatrix's layout
+// and the K and V code operands read by ldmatrix (one ldsm_x4_trans per two k-steps of K and per k-step of V,
+// instead of 4 or 8 16-bit loads and 2 or 4 byte permutes), 3: the K code operands by ldmatrix only.
 template <int BITS, int D, int DG, int MINB = KVLAB_KIVI_FOLDED_MIN_BLOCKS, int NSTAGE = 2, int MODE = KIVI_MODE_FULL,
           int VST = KVLAB_KIVI_FOLDED_VSTAGE>
 __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const KiviParams p) {
   using C = KiviCfg<BITS, D, 1>;
   using S = StagedCfg<BITS, D>;
+  constexpr bool VSTG = folded_vstaged(VST), KLDSM = folded_kldsm(VST), VLDSM = folded_vldsm(VST);
+  static_assert(!KLDSM || (BITS == 2 && (D % 128 == 0 || !VLDSM)), "ldmatrix operands: int2 (V: D a multiple of 128)");
   constexpr int ROWS = C::ROWS, BN = C::BN, TPT = C::TPT, KK = C::KK, KS = C::KS, W = C::WARPS;
   constexpr int G = D / DG, RS = (G < 64 ? G : 64) / 8;  // group; column slots per group
   constexpr int SETS = D / 64;  // V channel sets; a lane holds 8 channels of each
   constexpr int VROW = D * BITS / 8;  // bytes of a token's V codes
   constexpr int PBYTES = W * ROWS * C::PST * 2;
   constexpr int vc0 = staged_stage_bytes<BITS, D>(G);  // staged V codes in a stage (VST)
-  constexpr int stage_bytes = vc0 + (VST ? folded_vcode_bytes<BITS, D>() : 0);
+  constexpr int stage_bytes = vc0 + (VSTG ? folded_vcode_bytes<BITS, D>() : 0);
   constexpr int vs0 = S::KC + staged_ngb(G) * S::KSG;  // V scales in a stage
   using Smem = KiviSmem<D, ROWS, 2 * W>;  // states: main blocks of warp w in slot w, its tail in W + w
   extern __shared__ __align__(16) uint8_t smem_dyn[];
@@ -187,7 +217,7 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
   // block earlier still, into a second set of registers, was slower on an H100: 96.7 against 92.9 us)
   uint32_t vwd[KS][4][SETS];
   auto load_v = [&](int t0) {
-    if constexpr (VST) return;  // staged with the block
+    if constexpr (VSTG) return;  // staged with the block
     const uint8_t* row = sq.vc + (t0 + 4 * c) * VROW + g * BITS;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks)
@@ -201,13 +231,14 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
   };
   auto issue = [&](int st, int t0) {
     const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(stages + st * stage_bytes));
-    stage_block<BITS, D, DG>(base, p, sq, t0);
-    if constexpr (VST) {  // the block's V codes: 64 rows of VROW contiguous bytes, 16-byte chunks
+    stage_block<BITS, D, DG, KLDSM, folded_kca(VST)>(base, p, sq, t0);
+    if constexpr (VSTG) {  // the block's V codes: 64 rows of VROW contiguous bytes, 16-byte chunks
       constexpr int CPR = VROW / 16, N = 64 * CPR / 32;
 #pragma unroll
       for (int i = 0; i < N; ++i) {
         const int q = lane + 32 * i, t = q / CPR, part = q % CPR;
-        cp_async16(base + vc0 + folded_vtok<BITS, D>(t) + part * 16, sq.vc + (t0 + t) * VROW + part * 16);
+        const int dst = VLDSM ? (part / 2) * 64 * 32 + vldsm_chunk(t, part % 2) : folded_vtok<BITS, D>(t) + part * 16;
+        cp_async16(base + vc0 + dst, sq.vc + (t0 + t) * VROW + part * 16);
       }
     }
   };
@@ -215,7 +246,7 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
   staged_blocks<NSTAGE, MODE>(lo + warp * BN, hi, W * BN, stages, stage_bytes, issue, load_v, [&](const uint8_t* sst) {
     if constexpr (MODE == KIVI_MODE_LOADS) {  // consume the V codes and a word of the stage, nothing else
       uint32_t x = *reinterpret_cast<const uint32_t*>(sst + 4 * lane);
-      if constexpr (VST) {
+      if constexpr (VSTG) {
         x ^= *reinterpret_cast<const uint32_t*>(sst + vc0 + 4 * lane);
       } else {
 #pragma unroll
@@ -235,18 +266,33 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
 #pragma unroll
       for (int j = 0; j < 4; ++j) sacc[i][j] = 0.f;
     const uint8_t* kscp = sst + S::KC + kgrp * S::KSG + 8 * c;
+    uint32_t kl[4];  // KLDSM: y[0], y[2] of k-steps kk and kk + 1 (kk even)
 #pragma unroll
     for (int kk = 0; kk < KK; ++kk) {
-      uint32_t w[4];
+      uint32_t y[4], ys[4];
+      if constexpr (KLDSM) {
+        // matrix j = lane / 8 of k-step kk + j / 2: row i holds channel 4 (i / 2) + 2 (j % 2) + i % 2 (stage row
+        // ldsm_row), so lane (g, c) gets tokens 8g .. 8g + 7 of channels 4c, 4c + 1 (j even: y[0]) or 4c + 2, 4c + 3
+        if (kk % 2 == 0) {
+          const int j = lane >> 3, i = lane & 7;
+          const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(sst)) + 16 * 16 * (kk + j / 2) +
+                             16 * ldsm_row(4 * (i >> 1) + 2 * (j & 1) + (i & 1));
+          ldsm_x4_trans(kl, a);
+        }
+        y[0] = kl[2 * (kk % 2)];
+        y[2] = kl[2 * (kk % 2) + 1];
+        y[1] = y[3] = 0u;  // int2: the high halves hold no codes
+      } else {
+        uint32_t w[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const uint8_t* src = sst + (16 * kk + 4 * c + (e ^ kx)) * S::KROW + kbyte;
-        w[e] = BITS == 4 ? *reinterpret_cast<const uint32_t*>(src) : *reinterpret_cast<const uint16_t*>(src);
+        for (int e = 0; e < 4; ++e) {
+          const uint8_t* src = sst + (16 * kk + 4 * c + (e ^ kx)) * S::KROW + kbyte;
+          w[e] = BITS == 4 ? *reinterpret_cast<const uint32_t*>(src) : *reinterpret_cast<const uint16_t*>(src);
+        }
+        pair_words(y, w[0], w[1], w[2], w[3]);
       }
       const uint2 sc = *reinterpret_cast<const uint2*>(kscp + 32 * kk);
       const uint2 mn = *reinterpret_cast<const uint2*>(kscp + 2 * D + 32 * kk);
-      uint32_t y[4], ys[4];
-      pair_words(y, w[0], w[1], w[2], w[3]);
 #pragma unroll
       for (int e = 0; e < 4; ++e) ys[e] = fold_shift<BITS>(y[e]);
       const uint32_t b0 = hmul2_u32(qr[kk][0], sc.x), b1 = hmul2_u32(qr[kk][1], sc.y);
@@ -310,6 +356,22 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
       // B column g: P row g % RS, tokens 16ks + 4c, +1 (x) and +2, +3 (y)
       const uint2 pv = *reinterpret_cast<const uint2*>(ps + (g % RS) * C::PST + 16 * ks + 4 * c);
       const int tl = 16 * ks + 4 * c;
+      // VLDSM: matrix j = lane / 8 (+ 4 per further pair of sets), row i: token 16ks + 4 (i / 2) + i % 2 + 2 (j % 2)
+      // of set j / 2, so lane (g, c) gets channels 64s + 8g .. + 7 of tokens 4c, 4c + 1 (j even: y[0]) or 4c + 2,
+      // 4c + 3 (y[2])
+      uint32_t vl[2 * SETS];
+      if constexpr (VLDSM) {
+        const int j = lane >> 3, i = lane & 7;
+        const uint32_t a0 = static_cast<uint32_t>(__cvta_generic_to_shared(sst + vc0));
+#pragma unroll
+        for (int s2 = 0; s2 < SETS; s2 += 2) {
+          uint32_t r[4];
+          const int t = 16 * ks + 4 * (i >> 1) + (i & 1) + 2 * (j & 1), s = s2 + (j >> 1);
+          ldsm_x4_trans(r, a0 + (s / 2) * 64 * 32 + vldsm_chunk(t, s % 2));
+#pragma unroll
+          for (int x = 0; x < 4; ++x) vl[2 * s2 + x] = r[x];
+        }
+      }
 #pragma unroll
       for (int s = 0; s < SETS; ++s) {
         const int vg = (64 * s + 8 * g) / G;  // this lane's V group in set s
@@ -319,17 +381,23 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
         const uint32_t m23 = half2_u32(vsp[(66 + tl) * DG + vg], vsp[(67 + tl) * DG + vg]);
         const uint32_t b0 = hmul2_u32(pv.x, s01), b1 = hmul2_u32(pv.y, s23);
         uint32_t y[4], ys[4];
-        uint32_t vv[4];
+        if constexpr (VLDSM) {
+          y[0] = vl[2 * s];
+          y[2] = vl[2 * s + 1];
+          y[1] = y[3] = 0u;
+        } else {
+          uint32_t vv[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if constexpr (VST) {  // token 16ks + 4c + e, this lane's 8 channels of set s
-            const uint8_t* src = sst + vc0 + folded_vtok<BITS, D>(16 * ks + 4 * c + e) + g * BITS + 8 * BITS * s;
-            vv[e] = BITS == 4 ? *reinterpret_cast<const uint32_t*>(src) : *reinterpret_cast<const uint16_t*>(src);
-          } else {
-            vv[e] = vwd[ks][e][s];
+          for (int e = 0; e < 4; ++e) {
+            if constexpr (VSTG) {  // token 16ks + 4c + e, this lane's 8 channels of set s
+              const uint8_t* src = sst + vc0 + folded_vtok<BITS, D>(16 * ks + 4 * c + e) + g * BITS + 8 * BITS * s;
+              vv[e] = BITS == 4 ? *reinterpret_cast<const uint32_t*>(src) : *reinterpret_cast<const uint16_t*>(src);
+            } else {
+              vv[e] = vwd[ks][e][s];
+            }
           }
+          pair_words(y, vv[0], vv[1], vv[2], vv[3]);
         }
-        pair_words(y, vv[0], vv[1], vv[2], vv[3]);
 #pragma unroll
         for (int e = 0; e < 4; ++e) ys[e] = fold_shift<BITS>(y[e]);
 #pragma unroll

@@ -111,6 +111,10 @@ cudaError_t tuned_launch_int4(const KiviParams& p, int tune, dim3 grid, cudaStre
 // removed after it: KERNEL_NOTES.md, v11.)
 #define KVLAB_KIVI_TUNES(X) \
   X(0, 3, 2, 0) X(0, 2, 3, 0) X(0, 2, 2, 1) X(0, 2, 2, 2) X(1, 2, 2, 0) X(1, 2, 3, 0) X(1, 3, 2, 0) X(1, 2, 2, 1)
+// The tunings that exist for int2 only (VST 2, 3: code operands read by ldmatrix; + 4: K codes copied through L1;
+// KERNEL_NOTES.md, v13).
+#define KVLAB_KIVI_TUNES_INT2(X) X(2, 2, 2, 0) X(3, 2, 2, 0) X(4, 2, 2, 0) X(6, 2, 2, 0) X(4, 2, 2, 1)
+#define KVLAB_KIVI_TUNES_INT4(X)
 
 // The body of kivi_attention_tuned_int{BITS}.cu: occupancy and launch of the tunings for D = 128, where the
 // instance exists (group 32 or 128: DG 4 or 1); -1 / cudaErrorInvalidValue otherwise.
@@ -118,11 +122,13 @@ cudaError_t tuned_launch_int4(const KiviParams& p, int tune, dim3 grid, cudaStre
   int tuned_occupancy_int##BITS(int group, int tune) {                                                          \
     if (group != 32 && group != 128) return -1;                                                                 \
     KVLAB_KIVI_TUNES(KV_TUNED_OCC)                                                                              \
+    KVLAB_KIVI_TUNES_INT##BITS(KV_TUNED_OCC)                                                                    \
     return -1;                                                                                                  \
   }                                                                                                             \
   cudaError_t tuned_launch_int##BITS(const KiviParams& p, int tune, dim3 grid, cudaStream_t stream) {           \
     if (p.group != 32 && p.group != 128) return cudaErrorInvalidValue;                                          \
     KVLAB_KIVI_TUNES(KV_TUNED_LAUNCH)                                                                           \
+    KVLAB_KIVI_TUNES_INT##BITS(KV_TUNED_LAUNCH)                                                                 \
     return cudaErrorInvalidValue;                                                                               \
   }
 #define KV_TUNE_ID(V, M, S, O) ((V) * 1000 + (M) * 100 + (S) * 10 + (O))

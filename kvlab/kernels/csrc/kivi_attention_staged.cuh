@@ -46,8 +46,21 @@ __host__ __device__ constexpr int staged_row(int ch) {
   return BITS == 4 ? ch ^ ((ch >> 2) & 3) : ch ^ ((ch >> 3) & 1);
 }
 
+// Row of channel ch in a stage of int2 K codes read by ldmatrix (the folded variant's tunings VST >= 2): within
+// 16 channels, 8a + 4b + 2c + d goes to row 8c + 4b + 2a + d, so that the 8 channels {4j, 4j + 1} (j = 0..3) of one
+// 8x8 matrix, and the 8 {4j + 2, 4j + 3} of the other, lie in 8 different 16-byte sets of banks. Rows 32 apart stay
+// 32 apart (stage_block's copies step by 32 channels).
+__host__ __device__ constexpr int ldsm_row(int ch) {
+  return (ch & ~15) | ((ch & 2) << 2) | (ch & 4) | ((ch & 8) >> 2) | (ch & 1);
+}
+
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global" KV_L2 " [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
+// The same through L1 (.ca): two warps of an SM that copy the two 16-byte halves of one 32-byte sector (int2 K
+// codes: a block is 16 bytes of a channel row, the next warp's block the next 16) can share one L2 request.
+__device__ __forceinline__ void cp_async16_ca(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global" KV_L2 " [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -69,18 +82,26 @@ __host__ __device__ constexpr int staged_smem_bytes(int group) {
 }
 
 // cp.async of block t0 (this warp's 64 tokens) into the stage at shared-memory address base: K code rows, K
-// scales and minima, V scales and minima (layout above); needs what kivi_decode_staged_kernel needs.
-template <int BITS, int D, int DG>
+// scales and minima, V scales and minima (layout above); needs what kivi_decode_staged_kernel needs. LDSM: the
+// K code rows at ldsm_row instead of staged_row (int2 only); KCA: the K codes copied through L1 (cp_async16_ca).
+template <int BITS, int D, int DG, bool LDSM = false, bool KCA = false>
 __device__ __forceinline__ void stage_block(uint32_t base, const KiviParams& p, const KiviSeq& sq, int t0) {
+  static_assert(!LDSM || BITS == 2, "ldmatrix rows: int2 only");
   using S = StagedCfg<BITS, D>;
   constexpr int G = D / DG, ngb = staged_ngb(G), vs0 = S::KC + ngb * S::KSG;
   const int lane = threadIdx.x & 31;
   const int ch0 = lane / S::CPR, part = lane % S::CPR;
   const uint8_t* src = sq.kc + ch0 * p.skc_d + part * 16 + t0 * BITS / 8;
   const int64_t kstep = S::RSTEP * p.skc_d;
-  const uint32_t kdst0 = staged_row<BITS>(ch0) * S::KROW + part * 16;
+  const uint32_t kdst0 = (LDSM ? ldsm_row(ch0) : staged_row<BITS>(ch0)) * S::KROW + part * 16;
 #pragma unroll
-  for (int i = 0; i < D / S::RSTEP; ++i) cp_async16(base + kdst0 + i * S::RSTEP * S::KROW, src + i * kstep);
+  for (int i = 0; i < D / S::RSTEP; ++i) {
+    if constexpr (KCA) {
+      cp_async16_ca(base + kdst0 + i * S::RSTEP * S::KROW, src + i * kstep);
+    } else {
+      cp_async16(base + kdst0 + i * S::RSTEP * S::KROW, src + i * kstep);
+    }
+  }
   const int gi0 = t0 / G;
 #pragma unroll
   for (int q = lane; q < ngb * (D / 4); q += 32) {

@@ -27,10 +27,12 @@ UNITS = ("kivi_attention_cuda.cu", "kivi_attention_folded.cu", "kivi_attention_t
 # experimental tunings of the folded kernel (kivi_attention_launch.cuh): (V codes staged, min blocks, stages, mode)
 TUNES = [(0, 3, 2, 0), (0, 2, 3, 0), (0, 2, 2, 1), (0, 2, 2, 2), (1, 2, 2, 0), (1, 2, 3, 0), (1, 3, 2, 0), (1, 2, 2, 1)]
 TUNES_INT2 = [(2, 2, 2, 0), (3, 2, 2, 0), (4, 2, 2, 0), (6, 2, 2, 0), (4, 2, 2, 1)]  # int2 only: ldmatrix operands, K via L1 (v13)
-VSTAGE_DEFAULT = 0  # KVLAB_KIVI_FOLDED_VSTAGE
+VSTAGE_DEFAULT = 0  # KVLAB_KIVI_FOLDED_VSTAGE; int2 at D = 128: 2 (folded_default_vst, v13)
 
 
-def folded_name(bits, d, dg, minb=2, stages=2, mode=0, vst=VSTAGE_DEFAULT):
+def folded_name(bits, d, dg, minb=2, stages=2, mode=0, vst=None):
+    if vst is None:
+        vst = 2 if bits == 2 and d % 128 == 0 else VSTAGE_DEFAULT
     return (f"_ZN5kvlab25kivi_decode_folded_kernelILi{bits}ELi{d}ELi{dg}ELi{minb}ELi{stages}ELi{mode}ELi{vst}EEEv"
             "NS_10KiviParamsE")
 

@@ -109,6 +109,13 @@ __host__ __device__ constexpr bool folded_kldsm(int vst) { return (vst & 3) == 2
 __host__ __device__ constexpr bool folded_vldsm(int vst) { return (vst & 3) == 2; }
 __host__ __device__ constexpr bool folded_kca(int vst) { return (vst & 4) != 0; }
 
+// The V mode of the default instances: 2 (ldmatrix operands, V codes staged) for int2 at D a multiple of 128, which
+// took int2 at B=8, T=32k on an H200 from 89.4 to 75.3 us at group 32 and from 80.9 to 69.2 at group 128 (run
+// s14-1, KERNEL_NOTES.md, v13); KVLAB_KIVI_FOLDED_VSTAGE otherwise.
+__host__ __device__ constexpr int folded_default_vst(int bits, int d) {
+  return bits == 2 && d % 128 == 0 ? 2 : KVLAB_KIVI_FOLDED_VSTAGE;
+}
+
 // Four 8x8 matrices of 16-bit elements, transposed: lane (g, c) gets in r[j] elements g of the 16-byte rows 2c (low
 // half) and 2c + 1 (high half) of matrix j, whose row i lanes 8j + i address.
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
@@ -137,7 +144,7 @@ __host__ __device__ constexpr int folded_vtok(int t) {
   return t * (D * BITS / 8) + (t / 4) * 8 * BITS;
 }
 
-template <int BITS, int D, int NSTAGE = 2, int VST = KVLAB_KIVI_FOLDED_VSTAGE>
+template <int BITS, int D, int NSTAGE = 2, int VST = folded_default_vst(BITS, D)>
 __host__ __device__ constexpr int folded_smem_bytes(int group) {
   return staged_smem_bytes<BITS, D, 1, 8, NSTAGE, folded_vstaged(VST) ? folded_vcode_bytes<BITS, D>() : 0>(group);
 }
@@ -154,7 +161,7 @@ __host__ __device__ constexpr int folded_smem_bytes(int group) {
 // and the K and V code operands read by ldmatrix (one ldsm_x4_trans per two k-steps of K and per k-step of V,
 // instead of 4 or 8 16-bit loads and 2 or 4 byte permutes), 3: the K code operands by ldmatrix only.
 template <int BITS, int D, int DG, int MINB = KVLAB_KIVI_FOLDED_MIN_BLOCKS, int NSTAGE = 2, int MODE = KIVI_MODE_FULL,
-          int VST = KVLAB_KIVI_FOLDED_VSTAGE>
+          int VST = folded_default_vst(BITS, D)>
 __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const KiviParams p) {
   using C = KiviCfg<BITS, D, 1>;
   using S = StagedCfg<BITS, D>;

@@ -22,7 +22,7 @@ constexpr int kMaxDevices = 64;
 // The kernels with dynamic shared memory: the staged variant and the folded one, for (BITS, D, DG = D / group)
 // and the folded one's tuning (MINB CTAs per SM, NSTAGE stages, MODE).
 template <int VARIANT, int BITS, int D, int DG, int MINB = KVLAB_KIVI_FOLDED_MIN_BLOCKS, int NSTAGE = 2,
-          int MODE = KIVI_MODE_FULL, int VST = KVLAB_KIVI_FOLDED_VSTAGE>
+          int MODE = KIVI_MODE_FULL, int VST = folded_default_vst(BITS, D)>
 struct Dynamic {
   static constexpr auto kernel() {
     if constexpr (VARIANT == KIVI_VARIANT_FOLDED) {

@@ -11,6 +11,14 @@ emulation: query t reads the cache as it stood when it held t + 1 tokens):
   teacher-forced pass over prompt + reference continuation finds it: the first position whose argmax is
   not the reference token.
 
+With ``out`` (a results folder, e.g. ``data/results``) each (policy, length) of passkey and each policy of
+greedy agreement is stored as ``out/passkey/<key>.csv`` / ``out/greedy/<key>.csv``, keyed like the sweep's
+files by the policy, the emulation, the model's fingerprint and the exact tokens scored (so the seed, the
+depths, the filler, BOS and the trial count are all in the key), written atomically under a lock: a re-run
+reads them back instead of recomputing, and a killed or concurrent run loses or duplicates nothing. The
+reference continuations of greedy agreement are stored the same way (``greedy/<key>.csv``, token ids as
+text).
+
 Both equivalences hold for causal schemes. An oracle scheme (``Quantizer.oracle``) fits its statistics on
 the whole window, which here includes the answer or the reference continuation: its rows are a ceiling,
 never generation results (the study flags them with :func:`kvlab.study.analysis.is_oracle`).
@@ -18,7 +26,10 @@ never generation results (the study flags them with :func:`kvlab.study.analysis.
 
 from __future__ import annotations
 
+import hashlib
 import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,7 +37,9 @@ import torch
 from tqdm.auto import tqdm
 
 from kvlab.emulation.hooks import compress
-from kvlab.evaluation.ppl import resolve_bos
+from kvlab.evaluation.ppl import resolve_bos, tokens_sha256
+from kvlab.evaluation.sweep import _claim, _write_csv
+from kvlab.model.fingerprint import model_key
 from kvlab.quant.policy import parse_policy
 
 __all__ = ["FILLER", "PasskeyTrial", "greedy_agreement", "greedy_continuation", "greedy_summary", "passkey",
@@ -115,29 +128,83 @@ def _policy_meta(policy) -> dict:
     return {"policy": policy if isinstance(policy, str) else parse_policy(policy).spec}
 
 
+def _ids_sha256(seqs) -> str:
+    """sha256 over a list of 1-D id tensors, lengths included (so a different split cannot collide)."""
+    h = hashlib.sha256()
+    for t in seqs:
+        h.update(f"{t.numel()}:".encode())
+        h.update(tokens_sha256(t.reshape(1, -1)).encode())
+    return h.hexdigest()
+
+
+def _stored(out, kind: str, parts: list[str], n_rows: int, compute) -> pd.DataFrame:
+    """The rows of one unit of work: read from ``out/kind/<key>.csv`` when a whole file of ``n_rows`` rows of
+    this key (column ``result_key``) is there, else computed by ``compute()`` under the unit's lock and written atomically. Without
+    ``out`` just ``compute()``."""
+    if out is None:
+        return compute()
+    key = hashlib.sha256("|".join([kind, *parts]).encode()).hexdigest()[:16]
+    path = Path(out) / kind / f"{key}.csv"
+
+    def read():
+        if not path.exists():
+            return None
+        try:
+            df = pd.read_csv(path, dtype={"tokens": str})
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
+            warnings.warn(f"{kind}: recomputing {path}: unreadable ({type(e).__name__})", stacklevel=3)
+            return None
+        if (len(df) != n_rows or "result_key" not in df.columns or (df["result_key"].astype(str) != key).any()
+                or df.isna().any().any()):
+            warnings.warn(f"{kind}: recomputing {path}: not the {n_rows} whole rows of key {key}", stacklevel=3)
+            return None
+        return df
+
+    df = read()
+    if df is not None:
+        return df
+    with _claim(path.with_suffix(".lock"), wait=True):
+        df = read()  # a concurrent run may have finished it while this one waited
+        if df is None:
+            df = compute()
+            df.insert(0, "result_key", key)
+            _write_csv(df, path)
+    return df
+
+
 def passkey(model, tokenizer, policies=("fp16",), lengths=(1024,), trials: int = 20,
             depths=(0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 0, filler: str | None = None, bos: str = "auto",
-            emulation: str = "prefill", progress: bool = True) -> pd.DataFrame:
+            emulation: str = "prefill", progress: bool = True, out=None) -> pd.DataFrame:
     """Passkey retrieval of every policy at every length: one row per (policy, length, trial) with
     ``key``, ``depth``, ``needle_at``, ``correct`` (every answer token the argmax), ``tokens_correct``,
     ``n_answer_tokens`` and ``seconds`` (the trial's forward pass). Every policy sees the same
-    haystacks (:func:`passkey_trials`)."""
-    rows = []
+    haystacks (:func:`passkey_trials`). ``out``: a results folder to store and reuse each (policy, length)
+    (module docstring)."""
+    frames = []
+    mkey = model_key(model) if out is not None else ""
     for length in lengths:
         hay = passkey_trials(tokenizer, length, trials, depths=depths, seed=seed, filler=filler, bos=bos)
+        tokens = _ids_sha256([t.ids for t in hay]) + f"|answers={[t.answer.start for t in hay]}"
         for policy in policies:
             meta = _policy_meta(policy)
-            with compress(model, policy, emulation=emulation):
-                for i, t in enumerate(tqdm(hay, desc=f"passkey {meta['policy']} @ {length}", disable=not progress,
-                                           leave=False)):
-                    t0 = time.perf_counter()
-                    pred = _argmax_from(model, t.ids, t.answer.start)
-                    hits = pred == t.ids[t.answer]
-                    rows.append({**meta, "length": length, "trial": i, "key": t.key, "depth": t.depth,
-                                 "needle_at": t.needle_at, "correct": bool(hits.all()),
-                                 "tokens_correct": int(hits.sum()), "n_answer_tokens": int(hits.numel()),
-                                 "seconds": time.perf_counter() - t0})
-    return pd.DataFrame(rows)
+
+            def run(meta=meta, policy=policy, hay=hay, length=length):
+                rows = []
+                with compress(model, policy, emulation=emulation):
+                    for i, t in enumerate(tqdm(hay, desc=f"passkey {meta['policy']} @ {length}",
+                                               disable=not progress, leave=False)):
+                        t0 = time.perf_counter()
+                        pred = _argmax_from(model, t.ids, t.answer.start)
+                        hits = pred == t.ids[t.answer]
+                        rows.append({**meta, "length": length, "trial": i, "key": t.key, "depth": t.depth,
+                                     "needle_at": t.needle_at, "correct": bool(hits.all()),
+                                     "tokens_correct": int(hits.sum()), "n_answer_tokens": int(hits.numel()),
+                                     "seconds": time.perf_counter() - t0})
+                return pd.DataFrame(rows)
+
+            df = _stored(out, "passkey", [meta["policy"], emulation, mkey, tokens], len(hay), run)
+            frames.append(df)
+    return pd.concat(frames, ignore_index=True)
 
 
 def passkey_summary(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
@@ -169,28 +236,50 @@ def greedy_continuation(model, prompt: torch.Tensor, new_tokens: int, policy="fp
 
 
 def greedy_agreement(model, prompts: torch.Tensor, policies, new_tokens: int = 64, reference="fp16",
-                     emulation: str = "prefill", progress: bool = True) -> pd.DataFrame:
+                     emulation: str = "prefill", progress: bool = True, out=None) -> pd.DataFrame:
     """For each prompt of ``prompts`` (n, P) and each policy: ``agree``, the number of greedy tokens equal to
     ``reference``'s greedy continuation before the first divergence (``new_tokens`` when none:
     ``censored``). The reference continuation is generated token by token; each policy is then scored in one
-    teacher-forced pass over prompt + reference continuation. One row per (policy, prompt)."""
+    teacher-forced pass over prompt + reference continuation. One row per (policy, prompt). ``out``: a
+    results folder to store and reuse the reference continuations and each policy's rows (module docstring)."""
     if prompts.ndim != 2:
         raise ValueError(f"prompts must be (n, P) token ids, got shape {tuple(prompts.shape)}")
-    refs = [greedy_continuation(model, p, new_tokens, reference, emulation)
-            for p in tqdm(prompts, desc=f"greedy reference {reference}", disable=not progress, leave=False)]
-    rows = []
+    if not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"new_tokens={new_tokens!r} is not allowed; allowed: an integer >= 1")
+    mkey = model_key(model) if out is not None else ""
+    ref_meta = _policy_meta(reference)
+
+    def generate():
+        conts = [greedy_continuation(model, p, new_tokens, reference, emulation)
+                 for p in tqdm(prompts, desc=f"greedy reference {ref_meta['policy']}", disable=not progress,
+                               leave=False)]
+        return pd.DataFrame({"prompt": range(len(conts)), "tokens": [" ".join(map(str, c.tolist())) for c in conts]})
+
+    ref_df = _stored(out, "greedy", ["reference", ref_meta["policy"], emulation, mkey,
+                                     _ids_sha256(list(prompts)), f"new_tokens={new_tokens}"], len(prompts), generate)
+    refs = [torch.tensor([int(x) for x in str(t).split()], dtype=torch.long) for t in ref_df["tokens"]]
+    scored = _ids_sha256([torch.cat([p, r]) for p, r in zip(prompts, refs)])
+    frames = []
     for policy in policies:
         meta = _policy_meta(policy)
-        with compress(model, policy, emulation=emulation):
-            for i, (p, ref) in enumerate(tqdm(list(zip(prompts, refs)), desc=f"greedy {meta['policy']}",
-                                              disable=not progress, leave=False)):
-                t0 = time.perf_counter()
-                pred = _argmax_from(model, torch.cat([p, ref]), p.numel())
-                miss = (pred != ref).nonzero()
-                agree = int(miss[0, 0]) if miss.numel() else new_tokens
-                rows.append({**meta, "prompt": i, "agree": agree, "censored": agree == new_tokens,
-                             "new_tokens": new_tokens, "seconds": time.perf_counter() - t0})
-    return pd.DataFrame(rows)
+
+        def run(meta=meta, policy=policy):
+            rows = []
+            with compress(model, policy, emulation=emulation):
+                for i, (p, ref) in enumerate(tqdm(list(zip(prompts, refs)), desc=f"greedy {meta['policy']}",
+                                                  disable=not progress, leave=False)):
+                    t0 = time.perf_counter()
+                    pred = _argmax_from(model, torch.cat([p, ref]), p.numel())
+                    miss = (pred != ref).nonzero()
+                    agree = int(miss[0, 0]) if miss.numel() else new_tokens
+                    rows.append({**meta, "reference": ref_meta["policy"], "prompt": i, "agree": agree,
+                                 "censored": agree == new_tokens, "new_tokens": new_tokens,
+                                 "seconds": time.perf_counter() - t0})
+            return pd.DataFrame(rows)
+
+        frames.append(_stored(out, "greedy", ["agreement", meta["policy"], emulation, mkey, scored],
+                              len(prompts), run))
+    return pd.concat(frames, ignore_index=True)
 
 
 def greedy_summary(df: pd.DataFrame, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:

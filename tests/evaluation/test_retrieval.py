@@ -65,3 +65,35 @@ def test_greedy_agreement_smoke(model, tokenizer):
     a = df["agree"].tolist()
     assert a[0] == 6  # the reference agrees with itself: teacher forcing = token-by-token greedy
     assert 0 <= a[1] < 6 and a[2] == a[1]  # a broken scheme diverges, the same way twice
+
+
+@pytest.mark.slow
+def test_end_metrics_are_stored_and_reused(model, tokenizer, tmp_path, monkeypatch):
+    kw = dict(policies=("fp16", "signmag:v=1"), lengths=(200,), trials=2, depths=(0.2, 0.8), seed=0, progress=False)
+    first = retrieval.passkey(model, tokenizer, out=tmp_path, **kw)
+    files = sorted((tmp_path / "passkey").glob("*.csv"))
+    assert len(files) == 2 and not list((tmp_path / "passkey").glob("*.lock"))  # one file per (policy, length)
+    text = "The history of the city begins in the early middle ages, when a small market town grew around"
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])[None]
+    g_first = retrieval.greedy_agreement(model, ids, ["fp16", "signmag:v=1"], new_tokens=5, progress=False,
+                                         out=tmp_path)
+    assert len(list((tmp_path / "greedy").glob("*.csv"))) == 3  # the reference continuation + two policies
+
+    def no_model(*a, **k):
+        raise AssertionError("a stored result was recomputed")
+
+    monkeypatch.setattr(retrieval, "_argmax_from", no_model)
+    monkeypatch.setattr(retrieval, "greedy_continuation", no_model)
+    again = retrieval.passkey(model, tokenizer, out=tmp_path, **kw)
+    cols = ["policy", "length", "trial", "key", "correct", "tokens_correct"]
+    assert again[cols].to_dict("records") == first[cols].to_dict("records")
+    g_again = retrieval.greedy_agreement(model, ids, ["fp16", "signmag:v=1"], new_tokens=5, progress=False,
+                                         out=tmp_path)
+    assert g_again["agree"].tolist() == g_first["agree"].tolist()
+    with pytest.raises(AssertionError, match="recomputed"):  # other inputs (a new seed) are a new key
+        retrieval.passkey(model, tokenizer, out=tmp_path, **{**kw, "seed": 1})
+    monkeypatch.undo()
+    files[0].write_text(files[0].read_text()[:-40])  # a truncated file is recomputed, not trusted
+    with pytest.warns(UserWarning, match="recomputing"):
+        fixed = retrieval.passkey(model, tokenizer, out=tmp_path, **kw)
+    assert fixed[cols].to_dict("records") == first[cols].to_dict("records")

@@ -19,9 +19,9 @@ from kvlab.quant.policy import parse_policy
 
 __all__ = [
     "PROXIES", "adjust_pvalues", "bytes_table", "causal_only_rows", "compare_proxies", "discordance",
-    "discordant_pairs", "family", "head_means", "is_oracle", "kv_stats", "matched_bits", "pair_orderings", "pair_tests",
-    "pareto_front", "proxy_table", "rank_correlations", "spearman_ranges", "summarize", "worst_heads",
-    "worst_heads_policy",
+    "discordant_pairs", "end_metrics_verdict", "family", "head_means", "is_oracle", "kv_stats", "matched_bits",
+    "pair_orderings", "pair_tests", "pareto_front", "passkey_vs_reference", "proxy_table", "rank_correlations",
+    "spearman_ranges", "summarize", "worst_heads", "worst_heads_policy",
 ]
 
 #: error-like proxies (larger = worse), with the column they are computed from
@@ -582,3 +582,59 @@ def correlation_verdict(corr: pd.DataFrame, discordant: pd.DataFrame, rates: pd.
     else:
         lines.append("- No significant discordant pair was found for the proxies examined.")
     return "\n".join(lines)
+
+
+def passkey_vs_reference(passkey: pd.DataFrame, reference: str = "fp16") -> pd.DataFrame:
+    """Per (policy, length): trials, correct, and the exact McNemar test against ``reference`` on the same
+    haystacks (a two-sided binomial test on the trials where exactly one of the two is correct): ``lost``
+    (reference right, policy wrong), ``gained`` and ``p``."""
+    from scipy.stats import binomtest
+
+    ref = passkey[passkey["policy"] == reference].set_index(["length", "trial"])["correct"]
+    rows = []
+    for (policy, length), g in passkey.groupby(["policy", "length"], sort=False):
+        r = ref.reindex([(length, t) for t in g["trial"]]).to_numpy()
+        if pd.isna(r).any():
+            raise ValueError(f"{reference!r} has no passkey rows for every trial of {policy!r} at length {length}")
+        c, r = g["correct"].to_numpy(bool), r.astype(bool)
+        lost, gained = int((r & ~c).sum()), int((~r & c).sum())
+        p = binomtest(lost, lost + gained).pvalue if lost + gained else 1.0
+        rows.append({"policy": policy, "length": int(length), "trials": len(g), "correct": int(c.sum()),
+                     "reference correct": int(r.sum()), "lost": lost, "gained": gained, "p": float(p)})
+    return pd.DataFrame(rows)
+
+
+def end_metrics_verdict(passkey: pd.DataFrame, greedy: pd.DataFrame, summary: pd.DataFrame,
+                        reference: str = "fp16", alpha: float = 0.05, reliable: float = 0.8) -> str:
+    """Markdown: where the reference retrieves (accuracy >= ``reliable``), which policies lose passkey trials
+    against it (McNemar, :func:`passkey_vs_reference`), and whether greedy agreement orders the policies as
+    delta PPL does (Spearman over the policies in both)."""
+    from scipy.stats import spearmanr
+
+    vs = passkey_vs_reference(passkey, reference)
+    parts = []
+    ref = vs[vs["policy"] == reference]
+    ok = [int(r.length) for r in ref.itertuples() if r.correct / r.trials >= reliable]
+    bad = [int(r.length) for r in ref.itertuples() if r.correct / r.trials < reliable]
+    parts.append(f"`{reference}` retrieves the key in " + ", ".join(
+        f"{int(r.correct)}/{int(r.trials)} trials at {int(r.length)} tokens" for r in ref.itertuples()) + "" +
+        (f"; below {reliable:.0%} at {', '.join(map(str, bad))} tokens, so those lengths test the model, not the cache"
+         if bad else "") + ".")
+    others = vs[(vs["policy"] != reference) & vs["length"].isin(ok)]
+    sig = others[(others["p"] < alpha) & (others["lost"] > others["gained"])]
+    same = others[~others.index.isin(sig.index)]
+    if len(sig):
+        parts.append("Significantly fewer keys than the reference (exact McNemar, p < " + f"{alpha}): " + ", ".join(
+            f"`{r.policy}` at {r.length} ({r.correct}/{r.trials}, p = {r.p:.2g})" for r in sig.itertuples()) + ".")
+    if len(same):
+        parts.append("No significant loss: " + ", ".join(
+            f"`{r.policy}` at {r.length} ({r.correct}/{r.trials})" for r in same.itertuples()) + ".")
+    g = greedy[greedy["policy"] != reference].merge(summary[["config", "delta_ppl"]], left_on="policy",
+                                                  right_on="config")
+    if len(g) >= 4:
+        rho = spearmanr(-g["mean_agree"], g["delta_ppl"]).statistic
+        best, worst = g.loc[g["mean_agree"].idxmax()], g.loc[g["mean_agree"].idxmin()]
+        parts.append(f"Greedy agreement with `{reference}` runs from {worst.mean_agree:.1f} tokens (`{worst.policy}`) to "
+                     f"{best.mean_agree:.1f} (`{best.policy}`) of {int(g['new_tokens'].max())}; over these {len(g)} "
+                     f"policies its order against delta PPL has Spearman {rho:.2f} (1: the same order).")
+    return " ".join(parts)

@@ -19,7 +19,7 @@ from kvlab.metrics import paired_delta_ci, paired_nll_test
 from kvlab.study.analysis import error_share, head_means, is_oracle
 
 __all__ = ["VERDICTS", "claims_table", "head_concentration", "kv_split", "lossless_ratio", "matched_bits_claim",
-           "outlier_heads", "paired", "recency_allocation", "small_loss"]
+           "markdown", "outlier_heads", "paired", "recency_allocation", "small_loss"]
 
 VERDICTS = ("confirmed", "refuted", "not reproduced here", "untestable here")
 COLUMNS = ["seed", "claim", "measured", "verdict", "why", "cell"]
@@ -112,7 +112,7 @@ def head_concentration(errors: pd.DataFrame, scheme: str, n: int, reference: str
         verdict = "refuted"
         why = (f"{'not most of the error' if share < most else 'as concentrated as'} (rule: >= {most:.0%}, and "
                f"> {margin:.0%} above fp16 casting); the few large heads are large under any rounding")
-    return _row("kvmix", "a few heads carry most of the K error", measured, verdict, why,
+    return _row("kvmix", f"a few heads carry most of the K error (`{scheme}`)", measured, verdict, why,
                 "Head outliers relative to fp16 casting")
 
 
@@ -215,3 +215,13 @@ def matched_bits_claim(matched: pd.DataFrame, seed_name: str = "kv-compressor",
 def claims_table(rows) -> pd.DataFrame:
     """The rows of the functions above as one table, in the order given."""
     return pd.DataFrame(list(rows), columns=COLUMNS)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """``table`` as a Markdown pipe table (cells' ``|`` escaped, newlines flattened), for notebooks."""
+    def cell(v) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(cell, table.columns)) + " |", "|" + " --- |" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)

@@ -211,8 +211,19 @@ def nb04(m: dict) -> str:
     if "kivi:bits=2" in bits:
         text += (f" At ctx {m['ctx']} KIVI's fp16 window makes `kivi:bits=2` cost {bits['kivi:bits=2']:g} bits "
                  "per value.")
+    if m.get("passkey"):
+        by = {}
+        for r in m["passkey"]:
+            by.setdefault(r["policy"], []).append(f"{r['correct']}/{r['trials']} at {r['length']}")
+        text += " Passkey retrieval: " + "; ".join(f"`{p}` {', '.join(v)}" for p, v in by.items()) + "."
+    if m.get("greedy"):
+        g = sorted((r for r in m["greedy"] if r["policy"] != "fp16"), key=lambda r: -r["mean_agree"])
+        text += (f" Greedy tokens equal to fp16's before the first divergence (mean of {g[0]['prompts']} prompts, of "
+                 f"{g[0]['new_tokens']}): " + ", ".join(f"`{r['policy']}` {r['mean_agree']:.1f}" for r in g) + ".") if g else ""
+    if m.get("claims"):
+        text += " Seed claims: " + "; ".join(f"{c['seed']}, {c['claim']}: **{c['verdict']}**" for c in m["claims"]) + "."
     text += (f" The notebook ends with its limitations (ctx {m['ctx']}, {m['windows']} windows). "
-             "![](figures/04_pareto_bits_vs_ppl.png)")
+             "![](figures/04_pareto_bits_vs_ppl.png)" + (" ![](figures/04_end_metrics.png)" if m.get("passkey") else ""))
     return f"**04** ({_ctx(m)}, causal configs): {text}"
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-__all__ = ["channel_magnitudes", "error_heatmaps", "family_styles", "lossless_by_codec", "lossless_by_layer",
+__all__ = ["channel_magnitudes", "end_metrics_plot", "error_heatmaps", "family_styles", "lossless_by_codec", "lossless_by_layer",
            "mixed_ratio_vs_ppl", "pareto_plot", "place_labels", "proxy_scatter", "stats_by_layer",
            "value_histograms"]
 
@@ -375,4 +375,37 @@ def mixed_ratio_vs_ppl(res: pd.DataFrame, title: str):
     fig.tight_layout()
     labels = [p.replace(";keep=fp16", "").replace("kv=", "") for p in res.policy]
     place_labels(ax, res.ratio.tolist(), res.delta_ppl.tolist(), labels, fontsize=8)
+    return fig
+
+
+def end_metrics_plot(passkey: pd.DataFrame, greedy: pd.DataFrame):
+    """Left: passkey accuracy per policy, one bar group per haystack length, with the binomial CI
+    (:func:`kvlab.evaluation.retrieval.passkey_summary`). Right: mean greedy tokens agreed with the reference
+    before the first divergence, with its bootstrap CI (:func:`kvlab.evaluation.retrieval.greedy_summary`)."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.1, 1]})
+    lengths = sorted(passkey["length"].unique())
+    policies = list(dict.fromkeys(passkey["policy"]))
+    width = 0.8 / max(len(lengths), 1)
+    colors = sns.color_palette("crest", len(lengths))
+    for j, length in enumerate(lengths):
+        g = passkey[passkey["length"] == length].set_index("policy").reindex(policies)
+        x = np.arange(len(policies)) + (j - (len(lengths) - 1) / 2) * width
+        ok = g["accuracy"].notna().to_numpy()
+        err = np.vstack([g["accuracy"] - g["ci_lo"], g["ci_hi"] - g["accuracy"]])[:, ok]
+        a.bar(x[ok], g["accuracy"][ok], width * 0.95, yerr=err, capsize=3, color=colors[j],
+              label=f"{length} tokens (n = {int(g['trials'].max())})")
+    a.set_xticks(range(len(policies)), policies, rotation=20, ha="right", fontsize=9)
+    a.set_ylim(0, 1.05)
+    a.set_ylabel("passkey accuracy (95% CI)")
+    a.set_title("Passkey retrieval")
+    a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=len(lengths), frameon=False)
+    g = greedy.sort_values("mean_agree")
+    y = np.arange(len(g))
+    b.barh(y, g["mean_agree"], xerr=np.vstack([g["mean_agree"] - g["ci_lo"], g["ci_hi"] - g["mean_agree"]]),
+           capsize=3, color=sns.color_palette("crest", 1)[0])
+    b.set_yticks(y, g["policy"], fontsize=9)
+    b.set_xlim(0, float(g["new_tokens"].max()) * 1.05)
+    b.set_xlabel(f"greedy tokens equal to the reference before the first divergence (of {int(g['new_tokens'].max())})")
+    b.set_title(f"Greedy agreement ({int(g['prompts'].max())} prompts, mean and 95% CI)")
+    fig.tight_layout()
     return fig

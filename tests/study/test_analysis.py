@@ -262,3 +262,25 @@ def test_head_tables_average_the_error_windows_first():
     assert study.error_share(errors, "q4_0", 1) == 1.0
     fig = plots.error_heatmaps(errors, ["q4_0"])
     assert fig is not None
+
+
+def test_passkey_against_the_reference_is_paired():
+    trials = range(20)
+    ref = [{"policy": "fp16", "length": 1024, "trial": t, "correct": True} for t in trials]
+    lossy = [{"policy": "kivi:bits=2", "length": 1024, "trial": t, "correct": t >= 15} for t in trials]
+    near = [{"policy": "q4_0", "length": 1024, "trial": t, "correct": t != 3} for t in trials]
+    long = [{"policy": p, "length": 4096, "trial": t, "correct": t < 5} for p in ("fp16", "q4_0") for t in trials]
+    pk = pd.DataFrame(ref + lossy + near + long)
+    vs = study.passkey_vs_reference(pk).set_index(["policy", "length"])
+    assert vs.at[("kivi:bits=2", 1024), "lost"] == 15 and vs.at[("kivi:bits=2", 1024), "p"] < 1e-3
+    assert vs.at[("q4_0", 1024), "lost"] == 1 and vs.at[("q4_0", 1024), "p"] == 1.0
+    assert vs.at[("q4_0", 4096), "lost"] == 0 and vs.at[("q4_0", 4096), "p"] == 1.0
+    greedy = pd.DataFrame({"policy": ["fp16", "kivi:bits=2", "q4_0", "q8_0", "int:bits=8"],
+                           "mean_agree": [64, 5, 20, 50, 60], "new_tokens": 64})
+    summary = pd.DataFrame({"config": ["fp16", "kivi:bits=2", "q4_0", "q8_0", "int:bits=8"],
+                            "delta_ppl": [0, 3, 0.5, 0.05, 0.01]})
+    text = study.end_metrics_verdict(pk, greedy, summary)
+    assert "20/20 trials at 1024 tokens, 5/20 trials at 4096" in text and "below 80% at 4096" in text
+    assert "`kivi:bits=2` at 1024 (5/20, p = " in text and "No significant loss: `q4_0` at 1024 (19/20)" in text
+    assert "`q4_0` at 4096" not in text  # lengths where fp16 fails are not judged
+    assert "Spearman 1.00" in text

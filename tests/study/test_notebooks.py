@@ -58,6 +58,15 @@ def test_03_metrics(smoke):
         assert d["pairs"] == n * (n - 1) // 2 and d["compared"] + d["tied"] == d["significant"] <= d["pairs"]
         assert d["discordant"] <= d["compared"]
     assert set(m["spearman_near_lossless"]) == set(m["spearman"])
+    import pandas as pd
+
+    from kvlab.study import analysis as study
+
+    ppl = pd.read_csv(smoke[0] / "results" / "ppl.csv")  # the saved figures are the analysis of the stored rows
+    s = study.summarize(ppl[ppl.config.isin(m["delta_ppl"]) & (ppl.ctx == m["ctx"])], seed=0).set_index("config")
+    assert set(s.index) == set(m["delta_ppl"])
+    for c, d in m["delta_ppl"].items():
+        assert s.at[c, "delta_ppl"] == pytest.approx(d, rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.slow
@@ -69,3 +78,24 @@ def test_04_metrics(smoke):
 
     assert not any(is_oracle(c) for c in m["pareto_front"])  # the front of causal configs
     assert 0 <= m["cosine_twins_overrated"] <= m["cosine_twins_better"] <= m["cosine_twins"]
+    # the saved figures are those of the analysis functions on the run's stored per-window rows
+    import pandas as pd
+
+    from kvlab.evaluation import retrieval
+    from kvlab.study import analysis as study
+    from kvlab.study.claims import VERDICTS
+
+    res = smoke[0] / "results"
+    ppl = pd.read_csv(res / "ppl.csv")
+    s = study.summarize(ppl[ppl.config.isin(m["delta_ppl"]) & (ppl.ctx == m["ctx"])], seed=0).set_index("config")
+    for c, d in m["delta_ppl"].items():
+        assert s.at[c, "delta_ppl"] == pytest.approx(d, rel=1e-9, abs=1e-12)
+    pk = retrieval.passkey_summary(pd.concat([pd.read_csv(f) for f in (res / "passkey").glob("*.csv")]))
+    assert {(r.policy, r.length, r.correct, r.trials) for r in pk.itertuples()} == \
+        {(r["policy"], r["length"], r["correct"], r["trials"]) for r in m["passkey"]}
+    runs = [pd.read_csv(f) for f in (res / "greedy").glob("*.csv")]
+    g = retrieval.greedy_summary(pd.concat([r for r in runs if "agree" in r]), seed=0).set_index("policy")
+    for r in m["greedy"]:
+        assert g.at[r["policy"], "mean_agree"] == pytest.approx(r["mean_agree"])
+    assert m["claims"] and {c["verdict"] for c in m["claims"]} <= set(VERDICTS)
+    assert m["sample"] in ("first", "spread") and m["error_windows"] >= 1

@@ -18,7 +18,7 @@ from kvlab.metrics import mean_ci, paired_delta_ci, paired_nll_test
 from kvlab.quant.policy import parse_policy
 
 __all__ = [
-    "PROXIES", "adjust_pvalues", "bytes_table", "causal_only_rows", "compare_proxies", "discordance",
+    "PROXIES", "adjust_pvalues", "bytes_table", "causal_only_rows", "ci_checks", "ci_checks_verdict", "compare_proxies", "discordance",
     "discordant_pairs", "end_metrics_verdict", "family", "head_means", "is_oracle", "kv_stats", "matched_bits",
     "pair_orderings", "pair_tests", "pareto_front", "passkey_vs_reference", "proxy_table", "rank_correlations",
     "spearman_ranges", "summarize", "worst_heads", "worst_heads_policy",
@@ -638,3 +638,52 @@ def end_metrics_verdict(passkey: pd.DataFrame, greedy: pd.DataFrame, summary: pd
                      f"{best.mean_agree:.1f} (`{best.policy}`) of {int(g['new_tokens'].max())}; over these {len(g)} "
                      f"policies its order against delta PPL has Spearman {rho:.2f} (1: the same order).")
     return " ".join(parts)
+
+
+def ci_checks(ppl: pd.DataFrame, controls=("bf16",), seed: int = 0, n_resamples: int = 2000, block: int = 1,
+              alpha: float = 0.05) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Does the uncertainty behave? Two checks on the per-window rows of one set of windows.
+
+    ``controls``: configs equal to fp16 up to rounding; their delta PPL should not be significant (paired
+    test, p >= ``alpha``) and their CI should hold 0. Returns (controls table, halves table): the halves
+    table has, per config, delta PPL with its CI on the even and on the odd windows (interleaved halves,
+    so both span the split) and whether the two CIs overlap; with independent windows and 95% CIs about
+    99% of configs should overlap, far fewer when the CIs are too narrow."""
+    fp = ppl[ppl["config"] == "fp16"].sort_values("window")
+    if fp.empty:
+        raise ValueError("the rows have no 'fp16' config; both checks measure against it")
+    nll = {c: g.sort_values("window")["nll"].to_numpy() for c, g in ppl.groupby("config")}
+    f = nll["fp16"]
+    crow = []
+    for c in controls:
+        if c not in nll:
+            raise ValueError(f"control {c!r} is not in the rows; they have {sorted(nll)}")
+        d, lo, hi = paired_delta_ci(f, nll[c], seed=seed, n_resamples=n_resamples, block=block)
+        p = paired_nll_test(f, nll[c], block=block)
+        crow.append({"config": c, "delta_ppl": d, "ci_lo": lo, "ci_hi": hi, "p": p,
+                     "holds 0": lo <= 0 <= hi, "significant": bool(p < alpha)})
+    hrow = []
+    for c, x in nll.items():
+        if c == "fp16" or len(x) < 4 * block:
+            continue
+        halves = []
+        for h in (0, 1):
+            idx = np.arange(h, len(x), 2)
+            halves.append(paired_delta_ci(f[idx], x[idx], seed=seed, n_resamples=n_resamples, block=block))
+        (d0, lo0, hi0), (d1, lo1, hi1) = halves
+        hrow.append({"config": c, "even": d0, "even_lo": lo0, "even_hi": hi0, "odd": d1, "odd_lo": lo1,
+                     "odd_hi": hi1, "overlap": bool(lo0 <= hi1 and lo1 <= hi0)})
+    return pd.DataFrame(crow), pd.DataFrame(hrow)
+
+
+def ci_checks_verdict(controls: pd.DataFrame, halves: pd.DataFrame, alpha: float = 0.05) -> str:
+    """Markdown from :func:`ci_checks`: the controls' deltas and tests, and how many configs' half CIs overlap."""
+    parts = [f"`{r.config}` (equal to fp16 up to rounding): delta PPL {r.delta_ppl:+.4f} [{r.ci_lo:+.4f}, "
+             f"{r.ci_hi:+.4f}], p = {r.p:.2g}, " + ("**significant**: the CIs are too narrow" if r.significant
+                                                  else f"not significant at {alpha}") for r in controls.itertuples()]
+    if len(halves):
+        n, k = len(halves), int(halves["overlap"].sum())
+        miss = ", ".join(f"`{c}`" for c in halves.loc[~halves["overlap"], "config"])
+        parts.append(f"split halves (even / odd windows): the two CIs overlap for {k} of {n} configs"
+                     + (f" (not: {miss})" if miss else ""))
+    return "; ".join(parts) + "."

@@ -68,7 +68,7 @@ def load_metrics(metrics_dir: Path | None = None) -> dict[str, dict]:
 
 
 def _f(v, d: int = 2) -> str:
-    return f"{v:.{d}f}"
+    return "n/a" if v is None or (isinstance(v, float) and v != v) else f"{v:.{d}f}"
 
 
 def _signed(v, d: int = 1) -> str:
@@ -163,6 +163,15 @@ def nb03(m: dict) -> str:
     if ex and disc[worst]["discordant"]:
         verdict += (f", e.g. {_proxy(worst)} prefers `{ex[0]}` over `{ex[1]}` (PPL {_f(ex[2], 1)} against "
                     f"{_f(ex[3], 1)})")
+    checks = ""
+    if m.get("ci_controls"):
+        checks = " Uncertainty check: " + "; ".join(
+            f"`{c}` (fp16 up to rounding) delta PPL {_signed(v['delta_ppl'], 4)} [{_signed(v['ci_lo'], 4)}, "
+            f"{_signed(v['ci_hi'], 4)}], p = {v['p']:.2g}" for c, v in m["ci_controls"].items())
+        if m.get("halves_configs"):
+            checks += (f"; the CIs on the even and the odd windows overlap for {m['halves_overlap']} of "
+                       f"{m['halves_configs']} configs")
+        checks += "."
     bits = m.get("bits_per_value")
     span = f" from {min(bits.values()):g} to {max(bits.values()):g} bits" if bits else ""
     return (f"**03** ({_ctx(m)}, {m['n_configs']} configs{span}; every comparison over the {n_causal} causal ones, fp16 "
@@ -170,7 +179,7 @@ def nb03(m: dict) -> str:
             f"window shown only as a ceiling): every proxy correlates with delta PPL (Spearman: {corr}; in the "
             f"near-lossless range: {near_txt}). Of {any_d['pairs']} pairs, {any_d['significant']} differ in PPL "
             f"after {method} (paired test over windows); {tol}pairs a proxy orders "
-            f"against perplexity: {pairs}. So {verdict}. ![](figures/03_proxies_vs_ppl.png)")
+            f"against perplexity: {pairs}. So {verdict}.{checks} ![](figures/03_proxies_vs_ppl.png)")
 
 
 def nb04(m: dict) -> str:

@@ -284,3 +284,23 @@ def test_passkey_against_the_reference_is_paired():
     assert "`kivi:bits=2` at 1024 (5/20, p = " in text and "No significant loss: `q4_0` at 1024 (19/20)" in text
     assert "`q4_0` at 4096" not in text  # lengths where fp16 fails are not judged
     assert "Spearman 1.00" in text
+
+
+def test_ci_checks_catch_a_control_and_compare_halves():
+    rng = np.random.default_rng(0)
+    base = np.log(10) + 0.05 * rng.standard_normal(24)
+    rows = []
+    for c, shift, sd in (("fp16", 0, 0), ("bf16", 0, 1e-4), ("q4_0", 0.02, 0.002), ("bad", 0.0, 0.0)):
+        x = base + shift + sd * rng.standard_normal(24)
+        if c == "bad":  # a shift only in the odd windows: the halves disagree
+            x = base + np.where(np.arange(24) % 2, 0.05, 0.0)
+        rows += [{"config": c, "window": i, "nll": v} for i, v in enumerate(x)]
+    ppl = pd.DataFrame(rows)
+    ctl, halves = study.ci_checks(ppl, controls=("bf16", "q4_0"))
+    ctl = ctl.set_index("config")
+    assert not ctl.at["bf16", "significant"] and ctl.at["bf16", "holds 0"]
+    assert ctl.at["q4_0", "significant"] and not ctl.at["q4_0", "holds 0"]  # a real shift is caught
+    h = halves.set_index("config")
+    assert h.at["q4_0", "overlap"] and h.at["bf16", "overlap"] and not h.at["bad", "overlap"]
+    with pytest.raises(ValueError, match="control 'fp8' is not in the rows"):
+        study.ci_checks(ppl, controls=("fp8",))

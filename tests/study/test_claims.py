@@ -99,3 +99,8 @@ def test_oracles_are_refused_and_small_loss_rule():
     assert claims.matched_bits_claim(m.iloc[1:])["verdict"] == "not reproduced here"
     t = claims.claims_table([claims.matched_bits_claim(m)])
     assert list(t.columns) == claims.COLUMNS and len(t) == 1
+
+
+def test_markdown_table_escapes_pipes():
+    t = pd.DataFrame({"a": ["x|y"], "b": ["two\nlines"]})
+    assert claims.markdown(t) == "| a | b |\n| --- | --- |\n| x\\|y | two lines |"

@@ -19,6 +19,16 @@ namespace kvlab {
 // per instance and device, so that each device is asked once.
 constexpr int kMaxDevices = 64;
 
+// Internal linkage for Dynamic and its helpers, one copy per translation unit: nvcc gives the host stub of a
+// __global__ template instance internal linkage (--static-global-template-stub, on by default), so one kernel
+// instantiated in two units (int2's default folded instance at D = 128 is also the "m-b2s2" tuning since v13) is
+// two kernels on the host side. With external linkage the linker kept one copy of Dynamic<...>::launch (calling
+// one unit's kernel) and one `allowed` cache for both, while each unit's inlined occupancy() asked about its own
+// kernel: the shared-memory attribute could be set on one of the two kernels while the cache said both. Run
+// s15-1's GPU tests crashed a worker in test_kivi_cuda_folded_tunes_gpu[2-32-m-b2s2], whose 56.8 KB of shared
+// memory need the attribute (KERNEL_NOTES.md, v13; benchmarks/experiments/h200_stub_check.sh).
+namespace {
+
 // The kernels with dynamic shared memory: the staged variant and the folded one, for (BITS, D, DG = D / group)
 // and the folded one's tuning (MINB CTAs per SM, NSTAGE stages, MODE).
 template <int VARIANT, int BITS, int D, int DG, int MINB = KVLAB_KIVI_FOLDED_MIN_BLOCKS, int NSTAGE = 2,
@@ -96,6 +106,8 @@ cudaError_t dynamic_launch(const KiviParams& p, dim3 grid, cudaStream_t stream) 
     default: return Dynamic<VARIANT, BITS, D, 8, MINB, NSTAGE, MODE>::launch(p, grid, stream);
   }
 }
+
+}  // namespace
 
 // Folded instances of the default tuning, defined in kivi_attention_folded.cu.
 int folded_occupancy(int bits, int D, int group);

@@ -325,8 +325,10 @@ def test_kivi_decode_attention_sliding_window(bits, nq, window, dtype):
     full = K.kivi_decode_attention_ref(*args, bits=bits, group=group, residual=residual)
     if window >= max(LENGTHS):
         assert torch.equal(ref, full)
-    else:  # the window changes the answer: the test above can fail
-        assert (ref.float() - full.float()).abs().max() > 100 * tol(dtype)
+    else:  # the window changes the answer: ignoring it would fail assert_close above by 10x its bound (a fixed
+        # 100 x tol was above what a window of 129 over these lengths moves an fp16 output: 0.28 < 0.39, s15-1)
+        bound = tol(dtype) * max(ref.float().abs().max().item(), 1.0)
+        assert (ref.float() - full.float()).abs().max().item() > 10 * bound
 
 
 def test_sliding_window_cuda_backend_refused_and_bad_windows():

@@ -7,6 +7,8 @@
 #   tests: the GPU tests only (final without the benchmark);
 #   e2e: bench_fused_cache.py (DynamicCache, StaticCache, FusedCache kivi-4 / kivi-2; also after final with E2E=1).
 # Usage (on the device): bash benchmarks/experiments/h200_session.sh sweep|final|tests|e2e; logs and results under $OUT.
+# final with E2E=1 writes 10 files under $OUT and the device tool returns 8 (s15-4 lost its GPU test log): run e2e as
+# its own call on the warm machine (the extension's build is then cached, about 7 s).
 set -u -o pipefail
 mode=${1:-sweep}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/ext MAX_JOBS=16

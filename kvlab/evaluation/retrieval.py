@@ -225,9 +225,28 @@ def passkey_summary(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
 @torch.no_grad()
 def greedy_continuation(model, prompt: torch.Tensor, new_tokens: int, policy="fp16",
                         emulation: str = "prefill") -> torch.Tensor:
-    """The greedy continuation (new_tokens,) of ``prompt`` (P,) under ``policy``, token by token (one
-    forward of the whole sequence per token, so each step reads the cache exactly as the emulation
-    defines it; no EOS stop)."""
+    """The greedy continuation (new_tokens,) of ``prompt`` (P,) under ``policy``, token by token (no EOS stop).
+
+    ``emulation="prefill"``: one forward of the whole sequence per new token, each reading the cache exactly as
+    the decode-exact emulation defines it (O(T^2) work per continuation). ``"decode"``: a real
+    :class:`kvlab.CompressedCache` fed one token at a time, prompt included, as a compressed-cache server
+    would decode (O(T)); the two agree up to floating-point rounding (``tests/storage``), and causal schemes
+    only (the cache refuses oracle ones)."""
+    if emulation == "decode":
+        from kvlab.storage.cache import CompressedCache, cache_kwarg
+
+        device = next(model.parameters()).device
+        kw = {cache_kwarg(model): CompressedCache(policy, config=model.config)}
+        ids = prompt.to(device)
+        out = []
+        for t in range(ids.numel()):
+            logits = model(input_ids=ids[t: t + 1][None], use_cache=True, **kw).logits
+        for _ in range(new_tokens):
+            nxt = logits[0, -1].argmax(-1).view(1, 1)
+            out.append(int(nxt))
+            if len(out) < new_tokens:
+                logits = model(input_ids=nxt, use_cache=True, **kw).logits
+        return torch.tensor(out, dtype=torch.long)
     ids = prompt.cpu()
     with compress(model, policy, emulation=emulation):
         for _ in range(new_tokens):
@@ -236,12 +255,16 @@ def greedy_continuation(model, prompt: torch.Tensor, new_tokens: int, policy="fp
 
 
 def greedy_agreement(model, prompts: torch.Tensor, policies, new_tokens: int = 64, reference="fp16",
-                     emulation: str = "prefill", progress: bool = True, out=None) -> pd.DataFrame:
+                     emulation: str = "prefill", progress: bool = True, out=None,
+                     reference_emulation: str | None = None) -> pd.DataFrame:
     """For each prompt of ``prompts`` (n, P) and each policy: ``agree``, the number of greedy tokens equal to
     ``reference``'s greedy continuation before the first divergence (``new_tokens`` when none:
     ``censored``). The reference continuation is generated token by token; each policy is then scored in one
     teacher-forced pass over prompt + reference continuation. One row per (policy, prompt). ``out``: a
-    results folder to store and reuse the reference continuations and each policy's rows (module docstring)."""
+    results folder to store and reuse the reference continuations and each policy's rows (module docstring).
+    ``reference_emulation``: how the reference continuation is generated (:func:`greedy_continuation`;
+    default ``emulation``); ``"decode"`` runs a real cache token by token, far cheaper on long prompts. The
+    reference policy's own row then checks that the two paths agree (it should never diverge)."""
     if prompts.ndim != 2:
         raise ValueError(f"prompts must be (n, P) token ids, got shape {tuple(prompts.shape)}")
     if not isinstance(new_tokens, int) or new_tokens < 1:
@@ -249,14 +272,18 @@ def greedy_agreement(model, prompts: torch.Tensor, policies, new_tokens: int = 6
     mkey = model_key(model) if out is not None else ""
     ref_meta = _policy_meta(reference)
 
+    gen = reference_emulation or emulation
+    conts_key = [] if gen == emulation else [f"generated={gen}"]
+
     def generate():
-        conts = [greedy_continuation(model, p, new_tokens, reference, emulation)
+        conts = [greedy_continuation(model, p, new_tokens, reference, gen)
                  for p in tqdm(prompts, desc=f"greedy reference {ref_meta['policy']}", disable=not progress,
                                leave=False)]
         return pd.DataFrame({"prompt": range(len(conts)), "tokens": [" ".join(map(str, c.tolist())) for c in conts]})
 
     ref_df = _stored(out, "greedy", ["reference", ref_meta["policy"], emulation, mkey,
-                                     _ids_sha256(list(prompts)), f"new_tokens={new_tokens}"], len(prompts), generate)
+                                     _ids_sha256(list(prompts)), f"new_tokens={new_tokens}", *conts_key],
+                     len(prompts), generate)
     refs = [torch.tensor([int(x) for x in str(t).split()], dtype=torch.long) for t in ref_df["tokens"]]
     scored = _ids_sha256([torch.cat([p, r]) for p, r in zip(prompts, refs)])
     frames = []

@@ -45,7 +45,7 @@ def test_kv_split_needs_the_claimed_factor():
     r = claims.kv_split(s, ppl, e, "k=q4_0;v=fp16", "k=fp16;v=q4_0", "q4_0", claimed=5)
     assert r["verdict"] == "confirmed" and "NMSE ratio 2.00" in r["measured"] and "MSE ratio 10.0" in r["measured"]
     r = claims.kv_split(s, ppl, e, "k=q4_0;v=fp16", "k=fp16;v=q4_0", "q4_0", claimed=50)
-    assert r["verdict"] == "refuted" and "not 50x" in r["why"]
+    assert r["verdict"] == "refuted" and "not 50x" in r["why"] and "NMSE 2.00x" in r["why"]
     same = _ppl({"k=q4_0;v=fp16": (0.0, 0.01), "k=fp16;v=q4_0": (0.0, 0.01)})
     r = claims.kv_split(study.summarize(same), same, e, "k=q4_0;v=fp16", "k=fp16;v=q4_0", "q4_0")
     assert r["verdict"] == "refuted" and "no significant difference" in r["why"]
@@ -69,6 +69,9 @@ def test_outlier_heads_and_recency():
     s = study.summarize(ppl)
     r = claims.outlier_heads(s, ppl, "int:bits=4,group=32", pol)
     assert r["verdict"] == "confirmed" and "+0.6 bits" in r["why"]
+    ppl = _ppl({"int:bits=4,group=32": (0.05, 0.002), pol: (0.045, 0.002)}, bits={pol: 4.6})
+    r = claims.outlier_heads(study.summarize(ppl), ppl, "int:bits=4,group=32", pol)
+    assert r["verdict"] == "refuted" and "significantly better" in r["why"] and "rule: >= 50%" in r["why"]
     ppl = _ppl({"int:bits=4,group=32": (0.05, 0.002), pol: (0.05, 0.002)}, bits={pol: 4.6})
     assert claims.outlier_heads(study.summarize(ppl), ppl, "int:bits=4,group=32", pol)["verdict"] == "refuted"
     ppl = _ppl({"int:bits=8": (0.0, 0.001), "kv=int:bits=8;keep_k_heads=0.0;keep=fp16": (0.0, 0.001)})

@@ -97,9 +97,12 @@ def test_oracles_are_refused_and_small_loss_rule():
     assert claims.small_loss(s, "kivi:bits=2", small=0.2)["verdict"] == "confirmed"
     assert claims.lossless_ratio({"k": 1.17, "v": 1.20}, (1.26, 1.36))["verdict"] == "not reproduced here"
     assert claims.lossless_ratio({"k": 1.17, "v": 1.30}, (1.26, 1.36))["verdict"] == "confirmed"
-    m = pd.DataFrame({"verdict": ["rival better", "CIs overlap"]})
-    assert claims.matched_bits_claim(m)["verdict"] == "refuted"
-    assert claims.matched_bits_claim(m.iloc[1:])["verdict"] == "not reproduced here"
+    m = pd.DataFrame({"rival": ["q4_0", "kivi:bits=2", "int:bits=2,group=32", "q8_0"],
+                      "verdict": ["rival better", "rival better", "challenger better", "CIs overlap"]})
+    assert claims.matched_bits_claim(m.iloc[:3])["verdict"] == "refuted"  # 2 of 3
+    r = claims.matched_bits_claim(m)  # 2 of 4: not most
+    assert r["verdict"] == "not reproduced here" and "(against `int:bits=2,group=32`)" in r["measured"]
+    assert claims.matched_bits_claim(m.iloc[2:3])["verdict"] == "confirmed"
     t = claims.claims_table([claims.matched_bits_claim(m)])
     assert list(t.columns) == claims.COLUMNS and len(t) == 1
 

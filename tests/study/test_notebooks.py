@@ -19,6 +19,21 @@ def smoke(tmp_path_factory, data_dir):
     return out, paths
 
 
+def _stored_summary(out, m):
+    """The summary of the stored per-window rows of the windows a notebook's metrics ``m`` came from: the set
+    of windows (tokens_sha256) at its ctx that holds every config of its delta_ppl (the shared smoke results
+    folder holds other notebooks' windows too)."""
+    import pandas as pd
+
+    from kvlab.study import analysis as study
+
+    ppl = pd.read_csv(out / "results" / "ppl.csv")
+    ppl = ppl[(ppl.ctx == m["ctx"]) & ppl.config.isin(m["delta_ppl"])]
+    tokens = [t for t, g in ppl.groupby("tokens_sha256") if set(m["delta_ppl"]) <= set(g.config)]
+    assert tokens, "no stored window set holds every config of the metrics"
+    return study.summarize(ppl[ppl.tokens_sha256 == tokens[0]], seed=0).set_index("config")
+
+
 def _metrics(out, name):
     return json.loads((out / "metrics" / f"{name}.metrics.json").read_text())
 
@@ -58,12 +73,9 @@ def test_03_metrics(smoke):
         assert d["pairs"] == n * (n - 1) // 2 and d["compared"] + d["tied"] == d["significant"] <= d["pairs"]
         assert d["discordant"] <= d["compared"]
     assert set(m["spearman_near_lossless"]) == set(m["spearman"])
-    import pandas as pd
 
-    from kvlab.study import analysis as study
 
-    ppl = pd.read_csv(smoke[0] / "results" / "ppl.csv")  # the saved figures are the analysis of the stored rows
-    s = study.summarize(ppl[ppl.config.isin(m["delta_ppl"]) & (ppl.ctx == m["ctx"])], seed=0).set_index("config")
+    s = _stored_summary(smoke[0], m)  # the saved figures are the analysis of the stored rows
     assert set(s.index) == set(m["delta_ppl"])
     for c, d in m["delta_ppl"].items():
         assert s.at[c, "delta_ppl"] == pytest.approx(d, rel=1e-9, abs=1e-12)
@@ -82,12 +94,10 @@ def test_04_metrics(smoke):
     import pandas as pd
 
     from kvlab.evaluation import retrieval
-    from kvlab.study import analysis as study
     from kvlab.study.claims import VERDICTS
 
     res = smoke[0] / "results"
-    ppl = pd.read_csv(res / "ppl.csv")
-    s = study.summarize(ppl[ppl.config.isin(m["delta_ppl"]) & (ppl.ctx == m["ctx"])], seed=0).set_index("config")
+    s = _stored_summary(smoke[0], m)
     for c, d in m["delta_ppl"].items():
         assert s.at[c, "delta_ppl"] == pytest.approx(d, rel=1e-9, abs=1e-12)
     pk = retrieval.passkey_summary(pd.concat([pd.read_csv(f) for f in (res / "passkey").glob("*.csv")]))

@@ -18,7 +18,7 @@ import pandas as pd
 from kvlab.metrics import paired_delta_ci, paired_nll_test
 from kvlab.study.analysis import error_share, head_means, is_oracle
 
-__all__ = ["VERDICTS", "claims_table", "head_concentration", "kv_split", "lossless_ratio", "matched_bits_claim",
+__all__ = ["VERDICTS", "claims_table", "end_metrics_text", "head_concentration", "kv_split", "lossless_ratio", "matched_bits_claim",
            "markdown", "outlier_heads", "paired", "recency_allocation", "small_loss"]
 
 VERDICTS = ("confirmed", "refuted", "not reproduced here", "untestable here")
@@ -142,6 +142,16 @@ def outlier_heads(summary, ppl, base: str, policy: str, alpha: float = 0.05, see
             f" for {bp - bb:+.3g} bits"
     return _row("kvmix", f"fp16 outlier K heads recover `{base}`", measured, verdict, why,
                 "fp16 outlier-head policies")
+
+
+def end_metrics_text(passkey: pd.DataFrame, greedy: pd.DataFrame, config: str) -> str:
+    """``config``'s passkey counts per length and greedy agreement, from
+    :func:`kvlab.evaluation.retrieval.passkey_summary` / ``greedy_summary``, as ``small_loss``'s ``extra``."""
+    parts = [f"passkey {int(r.correct)}/{int(r.trials)} at {int(r.length)}"
+             for r in passkey[passkey["policy"] == config].itertuples()]
+    parts += [f"greedy agreement {r.mean_agree:.1f} [{r.ci_lo:.1f}, {r.ci_hi:.1f}] of {int(r.new_tokens)} tokens"
+              for r in greedy[greedy["policy"] == config].itertuples()]
+    return "; ".join(parts)
 
 
 def small_loss(summary, config: str, small: float = 0.02, seed_name: str = "KIVI",

@@ -110,3 +110,12 @@ def test_oracles_are_refused_and_small_loss_rule():
 def test_markdown_table_escapes_pipes():
     t = pd.DataFrame({"a": ["x|y"], "b": ["two\nlines"]})
     assert claims.markdown(t) == "| a | b |\n| --- | --- |\n| x\\|y | two lines |"
+
+
+def test_end_metrics_text_lists_one_config():
+    pk = pd.DataFrame({"policy": ["fp16", "kivi:bits=2", "kivi:bits=2"], "length": [1024, 1024, 2048],
+                       "trials": 20, "correct": [19, 8, 7]})
+    gr = pd.DataFrame({"policy": ["kivi:bits=2"], "mean_agree": [6.25], "ci_lo": [2.06], "ci_hi": [12.1],
+                       "new_tokens": [64]})
+    assert claims.end_metrics_text(pk, gr, "kivi:bits=2") == \
+        "passkey 8/20 at 1024; passkey 7/20 at 2048; greedy agreement 6.2 [2.1, 12.1] of 64 tokens"

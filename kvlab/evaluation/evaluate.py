@@ -64,10 +64,34 @@ _BASE_LOGPROBS: dict = {}
 # keep the unmodified model's log-probs in memory up to this size (24 windows of 2048 tokens of a 49k vocabulary
 # take 9.7 GB; $KVLAB_BASE_LOGPROBS_BYTES raises or lowers it)
 _BASE_CACHE_BYTES = int(os.environ.get("KVLAB_BASE_LOGPROBS_BYTES", 4 << 30))
+#: a folder where log-probs that do not fit in memory are kept as safetensors files, shared by every process
+#: that sets it (a 262k vocabulary's 2048-token window takes 2.1 GB: without it, every config of a sweep
+#: repeats the unmodified forward of every window). Unset: no files.
+BASE_LOGPROBS_DIR_ENV = "KVLAB_BASE_LOGPROBS_DIR"
+_FINGERPRINTS: dict = {}
+
+
+def _spill_path(model, windows, i):
+    """The file of window i's log-probs under ``$KVLAB_BASE_LOGPROBS_DIR``, or None when that is unset."""
+    from pathlib import Path
+
+    from kvlab.evaluation.ppl import tokens_sha256
+    from kvlab.model.fingerprint import model_fingerprint
+
+    folder = os.environ.get(BASE_LOGPROBS_DIR_ENV)
+    if not folder:
+        return None
+    fp = _FINGERPRINTS.get(id(model))
+    if fp is None or fp[0] is not model:
+        fp = _FINGERPRINTS[id(model)] = (model, model_fingerprint(model))
+    n, t = windows.shape
+    return Path(folder) / f"{fp[1][:16]}-{tokens_sha256(windows)[:16]}-{n}x{t}-w{i}.safetensors"
 
 
 def _base_logprobs(model, windows, i):
-    """log-softmax of the unmodified model on window i, memoized per (model, windows) when it fits."""
+    """log-softmax of the unmodified model on window i, memoized per (model, windows) when it fits, else
+    kept under ``$KVLAB_BASE_LOGPROBS_DIR`` when that is set (computed once by whichever process gets there
+    first; the others wait for it and read it)."""
     import torch
 
     from kvlab.evaluation.ppl import tokens_sha256
@@ -75,12 +99,46 @@ def _base_logprobs(model, windows, i):
     key = (id(model), tokens_sha256(windows), tuple(windows.shape), i)  # one token stream cut two ways: two keys
     if key in _BASE_LOGPROBS:
         return _BASE_LOGPROBS[key]
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        lp = torch.log_softmax(model(input_ids=windows[i : i + 1].to(device), use_cache=False).logits.float(), -1)
+    from kvlab.model.geometry import text_config
+
+    vocab = getattr(text_config(model.config), "vocab_size", None) or 0
+    fits = (len(_BASE_LOGPROBS) + 1) * windows.shape[1] * vocab * 4 <= _BASE_CACHE_BYTES
+    spill = None if fits else _spill_path(model, windows, i)
+
+    def compute():
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            return torch.log_softmax(model(input_ids=windows[i : i + 1].to(device), use_cache=False)
+                                     .logits.float(), -1)
+
+    if spill is None:
+        lp = compute()
+    else:
+        lp = _spilled(spill, compute)
     if (len(_BASE_LOGPROBS) + 1) * lp.numel() * 4 <= _BASE_CACHE_BYTES:
         _BASE_LOGPROBS[key] = lp
     return lp
+
+
+def _spilled(path, compute):
+    """Read ``path`` (safetensors, tensor ``logprobs``), or compute and write it atomically under a lock."""
+    import fcntl
+
+    from safetensors.torch import load_file
+
+    from kvlab._io import atomic_save_tensors
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
+        if path.exists():
+            try:
+                return load_file(path)["logprobs"]
+            except Exception as e:  # a damaged file: say so and recompute it
+                warnings.warn(f"kvlab: {path} is unreadable ({e}); recomputing it", stacklevel=3)
+        lp = compute()
+        atomic_save_tensors({"logprobs": lp.contiguous()}, path, {"what": "log_softmax of the unmodified model"})
+        return lp
 
 
 def model_geometry(model) -> tuple[int, int, int]:
@@ -126,9 +184,22 @@ def evaluate_policy(model, windows, policy, emulation: str = "prefill", kl: bool
                     logits = model(input_ids=ids, use_cache=False).logits
         nll.append(float(nll_per_window(logits, ids)[0]))
         if kl:
-            lp, lq = _base_logprobs(model, windows, i).double(), torch.log_softmax(logits.double(), -1)
-            kls.append(float((lp.exp() * (lp - lq)).sum(-1).clamp_min(0).mean()))
+            kls.append(_mean_kl(_base_logprobs(model, windows, i), logits))
     return {"window_nll": nll, "window_kl": kls if kl else None, "seconds": time.perf_counter() - t0}
+
+
+def _mean_kl(base_lp, logits, chunk: int = 256) -> float:
+    """Mean over positions of KL(base || softmax(logits)), in float64, ``chunk`` positions at a time (a 262k
+    vocabulary's 2048 positions would take several float64 copies of 4.3 GB at once).
+    base_lp, logits (1, T, vocab)."""
+    import torch
+
+    per_pos = []
+    for s in range(0, logits.shape[1], chunk):
+        lp = base_lp[:, s : s + chunk].double()
+        lq = torch.log_softmax(logits[:, s : s + chunk].double(), -1)
+        per_pos.append((lp.exp() * (lp - lq)).sum(-1))
+    return float(torch.cat(per_pos, -1).clamp_min(0).mean())
 
 
 def error_table(model, windows, policy, emulation: str = "prefill", progress: bool = True,

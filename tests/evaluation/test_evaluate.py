@@ -30,3 +30,37 @@ def test_a_policy_object_passes_through_unparsed():
     assert P.parse_policy(p) is p
     with pytest.raises(ValueError, match="policy spec must be a non-empty string"):
         P.parse_policy(3)
+
+
+def test_base_logprobs_spill_to_a_folder_and_are_read_back(model, tokenizer, tmp_path, monkeypatch):
+    """Log-probs that do not fit in memory go to $KVLAB_BASE_LOGPROBS_DIR once, and a later config (or
+    process) reads them instead of repeating the unmodified forward; the KL is the same either way."""
+    import torch
+
+    from kvlab.evaluation import evaluate as E
+
+    _, w = E.load_windows(tokenizer, "pydoc", 32, 2)
+    monkeypatch.setattr(E, "_BASE_LOGPROBS", {})
+    monkeypatch.setattr(E, "_BASE_CACHE_BYTES", 0)  # nothing fits in memory
+    monkeypatch.delenv(E.BASE_LOGPROBS_DIR_ENV, raising=False)
+    plain = E.evaluate_policy(model, w, "q4_0", progress=False)["window_kl"]
+    monkeypatch.setenv(E.BASE_LOGPROBS_DIR_ENV, str(tmp_path / "lp"))
+    first = E.evaluate_policy(model, w, "q4_0", progress=False)["window_kl"]
+    files = sorted((tmp_path / "lp").glob("*.safetensors"))
+    assert len(files) == 2 and all(f.name.endswith(f"-w{i}.safetensors") for i, f in enumerate(files))
+    assert first == pytest.approx(plain, rel=1e-12, abs=1e-15)
+    calls = []
+    original = E._spilled
+
+    def no_compute(path, compute):
+        calls.append(path)
+        return original(path, lambda: pytest.fail("the unmodified forward ran again"))
+
+    monkeypatch.setattr(E, "_spilled", no_compute)
+    again = E.evaluate_policy(model, w, "q4_0", progress=False)["window_kl"]
+    assert len(calls) == 2 and again == first
+    files[0].write_bytes(b"not safetensors")  # a damaged file is recomputed, with a warning
+    monkeypatch.setattr(E, "_spilled", original)
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert E.evaluate_policy(model, w, "q4_0", progress=False)["window_kl"] == first
+    assert torch.isfinite(torch.tensor(first)).all()

@@ -214,11 +214,12 @@ def error_table(model, windows, policy, emulation: str = "prefill", progress: bo
     from kvlab.emulation import hooks
 
     device = next(model.parameters()).device
+    body = getattr(model, "base_model", model)  # the decoder without the LM head: the logits are not measured
     rows = []
     with hooks.measure(model, policy, emulation=emulation) as measured, torch.no_grad():
         for i in tqdm(range(windows.shape[0]), desc="errors", disable=not progress, leave=False):
             start = len(measured)
-            model(input_ids=windows[i : i + 1].to(device), use_cache=False)
+            body(input_ids=windows[i : i + 1].to(device), use_cache=False)
             for row in measured[start:]:
                 row["window"] = i
         rows = list(measured)

@@ -64,3 +64,25 @@ def test_base_logprobs_spill_to_a_folder_and_are_read_back(model, tokenizer, tmp
     with pytest.warns(UserWarning, match="unreadable"):
         assert E.evaluate_policy(model, w, "q4_0", progress=False)["window_kl"] == first
     assert torch.isfinite(torch.tensor(first)).all()
+
+
+def test_error_table_skips_the_lm_head_and_measures_the_same(model, tokenizer):
+    """The error tables run the decoder without its LM head (a 262k vocabulary's head is most of a small
+    model's forward); the rows equal those of measuring a full forward."""
+    import pandas as pd
+    import torch
+
+    from kvlab.emulation import hooks
+    from kvlab.evaluation import evaluate as E
+
+    _, w = E.load_windows(tokenizer, "pydoc", 32, 2)
+    assert model.base_model is not model
+    got = E.error_table(model, w, "q4_0", progress=False, per_window=True)
+    with hooks.measure(model, "q4_0") as rows, torch.no_grad():
+        for i in range(w.shape[0]):
+            start = len(rows)
+            model(input_ids=w[i : i + 1], use_cache=False)
+            for r in rows[start:]:
+                r["window"] = i
+    want = pd.DataFrame(list(rows)).groupby(["window", "layer", "head"], as_index=False).mean()
+    pd.testing.assert_frame_equal(got, want[got.columns], check_exact=True)

@@ -89,18 +89,17 @@ def _spill_path(model, windows, i):
 
 
 def _base_logprobs(model, windows, i):
-    """log-softmax of the unmodified model on window i, memoized per (model, windows) when it fits, else
-    kept under ``$KVLAB_BASE_LOGPROBS_DIR`` when that is set (computed once by whichever process gets there
-    first; the others wait for it and read it)."""
+    """What the KL against the unmodified model needs of window i (:func:`_base_stats`), memoized per (model,
+    windows) when it fits, else kept under ``$KVLAB_BASE_LOGPROBS_DIR`` when that is set (computed once by
+    whichever process gets there first; the others wait for it and read it)."""
     import torch
 
     from kvlab.evaluation.ppl import tokens_sha256
+    from kvlab.model.geometry import text_config
 
     key = (id(model), tokens_sha256(windows), tuple(windows.shape), i)  # one token stream cut two ways: two keys
     if key in _BASE_LOGPROBS:
         return _BASE_LOGPROBS[key]
-    from kvlab.model.geometry import text_config
-
     vocab = getattr(text_config(model.config), "vocab_size", None) or 0
     fits = (len(_BASE_LOGPROBS) + 1) * windows.shape[1] * vocab * 4 <= _BASE_CACHE_BYTES
     spill = None if fits else _spill_path(model, windows, i)
@@ -108,20 +107,38 @@ def _base_logprobs(model, windows, i):
     def compute():
         device = next(model.parameters()).device
         with torch.no_grad():
-            return torch.log_softmax(model(input_ids=windows[i : i + 1].to(device), use_cache=False)
-                                     .logits.float(), -1)
+            logits = model(input_ids=windows[i : i + 1].to(device), use_cache=False).logits
+        return _base_stats(torch.log_softmax(logits.float(), -1))
 
-    if spill is None:
-        lp = compute()
-    else:
-        lp = _spilled(spill, compute)
-    if (len(_BASE_LOGPROBS) + 1) * lp.numel() * 4 <= _BASE_CACHE_BYTES:
-        _BASE_LOGPROBS[key] = lp
-    return lp
+    stats = compute() if spill is None else _spilled(spill, compute)
+    if (len(_BASE_LOGPROBS) + 1) * stats["p"].numel() * 4 <= _BASE_CACHE_BYTES:
+        _BASE_LOGPROBS[key] = stats
+    return stats
+
+
+#: positions a time in the float64 work over the vocabulary (8 x 262k x 8 bytes: 17 MB temporaries, small
+#: enough for the allocator to reuse rather than fault in fresh pages for every one)
+_CHUNK = 8
+
+
+def _base_stats(lp) -> dict:
+    """From the unmodified model's log-probs lp (1, T, vocab) float32: ``p`` = exp(lp) (float32, what the KL
+    weighs by), ``c`` = sum_v p lp and ``s`` = sum_v p per position (float64, (1, T))."""
+    import torch
+
+    p = lp.exp()
+    c = torch.empty(lp.shape[:2], dtype=torch.float64)
+    s = torch.empty(lp.shape[:2], dtype=torch.float64)
+    for a in range(0, lp.shape[1], _CHUNK):
+        pd = p[:, a : a + _CHUNK].double()
+        c[:, a : a + _CHUNK] = torch.einsum("btv,btv->bt", pd, lp[:, a : a + _CHUNK].double())
+        s[:, a : a + _CHUNK] = pd.sum(-1)
+    return {"p": p.contiguous(), "c": c, "s": s}
 
 
 def _spilled(path, compute):
-    """Read ``path`` (safetensors, tensor ``logprobs``), or compute and write it atomically under a lock."""
+    """Read ``path`` (safetensors: :func:`_base_stats`' tensors), or compute and write it atomically under a
+    lock."""
     import fcntl
 
     from safetensors.torch import load_file
@@ -133,12 +150,40 @@ def _spilled(path, compute):
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
         if path.exists():
             try:
-                return load_file(path)["logprobs"]
-            except Exception as e:  # a damaged file: say so and recompute it
+                got = load_file(path)
+                if set(got) == {"p", "c", "s"}:
+                    return got
+                raise ValueError(f"tensors {sorted(got)}, not p, c, s")
+            except Exception as e:  # a damaged or foreign file: say so and recompute it
                 warnings.warn(f"kvlab: {path} is unreadable ({e}); recomputing it", stacklevel=3)
-        lp = compute()
-        atomic_save_tensors({"logprobs": lp.contiguous()}, path, {"what": "log_softmax of the unmodified model"})
-        return lp
+        stats = compute()
+        atomic_save_tensors(stats, path, {"what": "the unmodified model's p = exp(log_softmax), sum p log p, sum p"})
+        return stats
+
+
+def _window_scores(logits, ids, base=None) -> tuple[float, float | None]:
+    """Mean next-token NLL of one window and, given ``base`` (:func:`_base_stats`), the mean over positions
+    of KL(base || softmax(logits)), both in float64. logits (1, T, vocab), ids (1, T).
+
+    With lq = x - lse(x): KL = sum_v p (lp - lq) = c - sum_v p x + lse(x) s per position, so a config costs one
+    log-sum-exp and one dot product over the vocabulary (p, c, s come with the base)."""
+    import torch
+
+    T = logits.shape[1]
+    lse = torch.empty(T, dtype=torch.float64)
+    px = torch.empty(T, dtype=torch.float64) if base is not None else None
+    xd = None
+    for a in range(0, T, _CHUNK):
+        xd = logits[0, a : a + _CHUNK].double()
+        lse[a : a + _CHUNK] = torch.logsumexp(xd, -1)
+        if base is not None:
+            px[a : a + _CHUNK] = torch.einsum("tv,tv->t", base["p"][0, a : a + _CHUNK].double(), xd)
+    tgt = ids[0, 1:].to(logits.device)
+    nll = float((lse[:-1] - logits[0, :-1].gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double()).mean())
+    if base is None:
+        return nll, None
+    kl = (base["c"][0] - px + lse * base["s"][0]).clamp_min(0).mean()
+    return nll, float(kl)
 
 
 def model_geometry(model) -> tuple[int, int, int]:
@@ -162,7 +207,6 @@ def evaluate_policy(model, windows, policy, emulation: str = "prefill", kl: bool
     from tqdm.auto import tqdm
 
     from kvlab.emulation import hooks
-    from kvlab.evaluation.ppl import nll_per_window
     from kvlab.quant.policy import parse_policy
     from kvlab.storage.cache import CompressedCache, cache_kwarg
 
@@ -182,24 +226,11 @@ def evaluate_policy(model, windows, policy, emulation: str = "prefill", kl: bool
             else:
                 with hooks.compress(model, policy, emulation=emulation):
                     logits = model(input_ids=ids, use_cache=False).logits
-        nll.append(float(nll_per_window(logits, ids)[0]))
+        w_nll, w_kl = _window_scores(logits, ids, _base_logprobs(model, windows, i) if kl else None)
+        nll.append(w_nll)
         if kl:
-            kls.append(_mean_kl(_base_logprobs(model, windows, i), logits))
+            kls.append(w_kl)
     return {"window_nll": nll, "window_kl": kls if kl else None, "seconds": time.perf_counter() - t0}
-
-
-def _mean_kl(base_lp, logits, chunk: int = 256) -> float:
-    """Mean over positions of KL(base || softmax(logits)), in float64, ``chunk`` positions at a time (a 262k
-    vocabulary's 2048 positions would take several float64 copies of 4.3 GB at once).
-    base_lp, logits (1, T, vocab)."""
-    import torch
-
-    per_pos = []
-    for s in range(0, logits.shape[1], chunk):
-        lp = base_lp[:, s : s + chunk].double()
-        lq = torch.log_softmax(logits[:, s : s + chunk].double(), -1)
-        per_pos.append((lp.exp() * (lp - lq)).sum(-1))
-    return float(torch.cat(per_pos, -1).clamp_min(0).mean())
 
 
 def error_table(model, windows, policy, emulation: str = "prefill", progress: bool = True,

@@ -86,3 +86,25 @@ def test_error_table_skips_the_lm_head_and_measures_the_same(model, tokenizer):
                 r["window"] = i
     want = pd.DataFrame(list(rows)).groupby(["window", "layer", "head"], as_index=False).mean()
     pd.testing.assert_frame_equal(got, want[got.columns], check_exact=True)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.1, 3.0])
+def test_window_scores_match_the_direct_float64_formulas(scale):
+    """NLL and KL from one log-sum-exp and one dot product per position (with the base's p, sum p log p and
+    sum p) agree with log_softmax in float64, for perturbations from near-lossless to broken."""
+    import torch
+
+    from kvlab.evaluation import evaluate as E
+    from kvlab.evaluation.ppl import nll_per_window
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 37, 3000, generator=g) * 4
+    logits = base + scale * torch.randn(1, 37, 3000, generator=g)
+    ids = torch.randint(0, 3000, (1, 37), generator=g)
+    lp = torch.log_softmax(base, -1)
+    nll, kl = E._window_scores(logits, ids, E._base_stats(lp))
+    lpd, lq = lp.double(), torch.log_softmax(logits.double(), -1)
+    want_kl = float((lpd.exp() * (lpd - lq)).sum(-1).clamp_min(0).mean())
+    assert nll == pytest.approx(float(nll_per_window(logits, ids)[0]), rel=1e-13)
+    assert kl == pytest.approx(want_kl, rel=1e-5)  # p is held in float32 (relative 6e-8 a value)
+    assert E._window_scores(logits, ids)[1] is None

@@ -50,7 +50,7 @@ for dt in (torch.float16, torch.float8_e4m3fn):
 " > "$OUT/flashinfer_jit.log" 2>&1 ) &
   jit=$!
   { echo "tree: ${TREE:-?} (this session's working tree of kvlab/kernels, tests, benchmarks), pytest -n 8"; date;
-    KVLAB_ALLOW_NO_MODEL=1 timeout 240 python3 -m pytest -n 8 -q -rs tests/kernels tests/storage; echo "pytest rc=$?"; date; } \
+    KVLAB_ALLOW_NO_MODEL=1 timeout 300 python3 -m pytest -n 8 -q -rs tests/kernels tests/storage; echo "pytest rc=$?"; date; } \
     2>&1 | tee "$OUT/gpu_pytest_h200.log" | tail -15
   wait $jit; echo "flashinfer jit: $(( $(date +%s) - t0 )) s since start"; cat "$OUT/flashinfer_jit.log" | tail -5
   [ "$mode" = tests ] || python3 benchmarks/bench_decode_attention.py --out "$OUT" --points 8:32768,8:131072,32:32768,1:32768 \

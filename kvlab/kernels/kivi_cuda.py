@@ -44,16 +44,17 @@ SOURCES = ("kivi_binding.cpp", "kivi_attention_cuda.cu", "kivi_attention_folded.
 # 128), by name: CTAs per SM of the register budget (b), cp.async stages (s), the V codes staged by cp.async with
 # the rest of a block ("v-" prefix) instead of loaded into registers, and two modes that compute no attention:
 # "loads" (every block's loads, no arithmetic) and "compute" (the arithmetic over the first block's data, no
-# further loads). For int2 only (v13): "m-" (V codes staged in ldmatrix's layout, the K and V code operands read
-# by ldmatrix), "mk-" (the K code operands by ldmatrix, V codes into registers), "ca-" (the K codes copied
-# through L1, cp.async.ca; "ca-loads": its loads alone) and "mca-" ("m-" and "ca-"). The benchmark's --cuda-tunes times them
-# (benchmarks/KERNEL_NOTES.md, v11, v13); the public API runs the default (TUNES["b2s2"] = 0), which for int2 at
-# head_dim 128 is the "m-" layout since run s14-1 (the other int2 tunings keep v11's default V codes: in registers,
-# or staged without ldmatrix).
-TUNES = {"b2s2": 0, "b3s2": 320, "b2s3": 230, "loads": 221, "compute": 222, "v-b2s2": 1220, "v-b2s3": 1230,
-         "v-b3s2": 1320, "v-loads": 1221, "m-b2s2": 2220, "mk-b2s2": 3220, "ca-b2s2": 4220, "mca-b2s2": 6220,
-         "ca-loads": 4221}
-INT2_ONLY_TUNES = frozenset(name for name, tune in TUNES.items() if tune // 1000 >= 2)
+# further loads). "m-" (V codes staged in ldmatrix's layout, the K and V code operands read by ldmatrix) and
+# "mk-" (the K code operands by ldmatrix, V codes into registers): int2 (v13) and int4 (v14); for int2 only (v13):
+# "ca-" (the K codes copied through L1, cp.async.ca; "ca-loads": its loads alone) and "mca-" ("m-" and "ca-").
+# The benchmark's --cuda-tunes times them (benchmarks/KERNEL_NOTES.md, v11, v13, v14); the public API runs the
+# default (TUNES["b2s2"] = 0), which at head_dim 128 is the "m-" layout for int2 since run s14-1 and for int4 at
+# groups of 32 or more since s16-1; "r-b2s2" is v11's layout (V codes into registers, no ldmatrix), the default
+# before, and the other tunings keep its V codes (in registers, or staged without ldmatrix).
+TUNES = {"b2s2": 0, "r-b2s2": 8220, "b3s2": 320, "b2s3": 230, "loads": 221, "compute": 222, "v-b2s2": 1220,
+         "v-b2s3": 1230, "v-b3s2": 1320, "v-loads": 1221, "m-b2s2": 2220, "mk-b2s2": 3220, "ca-b2s2": 4220,
+         "mca-b2s2": 6220, "ca-loads": 4221}
+INT2_ONLY_TUNES = frozenset(name for name, tune in TUNES.items() if (tune // 1000) & 4)
 COMPUTES_ATTENTION = {name: tune % 10 == 0 for name, tune in TUNES.items()}
 # What "auto" tries, in order, for each bit width (the first that can serve the call). On an H100 at B=8, T=32k
 # (Llama-3-8B heads, benchmarks/KERNEL_NOTES.md, v8) int2 took 92.9 us folded, 103.7 staged, 115.5 registers
@@ -172,8 +173,9 @@ def folded_unsupported(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits
     """Why the folded variant cannot serve a call that :func:`unsupported` accepts, or None when it can: what the
     staged variant needs (:func:`staged_unsupported`), V codes contiguous per token, and query rows per kv head
     that fit its mma column slots, ``min(group, 64) / 8`` (one copy of the query rows per K group of a 64-token
-    block and per V group of 64 channels); for int2 at head_dim 128, 16-byte aligned V code rows (the default instance
-    stages them by 16-byte copies and reads the code operands by ldmatrix: KERNEL_NOTES.md, v13)."""
+    block and per V group of 64 channels); at head_dim 128, for int2 and for int4 at groups of 32 or more, 16-byte
+    aligned V code rows (the default instance stages them by 16-byte copies and reads the code operands by ldmatrix:
+    KERNEL_NOTES.md, v13, v14)."""
     _, Hq, NQ, D = q.shape
     rows = Hq // k_codes.shape[1] * NQ
     if not (group in (16, 32) or group % 64 == 0):
@@ -187,9 +189,11 @@ def folded_unsupported(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits
         return why
     if v_codes.stride(2) != D * bits // 8:
         return f"v_codes is not contiguous per token (stride {v_codes.stride(2)}, allowed {D * bits // 8})"
-    if bits == 2 and D % 128 == 0 and not _aligned(v_codes, 16, dims=2):  # staged by 16-byte copies (v13)
+    ldsm = (bits == 2 and D % 128 == 0) or (bits == 4 and D == 128 and group >= 32)  # folded_default_vst (v13, v14)
+    if ldsm and not _aligned(v_codes, 16, dims=2):  # staged by 16-byte copies
         return (f"v_codes rows are not 16-byte aligned (data_ptr % 16 = {v_codes.data_ptr() % 16}, strides "
-                f"{tuple(v_codes.stride())}); the folded variant stages int2 V codes by 16-byte copies")
+                f"{tuple(v_codes.stride())}); the folded variant stages int{bits} V codes by 16-byte copies at "
+                f"head_dim {D}, group={group}")
     return None
 
 

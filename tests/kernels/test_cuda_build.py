@@ -25,14 +25,15 @@ FOLDED = STAGED  # same instances: (bits, D, D / group)
 UNITS = ("kivi_attention_cuda.cu", "kivi_attention_folded.cu", "kivi_attention_tuned_int2.cu",
          "kivi_attention_tuned_int4.cu")
 # experimental tunings of the folded kernel (kivi_attention_launch.cuh): (V codes staged, min blocks, stages, mode)
-TUNES = [(0, 3, 2, 0), (0, 2, 3, 0), (0, 2, 2, 1), (0, 2, 2, 2), (1, 2, 2, 0), (1, 2, 3, 0), (1, 3, 2, 0), (1, 2, 2, 1)]
-TUNES_INT2 = [(2, 2, 2, 0), (3, 2, 2, 0), (4, 2, 2, 0), (6, 2, 2, 0), (4, 2, 2, 1)]  # int2 only: ldmatrix operands, K via L1 (v13)
-VSTAGE_DEFAULT = 0  # KVLAB_KIVI_FOLDED_VSTAGE; int2 at D = 128: 2 (folded_default_vst, v13)
+TUNES = [(8, 2, 2, 0), (0, 3, 2, 0), (0, 2, 3, 0), (0, 2, 2, 1), (0, 2, 2, 2), (1, 2, 2, 0), (1, 2, 3, 0), (1, 3, 2, 0), (1, 2, 2, 1)]
+TUNES_INT2 = [(2, 2, 2, 0), (3, 2, 2, 0), (4, 2, 2, 0), (6, 2, 2, 0), (4, 2, 2, 1)]  # ldmatrix operands, K via L1 (v13)
+TUNES_INT4 = [(2, 2, 2, 0), (3, 2, 2, 0)]  # ldmatrix operands (v14)
+VSTAGE_DEFAULT = 0  # KVLAB_KIVI_FOLDED_VSTAGE; int2 at D = 128, int4 at D = 128 and groups >= 32: 2 (folded_default_vst, v13, v14)
 
 
 def folded_name(bits, d, dg, minb=2, stages=2, mode=0, vst=None):
     if vst is None:
-        vst = 2 if bits == 2 and d % 128 == 0 else VSTAGE_DEFAULT
+        vst = 2 if (bits == 2 and d % 128 == 0) or (bits == 4 and d == 128 and d // dg >= 32) else VSTAGE_DEFAULT
     return (f"_ZN5kvlab25kivi_decode_folded_kernelILi{bits}ELi{d}ELi{dg}ELi{minb}ELi{stages}ELi{mode}ELi{vst}EEEv"
             "NS_10KiviParamsE")
 
@@ -65,7 +66,7 @@ def test_cuda_kivi_kernels_compile_without_spills(tmp_path):
         assert regs <= 255, f"kivi_decode_folded_kernel<{bits}, {d}, {dg}> uses {regs} registers (2 CTAs: 255)"
     for bits in (2, 4):
         for dg in (4, 1):  # groups 32 and 128 at D = 128
-            for vst, minb, stages, mode in TUNES + (TUNES_INT2 if bits == 2 else []):
+            for vst, minb, stages, mode in TUNES + (TUNES_INT2 if bits == 2 else TUNES_INT4):
                 spill, regs = found[folded_name(bits, 128, dg, minb, stages, mode, vst)]
                 print(f"tuned folded<{bits}, 128, {dg}, {minb}, {stages}, {mode}, {vst}>: {regs} registers, "
                       f"{spill} B spilled")

@@ -230,6 +230,11 @@ def test_kivi_cuda_folded_variant_conditions():
     assert "head_dim / group = 128/256" in why(group=256)
     wide = torch.zeros(1, 2, 256, 64, dtype=torch.uint8, device=DEV)[..., :32]  # 64-byte rows, 32 used
     assert "v_codes is not contiguous per token (stride 64, allowed 32)" in why(v_codes=wide)
+    c4 = random_kivi(1, 2, 128, 4, 32, 128, 256, g)["v_codes"]
+    off = torch.empty(c4.numel() + 8, dtype=torch.uint8, device=DEV)[8:].view(c4.shape)  # rows 8 bytes off 16
+    off.copy_(c4)
+    assert "stages int4 V codes by 16-byte copies at head_dim 128, group=32" in why(bits=4, v_codes=off)
+    assert why(gqa=2, bits=4, group=16, v_codes=off) is None  # group 16 keeps V codes in registers (v14)
 
 
 def test_kivi_cuda_auto_variant_choice():
@@ -914,7 +919,7 @@ def test_kivi_auto_backend_takes_cuda_and_refuses_misaligned_gpu(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("tune", ["b3s2", "b2s3", "loads", "compute", "v-b2s2", "v-b2s3", "v-b3s2", "v-loads",
+@pytest.mark.parametrize("tune", ["r-b2s2", "b3s2", "b2s3", "loads", "compute", "v-b2s2", "v-b2s3", "v-b3s2", "v-loads",
                                   "m-b2s2", "mk-b2s2", "ca-b2s2", "mca-b2s2", "ca-loads"])
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("bits", [2, 4])
@@ -961,19 +966,23 @@ def test_kivi_cuda_folded_tunes_gpu(bits, group, tune):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("tune", ["m-b2s2", "mk-b2s2", "ca-b2s2", "mca-b2s2"])
 @pytest.mark.parametrize("group", [32, 128])
-def test_kivi_cuda_folded_ldsm_tunes_gqa_gpu(group, tune):
-    """The int2 tunings of v13 (K and V code operands read by ldmatrix from a permuted stage layout; K codes copied
-    through L1) against the fp32 reference on fresh random caches for every query-row shape the folded variant
-    takes at this group (GQA 1, 2, 4, 8 where the column slots allow, 2 query tokens), unequal lengths (inside the
-    residual window, across block and group boundaries, long), poisoned outputs, automatic and forced splits."""
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_cuda_folded_ldsm_tunes_gqa_gpu(bits, group, tune):
+    """The tunings of v13 and v14 (K and V code operands read by ldmatrix from a permuted stage layout, int2 and
+    int4; K codes copied through L1, int2) against the fp32 reference on fresh random caches for every query-row
+    shape the folded variant takes at this group (GQA 1, 2, 4, 8 where the column slots allow, 2 query tokens),
+    unequal lengths (inside the residual window, across block and group boundaries, long), poisoned outputs,
+    automatic and forced splits."""
     from kvlab.kernels import kivi_cuda
     from kvlab.kernels.kivi_attention import LOG2E
 
+    if tune in kivi_cuda.INT2_ONLY_TUNES and bits != 2:
+        pytest.skip(f"{tune} exists for int2 only")
     slots = min(group, 64) // 8
     shapes = [(gqa, nq) for gqa, nq in ((1, 1), (2, 1), (4, 1), (8, 1), (2, 2)) if gqa * nq <= slots]
     for gqa, nq in shapes:
         g = gen(fresh_seed())
-        B, H, D, bits, residual, cap = 4, 2, 128, 2, 128, 3072
+        B, H, D, residual, cap = 4, 2, 128, 128, 3072
         cache = random_kivi(B, H, D, bits, group, residual, cap, g)
         q = randn(B, H * gqa, nq, D, g=g, dtype=torch.float16, scale=2.0)
         lengths = torch.tensor([3072, 2111, 200, 100], dtype=torch.int32, device=DEV)

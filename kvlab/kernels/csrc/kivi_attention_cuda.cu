@@ -55,6 +55,8 @@ bool kivi_tuned_exists(int bits, int D, int group, int tune) {
   KVLAB_KIVI_TUNES(KV_TUNE_IS)
   if (bits == 2) {
     KVLAB_KIVI_TUNES_INT2(KV_TUNE_IS)
+  } else {
+    KVLAB_KIVI_TUNES_INT4(KV_TUNE_IS)
   }
 #undef KV_TUNE_IS
   return false;
@@ -73,7 +75,7 @@ cudaError_t kivi_tuned_launch(const KiviParams& p, int bits, int D, int tune, di
 size_t kivi_smem_bytes(int bits, int D, int nt, int variant, int group, int tune) {
   if (variant == KIVI_VARIANT_REGISTERS || !dynamic_exists(variant, D, nt, group)) return 0;
   const int stages = is_tuned(tune) ? (tune / 10) % 10 : 2;
-  const bool vst = folded_vstaged(is_tuned(tune) ? tune / 1000 : folded_default_vst(bits, D));
+  const bool vst = folded_vstaged(is_tuned(tune) ? tune / 1000 : folded_default_vst(bits, D, group));
 #define KV_SMEM(B_, D_, N_)                                                                                     \
   if (bits == B_ && D == D_ && nt == N_) {                                                                     \
     if (variant != KIVI_VARIANT_FOLDED) return staged_smem_bytes<B_, D_, N_>(group);                           \

@@ -96,9 +96,10 @@ __device__ __forceinline__ uint32_t half2_u32(__half lo, __half hi) {
 
 // Dynamic shared memory of one CTA of the folded kernel: the staged variant's, with 8 merge states.
 #ifndef KVLAB_KIVI_FOLDED_VSTAGE
-// The V codes of a block: 0 into registers by plain loads, 1 staged by cp.async; for int2 also 2: staged by
-// cp.async in ldmatrix's layout, and the K and V code operands read by ldmatrix (ldsm_x4_trans), 3: the K code
-// operands by ldmatrix, the V codes into registers; + 4: the K codes copied through L1 (cp.async.ca; v13)
+// The V codes of a block: 0 into registers by plain loads, 1 staged by cp.async; 2: staged by cp.async in
+// ldmatrix's layout, and the K and V code operands read by ldmatrix (ldsm_x4_trans), 3: the K code operands by
+// ldmatrix, the V codes into registers (int2: v13; int4 at groups of 32 or more: v14); for int2 also + 4: the K
+// codes copied through L1 (cp.async.ca; v13); + 8 changes nothing (the tuning "r-b2s2": VST 0 under its own id)
 #define KVLAB_KIVI_FOLDED_VSTAGE 0
 #endif
 
@@ -111,10 +112,17 @@ __host__ __device__ constexpr bool folded_kca(int vst) { return (vst & 4) != 0; 
 
 // The V mode of the default instances: 2 (ldmatrix operands, V codes staged) for int2 at D a multiple of 128, which
 // took int2 at B=8, T=32k on an H200 from 89.4 to 75.3 us at group 32 and from 80.9 to 69.2 at group 128 (run
-// s14-1, KERNEL_NOTES.md, v13); KVLAB_KIVI_FOLDED_VSTAGE otherwise.
-__host__ __device__ constexpr int folded_default_vst(int bits, int d) {
-  return bits == 2 && d % 128 == 0 ? 2 : KVLAB_KIVI_FOLDED_VSTAGE;
+// s14-1, KERNEL_NOTES.md, v13), and for int4 at D = 128 and groups of 32 or more: from 100.8 to 98.4 us at group 32
+// (graph 101.2 to 95.2) and from 88.9 to 83.6 from graphs at group 128 (run s16-1, v14); KVLAB_KIVI_FOLDED_VSTAGE
+// otherwise.
+__host__ __device__ constexpr int folded_default_vst(int bits, int d, int group) {
+  return (bits == 2 && d % 128 == 0) || (bits == 4 && d == 128 && group >= 32) ? 2 : KVLAB_KIVI_FOLDED_VSTAGE;
 }
+
+// int4 V codes staged for ldmatrix (VST = 2, v14): the 16-byte chunk s (channels 32s .. + 31) of token t's 64-byte
+// row at t * 64 + 16 (s ^ ((t / 4) % 4)), so that the 8 rows of each matrix ldsm_x4_trans reads (tokens 4j + {0, 1}
+// or 4j + {2, 3}, j = 0..3, one chunk) hit 8 different 16-byte sets of banks.
+__host__ __device__ constexpr int vldsm4_off(int t, int s) { return t * 64 + 16 * (s ^ ((t >> 2) & 3)); }
 
 // Four 8x8 matrices of 16-bit elements, transposed: lane (g, c) gets in r[j] elements g of the 16-byte rows 2c (low
 // half) and 2c + 1 (high half) of matrix j, whose row i lanes 8j + i address.
@@ -144,7 +152,7 @@ __host__ __device__ constexpr int folded_vtok(int t) {
   return t * (D * BITS / 8) + (t / 4) * 8 * BITS;
 }
 
-template <int BITS, int D, int NSTAGE = 2, int VST = folded_default_vst(BITS, D)>
+template <int BITS, int D, int NSTAGE, int VST>
 __host__ __device__ constexpr int folded_smem_bytes(int group) {
   return staged_smem_bytes<BITS, D, 1, 8, NSTAGE, folded_vstaged(VST) ? folded_vcode_bytes<BITS, D>() : 0>(group);
 }
@@ -161,14 +169,21 @@ __host__ __device__ constexpr int folded_smem_bytes(int group) {
 // and the K and V code operands read by ldmatrix (one ldsm_x4_trans per two k-steps of K and per k-step of V,
 // instead of 4 or 8 16-bit loads and 2 or 4 byte permutes), 3: the K code operands by ldmatrix only.
 template <int BITS, int D, int DG, int MINB = KVLAB_KIVI_FOLDED_MIN_BLOCKS, int NSTAGE = 2, int MODE = KIVI_MODE_FULL,
-          int VST = folded_default_vst(BITS, D)>
+          int VST = folded_default_vst(BITS, D, D / DG)>
 __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const KiviParams p) {
   using C = KiviCfg<BITS, D, 1>;
   using S = StagedCfg<BITS, D>;
   constexpr bool VSTG = folded_vstaged(VST), KLDSM = folded_kldsm(VST), VLDSM = folded_vldsm(VST);
-  static_assert(!KLDSM || (BITS == 2 && (D % 128 == 0 || !VLDSM)), "ldmatrix operands: int2 (V: D a multiple of 128)");
   constexpr int ROWS = C::ROWS, BN = C::BN, TPT = C::TPT, KK = C::KK, KS = C::KS, W = C::WARPS;
   constexpr int G = D / DG, RS = (G < 64 ? G : 64) / 8;  // group; column slots per group
+  // int4 operands by ldmatrix (v14): a 16-bit element of a 16-byte row holds 4 codes, so lane g's K codes are tokens
+  // 4g .. 4g + 3 (codes 0-3, tiles 0, 1) and 32 + 4g .. (codes 4-7, tiles 2, 3) of a block, and its V codes channels
+  // 4g .. and 32 + 4g .. of a 64-channel set. At group 32 (TWO) tiles 0, 1 then lie in one group and tiles 2, 3 in the
+  // next, whatever the lane: the minima mma carries both groups (A rows g: the first, g + 8: the second), and a lane's
+  // useful columns go with its tiles instead of with g.
+  constexpr bool K4 = KLDSM && BITS == 4, V4 = VLDSM && BITS == 4, TWO = G == 32;
+  static_assert(!KLDSM || BITS == 2 || G >= 32, "int4 ldmatrix operands: groups of 32 or more");
+  static_assert(!VLDSM || (BITS == 2 ? D % 128 == 0 : D == 128), "ldmatrix V operands: int2 at D % 128 == 0, int4 at D = 128");
   constexpr int SETS = D / 64;  // V channel sets; a lane holds 8 channels of each
   constexpr int VROW = D * BITS / 8;  // bytes of a token's V codes
   constexpr int PBYTES = W * ROWS * C::PST * 2;
@@ -244,7 +259,8 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
 #pragma unroll
       for (int i = 0; i < N; ++i) {
         const int q = lane + 32 * i, t = q / CPR, part = q % CPR;
-        const int dst = VLDSM ? (part / 2) * 64 * 32 + vldsm_chunk(t, part % 2) : folded_vtok<BITS, D>(t) + part * 16;
+        const int dst = !VLDSM ? folded_vtok<BITS, D>(t) + part * 16
+                        : BITS == 2 ? (part / 2) * 64 * 32 + vldsm_chunk(t, part % 2) : vldsm4_off(t, part);
         cp_async16(base + vc0 + dst, sq.vc + (t0 + t) * VROW + part * 16);
       }
     }
@@ -272,12 +288,26 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
     for (int i = 0; i < C::MTK; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) sacc[i][j] = 0.f;
-    const uint8_t* kscp = sst + S::KC + kgrp * S::KSG + 8 * c;
+    const uint8_t* kscp = sst + S::KC + kgrp * S::KSG + 8 * c;  // the K group of this lane's B column g
+    const uint8_t* kscp0 = sst + S::KC + 8 * c;
     uint32_t kl[4];  // KLDSM: y[0], y[2] of k-steps kk and kk + 1 (kk even)
 #pragma unroll
     for (int kk = 0; kk < KK; ++kk) {
       uint32_t y[4], ys[4];
-      if constexpr (KLDSM) {
+      if constexpr (K4) {
+        // matrix j = lane / 8: chunk j % 2 of channels 16kk + 4 (i / 2) + 2 (j / 2) + i % 2 (row i), so that lane (g, c)
+        // gets tokens 4g .. 4g + 3 (y[0], y[2]) and 32 + 4g .. (y[1], y[3]) of channels 4c, 4c + 1 (y[0], y[1]) and
+        // 4c + 2, 4c + 3 (y[2], y[3]): pair_words' form, with other tokens
+        const int j = lane >> 3, i = lane & 7;
+        const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(sst)) +
+                           ldsm4_off(16 * kk + 4 * (i >> 1) + 2 * (j >> 1) + (i & 1), j & 1);
+        uint32_t r[4];
+        ldsm_x4_trans(r, a);
+        y[0] = r[0];
+        y[1] = r[1];
+        y[2] = r[2];
+        y[3] = r[3];
+      } else if constexpr (KLDSM) {
         // matrix j = lane / 8 of k-step kk + j / 2: row i holds channel 4 (i / 2) + 2 (j % 2) + i % 2 (stage row
         // ldsm_row), so lane (g, c) gets tokens 8g .. 8g + 7 of channels 4c, 4c + 1 (j even: y[0]) or 4c + 2, 4c + 3
         if (kk % 2 == 0) {
@@ -299,7 +329,7 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
         pair_words(y, w[0], w[1], w[2], w[3]);
       }
       const uint2 sc = *reinterpret_cast<const uint2*>(kscp + 32 * kk);
-      const uint2 mn = *reinterpret_cast<const uint2*>(kscp + 2 * D + 32 * kk);
+      const uint2 mn = *reinterpret_cast<const uint2*>((K4 && TWO ? kscp0 : kscp) + 2 * D + 32 * kk);
 #pragma unroll
       for (int e = 0; e < 4; ++e) ys[e] = fold_shift<BITS>(y[e]);
       const uint32_t b0 = hmul2_u32(qr[kk][0], sc.x), b1 = hmul2_u32(qr[kk][1], sc.y);
@@ -309,11 +339,61 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
         fold_operand<BITS>(a, i, y, ys);
         mma_16816(sacc[i], a[0], a[1], a[2], a[3], b0, b1);
       }
-      mma_16816(bk, mn.x, mn.x, mn.y, mn.y, qr[kk][0], qr[kk][1]);
+      if constexpr (K4 && TWO) {  // rows g: the block's first K group, g + 8: its second
+        const uint2 mn1 = *reinterpret_cast<const uint2*>(kscp0 + S::KSG + 2 * D + 32 * kk);
+        mma_16816(bk, mn.x, mn1.x, mn.y, mn1.y, qr[kk][0], qr[kk][1]);
+      } else {
+        mma_16816(bk, mn.x, mn.x, mn.y, mn.y, qr[kk][0], qr[kk][1]);
+      }
     }
 
     // ---- online softmax over this lane's columns; P to shared memory (query row, token) as fp16
     __syncwarp();
+    if constexpr (K4) {
+      // tiles 2h, 2h + 1 (TWO: the group of this lane's columns, h = c / 2) or all four; rows g, g + 8 of tile i are
+      // tokens tok + 4g + 2 (i % 2) + 32 (i / 2), + 1
+      constexpr int NU = TWO ? 2 : 4;
+      const int hsel = TWO ? c >> 1 : 0;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float sv[NU][2];
+#pragma unroll
+        for (int i = 0; i < C::MTK; ++i) {
+          const float bias = TWO && i >= 2 ? bk[2 + j] : bk[j];
+          sacc[i][j] = fmaf(sacc[i][j], fold_factor<BITS>(2 * i), bias);
+          sacc[i][2 + j] = fmaf(sacc[i][2 + j], fold_factor<BITS>(2 * i + 1), bias);
+        }
+        float mx = -INFINITY;
+#pragma unroll
+        for (int u = 0; u < NU; ++u) {
+          sv[u][0] = TWO && hsel ? sacc[u + 2][j] : sacc[u][j];
+          sv[u][1] = TWO && hsel ? sacc[u + 2][2 + j] : sacc[u][2 + j];
+          mx = fmaxf(mx, fmaxf(sv[u][0], sv[u][1]));
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+        if constexpr (RS <= 4) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_r[j], mx * p.qk_scale);
+        const float alpha = fast_exp2(m_r[j] - m_new);
+        m_r[j] = m_new;
+        float lsum = 0.f;
+        __half* prow = ps + ((2 * c + j) % RS) * C::PST + 32 * hsel + 4 * g;
+#pragma unroll
+        for (int u = 0; u < NU; ++u) {
+          const float p0 = fast_exp2(fmaf(sv[u][0], p.qk_scale, -m_new));
+          const float p1 = fast_exp2(fmaf(sv[u][1], p.qk_scale, -m_new));
+          lsum += p0 + p1;
+          *reinterpret_cast<__half2*>(prow + 2 * (u % 2) + 32 * (u / 2)) = __floats2half2_rn(p0, p1);
+        }
+        l_r[j] = l_r[j] * alpha + lsum;
+#pragma unroll
+        for (int t = 0; t < 4 * SETS; ++t) {
+          oacc[t][j] *= alpha;
+          oacc[t][2 + j] *= alpha;
+        }
+      }
+    } else {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       float mx = -INFINITY;
@@ -349,6 +429,7 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
         oacc[t][2 + j] *= alpha;
       }
     }
+    }
     __syncwarp();
 
     // ---- output: O^T += codes^T . (P s)^T, and the minima term; V scales from the stage
@@ -366,8 +447,21 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
       // VLDSM: matrix j = lane / 8 (+ 4 per further pair of sets), row i: token 16ks + 4 (i / 2) + i % 2 + 2 (j % 2)
       // of set j / 2, so lane (g, c) gets channels 64s + 8g .. + 7 of tokens 4c, 4c + 1 (j even: y[0]) or 4c + 2,
       // 4c + 3 (y[2])
-      uint32_t vl[2 * SETS];
-      if constexpr (VLDSM) {
+      uint32_t vl[4 * SETS];  // V4: y[0..3] of set s in vl[4s ..]
+      if constexpr (V4) {
+        // matrix j = lane / 8, row i: token 16ks + 4 (i / 2) + 2 (j / 2) + i % 2, chunk 2s + j % 2, so that lane (g, c)
+        // gets channels 64s + 4g .. + 3 (y[0], y[2]) and 64s + 32 + 4g .. (y[1], y[3]) of tokens 4c, 4c + 1 (y[0],
+        // y[1]) and 4c + 2, 4c + 3 (y[2], y[3])
+        const int j = lane >> 3, i = lane & 7;
+        const uint32_t a0 = static_cast<uint32_t>(__cvta_generic_to_shared(sst + vc0));
+#pragma unroll
+        for (int s = 0; s < SETS; ++s) {
+          uint32_t r[4];
+          ldsm_x4_trans(r, a0 + vldsm4_off(16 * ks + 4 * (i >> 1) + 2 * (j >> 1) + (i & 1), 2 * s + (j & 1)));
+#pragma unroll
+          for (int x = 0; x < 4; ++x) vl[4 * s + x] = r[x];
+        }
+      } else if constexpr (VLDSM) {
         const int j = lane >> 3, i = lane & 7;
         const uint32_t a0 = static_cast<uint32_t>(__cvta_generic_to_shared(sst + vc0));
 #pragma unroll
@@ -388,7 +482,10 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
         const uint32_t m23 = half2_u32(vsp[(66 + tl) * DG + vg], vsp[(67 + tl) * DG + vg]);
         const uint32_t b0 = hmul2_u32(pv.x, s01), b1 = hmul2_u32(pv.y, s23);
         uint32_t y[4], ys[4];
-        if constexpr (VLDSM) {
+        if constexpr (V4) {
+#pragma unroll
+          for (int x = 0; x < 4; ++x) y[x] = vl[4 * s + x];
+        } else if constexpr (VLDSM) {
           y[0] = vl[2 * s];
           y[2] = vl[2 * s + 1];
           y[1] = y[3] = 0u;
@@ -413,7 +510,16 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
           fold_operand<BITS>(a, i, y, ys);
           mma_16816(oacc[4 * s + i], a[0], a[1], a[2], a[3], b0, b1);
         }
-        mma_16816(bv[s], m01, m01, m23, m23, pv.x, pv.y);
+        if constexpr (V4 && TWO) {  // rows g: the set's first V group, g + 8: its second
+          const int v0 = 2 * s, v1 = 2 * s + 1;
+          const uint32_t n01 = half2_u32(vsp[(64 + tl) * DG + v0], vsp[(65 + tl) * DG + v0]);
+          const uint32_t n23 = half2_u32(vsp[(66 + tl) * DG + v0], vsp[(67 + tl) * DG + v0]);
+          const uint32_t o01 = half2_u32(vsp[(64 + tl) * DG + v1], vsp[(65 + tl) * DG + v1]);
+          const uint32_t o23 = half2_u32(vsp[(66 + tl) * DG + v1], vsp[(67 + tl) * DG + v1]);
+          mma_16816(bv[s], n01, o01, n23, o23, pv.x, pv.y);
+        } else {
+          mma_16816(bv[s], m01, m01, m23, m23, pv.x, pv.y);
+        }
       }
     }
 #pragma unroll
@@ -422,8 +528,9 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
       for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          oacc[4 * s + i][j] = fmaf(bv[s][j], fold_unit<BITS>(2 * i), oacc[4 * s + i][j]);
-          oacc[4 * s + i][2 + j] = fmaf(bv[s][j], fold_unit<BITS>(2 * i + 1), oacc[4 * s + i][2 + j]);
+          const float bvj = V4 && TWO && i >= 2 ? bv[s][2 + j] : bv[s][j];
+          oacc[4 * s + i][j] = fmaf(bvj, fold_unit<BITS>(2 * i), oacc[4 * s + i][j]);
+          oacc[4 * s + i][2 + j] = fmaf(bvj, fold_unit<BITS>(2 * i + 1), oacc[4 * s + i][2 + j]);
         }
   });
 
@@ -459,9 +566,8 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
   }
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
-    if (!use[j]) continue;
     const int r = (2 * c + j) % RS;
-    if (g == 0) {
+    if (use[j] && g == 0) {
       sm.m[warp][r] = m_r[j];
       sm.l[warp][r] = l_r[j];
     }
@@ -469,8 +575,13 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
     for (int s = 0; s < SETS; ++s)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        sm.o[warp][r][64 * s + 8 * g + 2 * i] = oacc[4 * s + i][j];
-        sm.o[warp][r][64 * s + 8 * g + 2 * i + 1] = oacc[4 * s + i][2 + j];
+        // V4: tile i holds channels 64s + 4g + 2 (i % 2) + 32 (i / 2), + 1, in the set's group i / 2 (TWO)
+        const bool mine = V4 ? !TWO || (2 * c + j) / RS == i / 2 : use[j];
+        const int ch = V4 ? 64 * s + 4 * g + 2 * (i % 2) + 32 * (i / 2) : 64 * s + 8 * g + 2 * i;
+        if (mine) {
+          sm.o[warp][r][ch] = oacc[4 * s + i][j];
+          sm.o[warp][r][ch + 1] = oacc[4 * s + i][2 + j];
+        }
       }
   }
   write_split<D, ROWS, 2 * W>(p, sm, b, h, rows, blockIdx.y, p.n_main);

@@ -32,7 +32,7 @@ namespace {
 // The kernels with dynamic shared memory: the staged variant and the folded one, for (BITS, D, DG = D / group)
 // and the folded one's tuning (MINB CTAs per SM, NSTAGE stages, MODE).
 template <int VARIANT, int BITS, int D, int DG, int MINB = KVLAB_KIVI_FOLDED_MIN_BLOCKS, int NSTAGE = 2,
-          int MODE = KIVI_MODE_FULL, int VST = folded_default_vst(BITS, D)>
+          int MODE = KIVI_MODE_FULL, int VST = folded_default_vst(BITS, D, D / DG)>
 struct Dynamic {
   static constexpr auto kernel() {
     if constexpr (VARIANT == KIVI_VARIANT_FOLDED) {
@@ -119,14 +119,16 @@ cudaError_t tuned_launch_int2(const KiviParams& p, int tune, dim3 grid, cudaStre
 cudaError_t tuned_launch_int4(const KiviParams& p, int tune, dim3 grid, cudaStream_t stream);
 
 // The tunings instantiated besides the default (vstage * 1000 + min_blocks * 100 + stages * 10 + mode), as
-// X(VST, MINB, NSTAGE, MODE). (Run s10-1 also timed 4 stages, 3 CTAs with 3 stages, and loads alone with 3 stages;
+// X(VST, MINB, NSTAGE, MODE); X(8, 2, 2, 0) is v11's default layout (VST 8 acts as 0: the V codes into registers, no
+// ldmatrix; its id differs from KIVI_TUNE_DEFAULT's 220), the default before v13 (int2) and v14 (int4 at groups of 32
+// or more), kept to time the default against. (Run s10-1 also timed 4 stages, 3 CTAs with 3 stages, and loads alone with 3 stages;
 // removed after it: KERNEL_NOTES.md, v11.)
 #define KVLAB_KIVI_TUNES(X) \
-  X(0, 3, 2, 0) X(0, 2, 3, 0) X(0, 2, 2, 1) X(0, 2, 2, 2) X(1, 2, 2, 0) X(1, 2, 3, 0) X(1, 3, 2, 0) X(1, 2, 2, 1)
-// The tunings that exist for int2 only (VST 2, 3: code operands read by ldmatrix; + 4: K codes copied through L1;
-// KERNEL_NOTES.md, v13).
+  X(8, 2, 2, 0) X(0, 3, 2, 0) X(0, 2, 3, 0) X(0, 2, 2, 1) X(0, 2, 2, 2) X(1, 2, 2, 0) X(1, 2, 3, 0) X(1, 3, 2, 0) X(1, 2, 2, 1)
+// The tunings with code operands read by ldmatrix (VST 2: K and V, the V codes staged; 3: K only), for int2 (v13)
+// and int4 (v14), and for int2 only VST + 4: the K codes copied through L1 (KERNEL_NOTES.md, v13).
 #define KVLAB_KIVI_TUNES_INT2(X) X(2, 2, 2, 0) X(3, 2, 2, 0) X(4, 2, 2, 0) X(6, 2, 2, 0) X(4, 2, 2, 1)
-#define KVLAB_KIVI_TUNES_INT4(X)
+#define KVLAB_KIVI_TUNES_INT4(X) X(2, 2, 2, 0) X(3, 2, 2, 0)
 
 // The body of kivi_attention_tuned_int{BITS}.cu: occupancy and launch of the tunings for D = 128, where the
 // instance exists (group 32 or 128: DG 4 or 1); -1 / cudaErrorInvalidValue otherwise.

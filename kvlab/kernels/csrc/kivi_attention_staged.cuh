@@ -54,6 +54,15 @@ __host__ __device__ constexpr int ldsm_row(int ch) {
   return (ch & ~15) | ((ch & 2) << 2) | (ch & 4) | ((ch & 8) >> 2) | (ch & 1);
 }
 
+// Offset of the 16-byte chunk `part` (tokens 32 part .. + 31) of channel ch's 32-byte row in a stage of int4 K codes
+// read by ldmatrix (the folded variant's tunings VST 2, 3 at int4; v14): within 16 channels, 8a + 4a' + 2e + b
+// goes to row 8e + 4b + 2a + a', and the chunk to 16 (part ^ b), so that the 8 rows {4j + 2e + b: j = 0..3,
+// b = 0, 1} of one 8x8 matrix (one chunk) lie in 8 different 16-byte sets of banks. Rows 16 apart stay 16 apart.
+__host__ __device__ constexpr int ldsm4_row(int ch) {
+  return (ch & ~15) | ((ch & 2) << 2) | ((ch & 1) << 2) | ((ch & 8) >> 2) | ((ch & 4) >> 2);
+}
+__host__ __device__ constexpr int ldsm4_off(int ch, int part) { return ldsm4_row(ch) * 32 + 16 * (part ^ (ch & 1)); }
+
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global" KV_L2 " [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
 }
@@ -83,17 +92,22 @@ __host__ __device__ constexpr int staged_smem_bytes(int group) {
 
 // cp.async of block t0 (this warp's 64 tokens) into the stage at shared-memory address base: K code rows, K
 // scales and minima, V scales and minima (layout above); needs what kivi_decode_staged_kernel needs. LDSM: the
-// K code rows at ldsm_row instead of staged_row (int2 only); KCA: the K codes copied through L1 (cp_async16_ca).
+// K code rows at ldsm_row (int2) or ldsm4_off (int4) instead of staged_row; KCA: the K codes copied through L1
+// (cp_async16_ca).
 template <int BITS, int D, int DG, bool LDSM = false, bool KCA = false>
 __device__ __forceinline__ void stage_block(uint32_t base, const KiviParams& p, const KiviSeq& sq, int t0) {
-  static_assert(!LDSM || BITS == 2, "ldmatrix rows: int2 only");
   using S = StagedCfg<BITS, D>;
   constexpr int G = D / DG, ngb = staged_ngb(G), vs0 = S::KC + ngb * S::KSG;
   const int lane = threadIdx.x & 31;
-  const int ch0 = lane / S::CPR, part = lane % S::CPR;
+  // int4 with LDSM: lane 8q + 2a + x copies chunk x ^ b of channel 4a + q (q = 2e + b), so that each 8 lanes' copies
+  // land in 8 different 16-byte sets of banks; otherwise lane l copies chunk l % CPR of channel l / CPR
+  const bool l4 = LDSM && BITS == 4;
+  const int ch0 = l4 ? 4 * ((lane >> 1) & 3) + (lane >> 3) : lane / S::CPR;
+  const int part = l4 ? (lane & 1) ^ ((lane >> 3) & 1) : lane % S::CPR;
   const uint8_t* src = sq.kc + ch0 * p.skc_d + part * 16 + t0 * BITS / 8;
   const int64_t kstep = S::RSTEP * p.skc_d;
-  const uint32_t kdst0 = (LDSM ? ldsm_row(ch0) : staged_row<BITS>(ch0)) * S::KROW + part * 16;
+  const uint32_t kdst0 = !LDSM ? staged_row<BITS>(ch0) * S::KROW + part * 16
+                         : BITS == 2 ? ldsm_row(ch0) * S::KROW + part * 16 : ldsm4_off(ch0, part);
 #pragma unroll
   for (int i = 0; i < D / S::RSTEP; ++i) {
     if constexpr (KCA) {

@@ -53,7 +53,8 @@ test-oldest: setup
 	PYTHONPATH=$(abspath $(OLDEST_DIR)) $(PY) -c "import transformers as t; print('make test-oldest: transformers', t.__version__)"
 	PYTHONPATH=$(abspath $(OLDEST_DIR)) $(PY) -m pytest -q $(OLDEST_TESTS)
 
-study: setup
+# the study renders notebook 07 on the second family too, so it installs that model
+study: setup setup-model-gemma3-270m
 	$(PY) -m kvlab study
 
 # JupyterLab (the study extra) on notebooks/, with this venv registered as the user's "kvlab" kernel;

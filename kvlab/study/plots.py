@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-__all__ = ["channel_magnitudes", "end_metrics_plot", "error_heatmaps", "family_styles", "lossless_by_codec", "lossless_by_layer",
+__all__ = ["channel_magnitudes", "end_metrics_plot", "error_heatmaps", "families_plot", "family_styles", "lossless_by_codec", "lossless_by_layer",
            "mixed_ratio_vs_ppl", "pareto_plot", "place_labels", "proxy_scatter", "stats_by_layer",
            "value_histograms"]
 
@@ -408,4 +408,59 @@ def end_metrics_plot(passkey: pd.DataFrame, greedy: pd.DataFrame):
     b.set_xlabel(f"greedy tokens equal to the reference before the first divergence (of {int(g['new_tokens'].max())})")
     b.set_title(f"Greedy agreement ({int(g['prompts'].max())} prompts, mean and 95% CI)")
     fig.tight_layout()
+    return fig
+
+
+# ---- notebook 07: two model families ------------------------------------------------------------
+def families_plot(side: pd.DataFrame, labels):
+    """Two panels from :func:`kvlab.study.families.side_by_side`: (left) each config's delta PPL on the first
+    model (x) against the second (y), both symlog with 95% CI bars, the diagonal dashed; (right) the same as
+    a fraction of each model's fp16 PPL against bits per value on the first model, one line per model, so a
+    reader sees where the two models part. Colours per family group, oracle configs hollow, configs labelled
+    without overlaps (:func:`place_labels`)."""
+    a, b = labels
+    t = side[side.config != "fp16"]
+    if (side.config == "fp16").sum() != 1:
+        raise ValueError("families_plot needs the fp16 row of side_by_side (the relative losses are against it)")
+    fp16 = {m: float(side.loc[side.config == "fp16", f"{m} ppl"].iloc[0]) for m in (a, b)}
+    styles = family_styles(t["family"])
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.5))
+    for fam in styles:
+        g = t[t["family"] == fam]
+        colour, marker = styles[fam]
+        for hollow, part in ((False, g[~g.oracle]), (True, g[g.oracle])):
+            if part.empty:
+                continue
+            ax.errorbar(part[f"{a} delta_ppl"], part[f"{b} delta_ppl"],
+                        xerr=[part[f"{a} delta_ppl"] - part[f"{a} ci_lo"], part[f"{a} ci_hi"] - part[f"{a} delta_ppl"]],
+                        yerr=[part[f"{b} delta_ppl"] - part[f"{b} ci_lo"], part[f"{b} ci_hi"] - part[f"{b} delta_ppl"]],
+                        fmt=marker, ms=6, capsize=2, color=colour, mfc="none" if hollow else colour, elinewidth=0.9,
+                        label=fam if not hollow or part is g else None)
+            for m, off in ((a, -0.12), (b, 0.12)):
+                d = part[f"{m} delta_ppl"]
+                ax2.errorbar(part[f"{a} bits_per_value"] + off, d / fp16[m] * 100,
+                             yerr=[(d - part[f"{m} ci_lo"]) / fp16[m] * 100, (part[f"{m} ci_hi"] - d) / fp16[m] * 100],
+                             fmt=marker if m == a else "s", ms=5, capsize=2, color=colour,
+                             mfc=colour if m == a else "none", elinewidth=0.8, alpha=0.9)
+    lo = float(min(t[f"{a} ci_lo"].min(), t[f"{b} ci_lo"].min()))
+    hi = float(max(t[f"{a} ci_hi"].max(), t[f"{b} ci_hi"].max()))
+    _symlog_y(ax, [lo], [hi])
+    ax.set_xscale("symlog", linthresh=0.05)
+    ax.set_xlim(ax.get_ylim())
+    ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xticks(ax.get_yticks())
+    ax.xaxis.set_minor_locator(mticker.NullLocator())
+    ax.plot(ax.get_xlim(), ax.get_xlim(), "k--", lw=0.8)
+    ax.set_xlabel(f"delta PPL on {a} (95% CI)")
+    ax.set_ylabel(f"delta PPL on {b} (95% CI)")
+    ax.set_title("the same configs on both models (diagonal: equal loss)")
+    place_labels(ax, t[f"{a} delta_ppl"].tolist(), t[f"{b} delta_ppl"].tolist(), t["config"].tolist())
+    ax2.set_yscale("symlog", linthresh=1)
+    ax2.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}%"))
+    ax2.set_xlabel(f"bits per value (on {a}; the two models' bits differ only with head_dim)")
+    ax2.set_ylabel("delta PPL / fp16 PPL (95% CI)")
+    ax2.set_title(f"filled: {a}, hollow squares: {b}")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    _oracle_note(fig, t)
     return fig

@@ -109,3 +109,17 @@ def test_04_metrics(smoke):
         assert g.at[r["policy"], "mean_agree"] == pytest.approx(r["mean_agree"])
     assert m["claims"] and {c["verdict"] for c in m["claims"]} <= set(VERDICTS)
     assert m["sample"] in ("first", "spread") and m["error_windows"] >= 1
+
+
+@pytest.mark.slow
+def test_07_metrics(smoke):
+    """07 (both labels on the embedded model in smoke mode): its delta PPLs are the stored rows' and its
+    findings carry a label for every finding."""
+    m = _metrics(smoke[0], "07_two_families")
+    assert len(m["labels"]) == 2 and "fp16" in m["configs"]
+    for label in m["labels"]:
+        s = _stored_summary(smoke[0], {"ctx": m["ctx"], "delta_ppl": m["delta_ppl"][label]})
+        for c, d in m["delta_ppl"][label].items():
+            assert s.at[c, "delta_ppl"] == pytest.approx(d, rel=1e-9, abs=1e-12)
+    assert m["ranking_spearman"] == pytest.approx(1.0)  # the same model twice orders the configs alike
+    assert all(r["across models"] for r in m["findings"]) and len(m["findings"]) >= 4

@@ -1,0 +1,203 @@
+"""Two model families side by side (notebook 07): the same configs on the same protocol, per model, and which
+findings hold on both.
+
+Every function takes per-model tables keyed by a model label (an insertion-ordered dict: the first model is the
+reference): ``summaries`` from :func:`kvlab.study.analysis.summarize`, ``tables`` from
+:func:`kvlab.study.analysis.proxy_table`, ``ppls`` the per-window perplexity rows. Configs are compared on the
+configs every model ran (:func:`common_configs`), oracle configs left out of every verdict, and each finding is
+decided per model by a stated rule on that model's paired tests, then compared across models
+(:func:`finding_rows`): "holds on both", "holds on <model> only" or "holds on neither".
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from kvlab.study import claims
+from kvlab.study.analysis import causal_only_rows, matched_bits, rank_correlations
+
+__all__ = ["common_configs", "side_by_side", "ranking_agreement", "proxy_agreement", "finding_rows",
+           "findings_verdict"]
+
+
+def common_configs(summaries: dict[str, pd.DataFrame]) -> list[str]:
+    """The configs every model's summary holds, in the first model's order (by bits, then delta PPL)."""
+    if len(summaries) < 2:
+        raise ValueError(f"side by side needs at least two models; got {list(summaries)}")
+    first, *rest = summaries.values()
+    have = set.intersection(*(set(s["config"]) for s in rest))
+    return [c for c in first["config"] if c in have]
+
+
+def side_by_side(summaries: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per common config: its family and oracle flag, then per model the bits per value, PPL, delta
+    PPL with its 95% CI, delta PPL relative to that model's fp16 PPL, and the config's rank by delta PPL among
+    the common causal quantized configs (1 = least loss)."""
+    configs = common_configs(summaries)
+    first = next(iter(summaries.values())).set_index("config")
+    out = pd.DataFrame({"config": configs, "family": first.loc[configs, "family"].to_numpy(),
+                        "oracle": first.loc[configs, "oracle"].to_numpy()})
+    for label, s in summaries.items():
+        s = s.set_index("config")
+        fp = float(s.at["fp16", "ppl"])
+        for col in ("bits_per_value", "ppl", "delta_ppl", "ci_lo", "ci_hi"):
+            out[f"{label} {col}"] = s.loc[configs, col].to_numpy()
+        out[f"{label} relative"] = out[f"{label} delta_ppl"] / fp
+        ranked = out[(out.config != "fp16") & ~out.oracle]
+        out[f"{label} rank"] = ranked[f"{label} delta_ppl"].rank(method="average").reindex(out.index)
+    return out
+
+
+def ranking_agreement(side: pd.DataFrame, labels) -> dict:
+    """Spearman (with its p-value) between two models' delta PPLs over the common causal quantized configs:
+    do the models order the schemes alike?"""
+    from scipy.stats import spearmanr
+
+    a, b = labels
+    t = side[(side.config != "fp16") & ~side.oracle]
+    if len(t) < 3:
+        return {"n_configs": len(t), "spearman": math.nan, "p": math.nan}
+    r = spearmanr(t[f"{a} delta_ppl"], t[f"{b} delta_ppl"])
+    return {"n_configs": len(t), "spearman": float(r.statistic), "p": float(r.pvalue)}
+
+
+def proxy_agreement(tables: dict[str, pd.DataFrame], proxies=None, seed: int = 0,
+                    n_resamples: int = 2000) -> pd.DataFrame:
+    """Spearman of each proxy with delta PPL per model (bootstrap 95% CI over configs), on the configs every
+    model has error tables for (causal, fp16 left out), so the two columns rank the same schemes."""
+    keep = set.intersection(*(set(t["config"]) for t in tables.values())) - {"fp16"}
+    rows = []
+    for label, t in tables.items():
+        t = t[t.config.isin(keep)]
+        corr = rank_correlations(t, seed=seed, n_resamples=n_resamples)
+        if proxies is not None:
+            corr = corr[corr.proxy.isin(proxies)]
+        rows.append(corr.assign(model=label))
+    out = pd.concat(rows, ignore_index=True)
+    wide = out.pivot(index="proxy", columns="model", values=["spearman", "spearman_lo", "spearman_hi"])
+    wide.columns = [f"{m} {c}" for c, m in wide.columns]
+    order = [f"{m} {c}" for m in tables for c in ("spearman", "spearman_lo", "spearman_hi")]
+    first = next(iter(tables))
+    return (wide[order].sort_values(f"{first} spearman", ascending=False).reset_index()
+            .assign(n_configs=int(out["n_configs"].iloc[0]) if len(out) else 0))
+
+
+def _holds(rows: dict[str, tuple[bool | None, str]]) -> str:
+    labels = list(rows)
+    yes = [m for m in labels if rows[m][0] is True]
+    if any(rows[m][0] is None for m in labels):
+        return "untestable on " + ", ".join(m for m in labels if rows[m][0] is None)
+    if len(yes) == len(labels):
+        return "holds on both" if len(labels) == 2 else "holds on all"
+    if not yes:
+        return "holds on neither"
+    return "holds on " + ", ".join(yes) + " only"
+
+
+def _matched(summary, challenger_family: str, excluded=("int (truncate)", "fp16")) -> tuple[bool | None, str]:
+    rivals = [f for f in summary.family.unique() if f not in (challenger_family, *excluded)]
+    m = matched_bits(summary, challenger_family, rivals)
+    if m.empty:
+        return None, "no rival at matched bits"
+    rb, cb = int((m.verdict == "rival better").sum()), int((m.verdict == "challenger better").sum())
+    return rb > len(m) / 2, f"rival better in {rb} of {len(m)}, sign+magnitude better in {cb}"
+
+
+def _k_vs_v(summary, ppl, k_only: str, v_only: str, alpha: float, seed: int, block: int):
+    if not {k_only, v_only} <= set(summary.config):
+        return None, "not run"
+    pr = claims.paired(ppl, v_only, k_only, seed=seed, block=block)
+    s = summary.set_index("config")
+    dk, dv = s.at[k_only, "delta_ppl"], s.at[v_only, "delta_ppl"]
+    text = (f"K-only {dk:+.3f}, V-only {dv:+.3f} at {s.at[k_only, 'bits_per_value']:.3g} bits; "
+            f"K - V {pr['delta']:+.3f} [{pr['lo']:+.3f}, {pr['hi']:+.3f}], p = {pr['p']:.2g}")
+    return bool(pr["p"] < alpha and pr["delta"] > 0), text
+
+
+def _recency(summary, ppl, policy: str, uniform: str, alpha: float, seed: int, block: int):
+    if not {policy, uniform} <= set(summary.config):
+        return None, "not run"
+    r = claims.recency_allocation(summary, ppl, policy, uniform, alpha=alpha, seed=seed, block=block)
+    return r["verdict"] == "confirmed", r["measured"].split("; ", 1)[-1]
+
+
+def _small(summary, config: str, small: float):
+    if config not in set(summary.config):
+        return None, "not run"
+    r = claims.small_loss(summary, config, small=small)
+    verdict = {"confirmed": True, "refuted": False}.get(r["verdict"])
+    return verdict, r["measured"].split(": ", 1)[-1] + " of fp16's PPL"
+
+
+def _best_proxy(table, near_lossless: float | None = None):
+    t = table[table.config != "fp16"]
+    corr = rank_correlations(causal_only_rows(t), n_resamples=200)
+    if corr.empty:
+        return None, "no proxies"
+    top = corr.iloc[0]
+    return str(top.proxy), f"{top.proxy} (Spearman {top.spearman:.3f} over {int(top.n_configs)} configs)"
+
+
+def finding_rows(summaries: dict, ppls: dict, tables: dict, k_only: str = "k=q4_0;v=fp16",
+                 v_only: str = "k=fp16;v=q4_0", recency: str | None = None, uniform: str | None = None,
+                 small_loss_config: str = "kivi:bits=2", small: float = 0.02, challenger: str = "signmag",
+                 alpha: float = 0.05, seed: int = 0, block: int = 1) -> pd.DataFrame:
+    """One row per finding: the finding, each model's measured figure, whether it holds per model (by the
+    rule in the ``rule`` column) and across models. Findings: sign+magnitude falls short at matched bits (the
+    thesis), K is the more sensitive tensor at equal bits, recency allocation beats uniform at equal bits,
+    ``small_loss_config`` costs at most ``small`` of fp16's PPL, the best-ranking proxy is the same, and the
+    models order the schemes alike."""
+    labels = list(summaries)
+    common = common_configs(summaries)
+    sub = {m: summaries[m][summaries[m].config.isin(common)] for m in labels}
+    rows = []
+
+    def add(finding, rule, per):
+        row = {"finding": finding, "rule": rule}
+        for m in labels:
+            row[m] = per[m][1]
+        row["across models"] = _holds(per)
+        rows.append(row)
+
+    add("sign+magnitude falls short of rivals at no more bits",
+        "per model: rivals with at most its bits better, CIs separated, in most comparisons (common configs)",
+        {m: _matched(sub[m], challenger) for m in labels})
+    add("K costs more perplexity than V at equal bits",
+        f"per model: K-only minus V-only delta PPL > 0, paired test p < {alpha}",
+        {m: _k_vs_v(summaries[m], ppls[m], k_only, v_only, alpha, seed, block) for m in labels})
+    if recency and uniform:
+        add("recent tokens at more bits beat uniform bits (equal average bits)",
+            f"per model: paired test p < {alpha}, recency better",
+            {m: _recency(summaries[m], ppls[m], recency, uniform, alpha, seed, block) for m in labels})
+    add(f"`{small_loss_config}` costs little",
+        f"per model: the delta PPL's upper CI bound at most {small:.0%} of fp16's PPL",
+        {m: _small(summaries[m], small_loss_config, small) for m in labels})
+    best = {m: _best_proxy(tables[m][tables[m].config.isin(common)]) for m in labels}
+    same = len({b[0] for b in best.values()}) == 1 and None not in {b[0] for b in best.values()}
+    rows.append({"finding": "the same proxy ranks schemes best", "rule": "the top Spearman with delta PPL, "
+                 "causal common configs with error tables", **{m: best[m][1] for m in labels},
+                 "across models": "holds on both" if same else "differs"})
+    side = side_by_side(summaries)
+    agree = ranking_agreement(side, labels[:2])
+    figure = f"Spearman {agree['spearman']:.3f}, p = {agree['p']:.2g}"
+    rows.append({"finding": "the models order the schemes alike", "rule": "Spearman of the two models' delta PPL "
+                 f"over the {agree['n_configs']} common causal configs > 0 with p < {alpha}",
+                 **{m: figure for m in labels},
+                 "across models": "holds on both" if agree["p"] < alpha and agree["spearman"] > 0 else "not shown"})
+    return pd.DataFrame(rows, columns=["finding", "rule", *labels, "across models"])
+
+
+def findings_verdict(findings: pd.DataFrame) -> str:
+    """Markdown: which findings hold on both models and which do not, from :func:`finding_rows`."""
+    both = findings[findings["across models"].isin(["holds on both", "holds on all"])]["finding"].tolist()
+    other = findings[~findings["across models"].isin(["holds on both", "holds on all"])]
+    text = []
+    if both:
+        text.append("**Hold on both models:** " + "; ".join(both) + ".")
+    if len(other):
+        text.append("**Do not hold on both (or are not decided):** "
+                    + "; ".join(f"{r['finding']} ({r['across models']})" for r in other.to_dict("records")) + ".")
+    return "\n\n".join(text)

@@ -1,0 +1,106 @@
+"""Two models side by side (kvlab.study.families) on hand-made per-window tables: the side-by-side table, the
+cross-model ranking, the per-proxy agreement and each finding's per-model rule and its across-models label."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kvlab.study import analysis as study
+from kvlab.study import families
+
+N = 24
+BITS = {"fp16": 16.0, "q4_0": 4.5, "kivi:bits=2": 3.4, "signmag:v=2": 2.75, "int:bits=2,group=32": 2.5,
+        "signmag:v=3": 3.5, "k=q4_0;v=fp16": 10.25, "k=fp16;v=q4_0": 10.25, "q8_0": 8.5}
+
+
+def _ppl(shifts: dict[str, float], seed: int) -> pd.DataFrame:
+    """Per-window NLL rows: fp16 at log(10) plus shared window noise; each config shifted by its mean."""
+    rng = np.random.default_rng(seed)
+    base = np.log(10) + 0.05 * rng.standard_normal(N)
+    rows = []
+    for c, mean in {"fp16": 0.0, **shifts}.items():
+        nll = base + mean + (0.002 if c != "fp16" else 0.0) * rng.standard_normal(N)
+        rows += [{"key": c, "config": c, "window": i, "nll": float(x), "kl": mean, "bits_per_value": BITS[c],
+                  "bytes_per_token_4096": BITS[c], "tokens_sha256": "t"} for i, x in enumerate(nll)]
+    return pd.DataFrame(rows)
+
+
+def _table(summary: pd.DataFrame, proxy: dict[str, float]) -> pd.DataFrame:
+    t = summary.copy()
+    t["1 - K cosine"] = t.config.map(proxy).fillna(0.0)
+    t["logits KL"] = t["kl"]
+    return t
+
+
+A = {"q8_0": 0.001, "q4_0": 0.02, "kivi:bits=2": 0.2, "signmag:v=2": 0.9, "int:bits=2,group=32": 0.8,
+     "signmag:v=3": 0.5, "k=q4_0;v=fp16": 0.03, "k=fp16;v=q4_0": 0.004}
+
+
+@pytest.fixture
+def two():
+    b = dict(A, **{"k=q4_0;v=fp16": 0.004, "k=fp16;v=q4_0": 0.03})  # the second model: V the more sensitive
+    ppls = {"one": _ppl(A, 0), "two": _ppl(b, 1)}
+    summaries = {m: study.summarize(p) for m, p in ppls.items()}
+    cos = {"q8_0": 1e-4, "q4_0": 1e-3, "kivi:bits=2": 1e-2, "signmag:v=2": 0.2, "int:bits=2,group=32": 0.3,
+           "signmag:v=3": 0.1, "k=q4_0;v=fp16": 1e-3, "k=fp16;v=q4_0": 1e-5}
+    tables = {m: _table(s, cos) for m, s in summaries.items()}
+    return summaries, ppls, tables
+
+
+def test_side_by_side_ranks_common_configs(two):
+    summaries, _, _ = two
+    s2 = summaries["two"][summaries["two"].config != "q8_0"]
+    side = families.side_by_side({"one": summaries["one"], "two": s2})
+    assert "q8_0" not in set(side.config) and side.config.iloc[0] == "int:bits=2,group=32"  # by bits
+    r = side.set_index("config")
+    assert np.isnan(r.at["fp16", "one rank"]) and r.at["signmag:v=2", "one rank"] == len(side) - 1
+    fp = summaries["one"].set_index("config").at["fp16", "ppl"]
+    assert r.at["q4_0", "one relative"] == pytest.approx(r.at["q4_0", "one delta_ppl"] / fp)
+    with pytest.raises(ValueError, match="at least two models"):
+        families.side_by_side({"one": summaries["one"]})
+
+
+def test_ranking_agreement_and_proxy_agreement(two):
+    summaries, _, tables = two
+    side = families.side_by_side(summaries)
+    agree = families.ranking_agreement(side, ["one", "two"])
+    assert agree["n_configs"] == 8 and 0.5 < agree["spearman"] < 1 and agree["p"] < 0.05
+    pa = families.proxy_agreement(tables, n_resamples=100)
+    row = pa.set_index("proxy").loc["logits KL"]
+    assert row["one spearman"] == pytest.approx(1.0) and pa["n_configs"].iloc[0] == 8
+
+
+def test_finding_rows_decide_per_model_and_across(two):
+    summaries, ppls, tables = two
+    f = families.finding_rows(summaries, ppls, tables).set_index("finding")
+    kv = f.loc["K costs more perplexity than V at equal bits"]
+    assert kv["across models"] == "holds on one only" and "p = " in kv["one"]
+    sm = f.loc["sign+magnitude falls short of rivals at no more bits"]
+    assert sm["across models"] == "holds on both" and "rival better in 2 of 3" in sm["one"]
+    small = f.loc["`kivi:bits=2` costs little"]  # +0.2 nats: about +22% of fp16's PPL
+    assert small["across models"] == "holds on neither"
+    assert f.loc["the same proxy ranks schemes best", "across models"] == "holds on both"
+    order = f.loc["the models order the schemes alike"]
+    assert order["across models"] == "holds on both" and order["one"].startswith("Spearman 0.9")
+    text = families.findings_verdict(f.reset_index())
+    assert "**Hold on both models:**" in text and "K costs more perplexity than V" in text.split("Do not")[1]
+    f = families.finding_rows(summaries, ppls, tables, recency="kv=q4_0;recent=8;old=q8_0", uniform="q4_0")
+    assert f.set_index("finding").loc["recent tokens at more bits beat uniform bits (equal average bits)",
+                                      "across models"] == "untestable on one, two"
+
+
+def test_families_plot_draws_both_panels(two):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from kvlab.study import plots
+
+    summaries, _, _ = two
+    side = families.side_by_side(summaries)
+    fig = plots.families_plot(side, ["one", "two"])
+    ax, ax2 = fig.axes
+    assert "one" in ax.get_xlabel() and "two" in ax.get_ylabel() and len(ax2.lines) + len(ax2.collections) > 0
+    with pytest.raises(ValueError, match="fp16 row"):
+        plots.families_plot(side[side.config != "fp16"], ["one", "two"])

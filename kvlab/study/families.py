@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 
 from kvlab.study import claims
-from kvlab.study.analysis import causal_only_rows, matched_bits, rank_correlations
+from kvlab.study.analysis import PROXIES, causal_only_rows, discordance, matched_bits, rank_correlations
 
-__all__ = ["common_configs", "side_by_side", "ranking_agreement", "proxy_agreement", "finding_rows",
-           "findings_verdict"]
+__all__ = ["common_configs", "side_by_side", "ranking_agreement", "proxy_agreement", "discordance_by_model",
+           "finding_rows", "findings_verdict"]
 
 
 def common_configs(summaries: dict[str, pd.DataFrame]) -> list[str]:
@@ -85,6 +85,24 @@ def proxy_agreement(tables: dict[str, pd.DataFrame], proxies=None, seed: int = 0
             .assign(n_configs=int(out["n_configs"].iloc[0]) if len(out) else 0))
 
 
+def discordance_by_model(tables: dict[str, pd.DataFrame], ppls: dict[str, pd.DataFrame], proxies=None,
+                         tolerance: float = 0.10, block: int = 1, method: str = "holm",
+                         alpha: float = 0.05) -> pd.DataFrame:
+    """:func:`kvlab.study.analysis.discordance` per model, on the causal configs every model has error tables
+    for (fp16 included, as in notebook 03), so each model's denominators count the same pairs: one row per
+    (model, proxy) with ``pairs``, ``significant``, ``tied``, ``compared``, ``discordant`` and ``rate``."""
+    keep = set.intersection(*(set(t["config"]) for t in tables.values()))
+    rows = []
+    for label, t in tables.items():
+        t = t[t.config.isin(keep)]
+        names = [p for p in (proxies or PROXIES) if p in t]
+        ppl = ppls[label][ppls[label].config.isin(keep)]
+        rows.append(discordance(t, ppl, names, tolerance=tolerance, block=block, method=method,
+                                alpha=alpha).assign(model=label))
+    out = pd.concat(rows, ignore_index=True)
+    return out[["model", *[c for c in out.columns if c != "model"]]]
+
+
 def _holds(rows: dict[str, tuple[bool | None, str]]) -> str:
     labels = list(rows)
     yes = [m for m in labels if rows[m][0] is True]
@@ -133,12 +151,17 @@ def _small(summary, config: str, small: float):
 
 
 def _best_proxy(table, near_lossless: float | None = None):
+    """(the proxies tied at the top Spearman with delta PPL, text): over few configs Spearman takes few values,
+    so several proxies can share the top; all of them are returned."""
     t = table[table.config != "fp16"]
     corr = rank_correlations(causal_only_rows(t), n_resamples=200)
     if corr.empty:
         return None, "no proxies"
-    top = corr.iloc[0]
-    return str(top.proxy), f"{top.proxy} (Spearman {top.spearman:.3f} over {int(top.n_configs)} configs)"
+    best = corr.spearman.max()
+    top = corr[corr.spearman >= best - 1e-9]
+    names = frozenset(top.proxy.astype(str))
+    tied = "" if len(names) == 1 else f"{len(names)} of {len(corr)} proxies tied: "
+    return names, f"{tied}{', '.join(sorted(names))} (Spearman {best:.3f} over {int(top.n_configs.iloc[0])} configs)"
 
 
 def finding_rows(summaries: dict, ppls: dict, tables: dict, k_only: str = "k=q4_0;v=fp16",
@@ -176,10 +199,12 @@ def finding_rows(summaries: dict, ppls: dict, tables: dict, k_only: str = "k=q4_
         f"per model: the delta PPL's upper CI bound at most {small:.0%} of fp16's PPL",
         {m: _small(summaries[m], small_loss_config, small) for m in labels})
     best = {m: _best_proxy(tables[m][tables[m].config.isin(common)]) for m in labels}
-    same = len({b[0] for b in best.values()}) == 1 and None not in {b[0] for b in best.values()}
-    rows.append({"finding": "the same proxy ranks schemes best", "rule": "the top Spearman with delta PPL, "
-                 "causal common configs with error tables", **{m: best[m][1] for m in labels},
-                 "across models": "holds on both" if same else "differs"})
+    tops = [b[0] for b in best.values()]
+    shared = frozenset.intersection(*tops) if None not in tops else frozenset()
+    rows.append({"finding": "the same proxy ranks schemes best", "rule": "a proxy at the top Spearman with delta "
+                 "PPL on every model (ties share the top), causal common configs with error tables",
+                 **{m: best[m][1] for m in labels},
+                 "across models": f"holds on both ({', '.join(sorted(shared))})" if shared else "differs"})
     side = side_by_side(summaries)
     agree = ranking_agreement(side, labels[:2])
     figure = f"Spearman {agree['spearman']:.3f}, p = {agree['p']:.2g}"
@@ -192,8 +217,9 @@ def finding_rows(summaries: dict, ppls: dict, tables: dict, k_only: str = "k=q4_
 
 def findings_verdict(findings: pd.DataFrame) -> str:
     """Markdown: which findings hold on both models and which do not, from :func:`finding_rows`."""
-    both = findings[findings["across models"].isin(["holds on both", "holds on all"])]["finding"].tolist()
-    other = findings[~findings["across models"].isin(["holds on both", "holds on all"])]
+    holds = findings["across models"].str.match(r"holds on (both|all)\b")
+    both = [f"{r['finding']}{r['across models'][len('holds on both'):]}" for r in findings[holds].to_dict("records")]
+    other = findings[~holds]
     text = []
     if both:
         text.append("**Hold on both models:** " + "; ".join(both) + ".")

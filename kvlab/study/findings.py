@@ -258,8 +258,26 @@ def nb06(m: dict) -> str:
     return f"**06** ({_ctx(m)}): {text} ![](figures/06_mixed_ratio_vs_ppl.png)"
 
 
+def nb07(m: dict) -> str:
+    """Notebook 07: the same configs on two model families, and which findings hold on both."""
+    a, b = m["labels"][:2]
+    rows = m["findings"]
+    holds = [r["across models"].startswith("holds on both") for r in rows]
+    both = [r["finding"] + r["across models"][len("holds on both"):] for r, h in zip(rows, holds) if h]
+    other = [f"{r['finding']} ({r['across models']})" for r, h in zip(rows, holds) if not h]
+    fp = m["fp16_ppl"]
+    text = (f"the {len(m['configs']) - 1} quantized configs on {a} (fp16 PPL {_f(fp[a])}) and {b} (fp16 PPL "
+            f"{_f(fp[b])}), ctx {m['ctx']} x {m['windows']} windows each: the two models order them with Spearman "
+            f"{_f(m['ranking_spearman'], 3)} (p = {m['ranking_p']:.2g}, {m['ranking_configs']} configs).")
+    if both:
+        text += " Holds on both: " + "; ".join(both) + "."
+    if other:
+        text += " Not on both: " + "; ".join(other) + "."
+    return f"**07** (two families): {text} ![](figures/07_families.png)"
+
+
 NOTEBOOK_BULLETS = {"01_dump_tensors": nb01, "02_error_heatmaps": nb02, "06_lossless": nb06,
-                    "03_cosine_vs_perplexity": nb03, "04_negative_result": nb04}
+                    "03_cosine_vs_perplexity": nb03, "04_negative_result": nb04, "07_two_families": nb07}
 
 
 # ---- bullets from saved benchmark and sweep results -----------------------------------------------------------

@@ -72,6 +72,16 @@ def test_ranking_agreement_and_proxy_agreement(two):
     assert row["one spearman"] == pytest.approx(1.0) and pa["n_configs"].iloc[0] == 8
 
 
+def test_discordance_by_model_counts_each_models_pairs(two):
+    summaries, ppls, tables = two
+    d = families.discordance_by_model(tables, ppls, proxies=["1 - K cosine", "logits KL"]).set_index(["model", "proxy"])
+    assert d.at[("one", "logits KL"), "pairs"] == 36  # 9 configs (fp16 included): 36 pairs
+    assert d.at[("one", "logits KL"), "discordant"] == 0  # logits KL is each config's own mean shift
+    for m in ("one", "two"):
+        r = d.loc[(m, "1 - K cosine")]
+        assert r.discordant <= r.compared <= r.significant <= r.pairs and r.compared + r.tied == r.significant
+
+
 def test_finding_rows_decide_per_model_and_across(two):
     summaries, ppls, tables = two
     f = families.finding_rows(summaries, ppls, tables).set_index("finding")
@@ -81,7 +91,14 @@ def test_finding_rows_decide_per_model_and_across(two):
     assert sm["across models"] == "holds on both" and "rival better in 2 of 3" in sm["one"]
     small = f.loc["`kivi:bits=2` costs little"]  # +0.2 nats: about +22% of fp16's PPL
     assert small["across models"] == "holds on neither"
-    assert f.loc["the same proxy ranks schemes best", "across models"] == "holds on both"
+    best = f.loc["the same proxy ranks schemes best"]  # ties share the top; the shared ones are named
+    assert best["across models"].startswith("holds on both (") and "logits KL" in best["across models"]
+    assert "tied" not in best["one"] and best["one"].startswith("logits KL (Spearman 1.000")
+    tied = {m: t.assign(**{"V MSE": t["logits KL"] * 2}) for m, t in tables.items()}  # a second proxy, same order
+    tied["two"]["logits KL"] = tied["two"]["logits KL"].sample(frac=1, random_state=0).to_numpy()  # not top on two
+    best = families.finding_rows(summaries, ppls, tied).set_index("finding").loc["the same proxy ranks schemes best"]
+    assert best["one"].startswith("2 of 3 proxies tied: V MSE, logits KL (Spearman 1.000")
+    assert best["across models"] == "holds on both (V MSE)"
     order = f.loc["the models order the schemes alike"]
     assert order["across models"] == "holds on both" and order["one"].startswith("Spearman 0.9")
     text = families.findings_verdict(f.reset_index())

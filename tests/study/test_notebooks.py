@@ -123,3 +123,5 @@ def test_07_metrics(smoke):
             assert s.at[c, "delta_ppl"] == pytest.approx(d, rel=1e-9, abs=1e-12)
     assert m["ranking_spearman"] == pytest.approx(1.0)  # the same model twice orders the configs alike
     assert all(r["across models"] for r in m["findings"]) and len(m["findings"]) >= 4
+    a, b = (m["discordance"][label] for label in m["labels"])  # the same model twice: the same counts
+    assert a == b and all(d["discordant"] <= d["compared"] <= d["significant"] <= d["pairs"] for d in a.values())

@@ -607,7 +607,7 @@ def passkey_vs_reference(passkey: pd.DataFrame, reference: str = "fp16") -> pd.D
 def end_metrics_verdict(passkey: pd.DataFrame, greedy: pd.DataFrame, summary: pd.DataFrame,
                         reference: str = "fp16", alpha: float = 0.05, reliable: float = 0.8) -> str:
     """Markdown: where the reference retrieves (accuracy >= ``reliable``), which policies lose passkey trials
-    against it (McNemar, :func:`passkey_vs_reference`), and whether greedy agreement orders the policies as
+    against it (McNemar, :func:`passkey_vs_reference`, Holm-adjusted over the policies and lengths tested), and whether greedy agreement orders the policies as
     delta PPL does (Spearman over the policies in both)."""
     from scipy.stats import spearmanr
 
@@ -620,12 +620,15 @@ def end_metrics_verdict(passkey: pd.DataFrame, greedy: pd.DataFrame, summary: pd
         f"{int(r.correct)}/{int(r.trials)} trials at {int(r.length)} tokens" for r in ref.itertuples()) + "" +
         (f"; below {reliable:.0%} at {', '.join(map(str, bad))} tokens, so those lengths test the model, not the cache"
          if bad else "") + ".")
-    others = vs[(vs["policy"] != reference) & vs["length"].isin(ok)]
-    sig = others[(others["p"] < alpha) & (others["lost"] > others["gained"])]
+    others = vs[(vs["policy"] != reference) & vs["length"].isin(ok)].copy()
+    others["p_adj"] = adjust_pvalues(others["p"].to_numpy(), "holm") if len(others) else []
+    sig = others[(others["p_adj"] < alpha) & (others["lost"] > others["gained"])]
     same = others[~others.index.isin(sig.index)]
     if len(sig):
-        parts.append("Significantly fewer keys than the reference (exact McNemar, p < " + f"{alpha}): " + ", ".join(
-            f"`{r.policy}` at {r.length} ({r.correct}/{r.trials}, p = {r.p:.2g})" for r in sig.itertuples()) + ".")
+        parts.append(f"Significantly fewer keys than the reference (exact McNemar, Holm-adjusted over the {len(others)} "
+                     f"tests at these lengths, adjusted p < {alpha}): " + ", ".join(
+            f"`{r.policy}` at {r.length} ({r.correct}/{r.trials}, p = {r.p:.2g}, adjusted {r.p_adj:.2g})"
+            for r in sig.itertuples()) + ".")
     if len(same):
         parts.append("No significant loss: " + ", ".join(
             f"`{r.policy}` at {r.length} ({r.correct}/{r.trials})" for r in same.itertuples()) + ".")

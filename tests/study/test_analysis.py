@@ -270,7 +270,8 @@ def test_passkey_against_the_reference_is_paired():
     lossy = [{"policy": "kivi:bits=2", "length": 1024, "trial": t, "correct": t >= 15} for t in trials]
     near = [{"policy": "q4_0", "length": 1024, "trial": t, "correct": t != 3} for t in trials]
     long = [{"policy": p, "length": 4096, "trial": t, "correct": t < 5} for p in ("fp16", "q4_0") for t in trials]
-    pk = pd.DataFrame(ref + lossy + near + long)
+    six = [{"policy": "int:bits=4", "length": 1024, "trial": t, "correct": t >= 6} for t in trials]  # p = 0.031
+    pk = pd.DataFrame(ref + lossy + near + long + six)
     vs = study.passkey_vs_reference(pk).set_index(["policy", "length"])
     assert vs.at[("kivi:bits=2", 1024), "lost"] == 15 and vs.at[("kivi:bits=2", 1024), "p"] < 1e-3
     assert vs.at[("q4_0", 1024), "lost"] == 1 and vs.at[("q4_0", 1024), "p"] == 1.0
@@ -282,6 +283,8 @@ def test_passkey_against_the_reference_is_paired():
     text = study.end_metrics_verdict(pk, greedy, summary)
     assert "20/20 trials at 1024 tokens, 5/20 trials at 4096" in text and "below 80% at 4096" in text
     assert "`kivi:bits=2` at 1024 (5/20, p = " in text and "No significant loss: `q4_0` at 1024 (19/20)" in text
+    assert vs.at[("int:bits=4", 1024), "p"] < 0.05  # significant alone, not after Holm over the 3 tests at 1024
+    assert "Holm-adjusted over the 3 tests" in text and "`int:bits=4` at 1024 (14/20)" in text.split("No significant")[1]
     assert "`q4_0` at 4096" not in text  # lengths where fp16 fails are not judged
     assert "Spearman 1.00" in text
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m kvlab {ppl,errors,sweep,schemes,study} ...``."""
+"""Command line: ``python -m kvlab {ppl,errors,sweep,calibrate,schemes,study} ...``."""
 
 from __future__ import annotations
 
@@ -105,6 +105,20 @@ def cmd_sweep(a) -> int:
         print(summary[cols].to_json(orient="records"))
     else:
         print(summary[cols].to_string(index=False, float_format="%.5g"))
+    return 0
+
+
+def cmd_calibrate(a) -> int:
+    from kvlab.evaluation.calibrate import calibrate_kvquant
+    from kvlab.model.loading import load_model
+
+    model, tok = load_model(a.model)
+    cals = calibrate_kvquant(model, tok, a.bits, corpus=a.corpus, split=a.split, ctx=a.ctx, windows=a.windows,
+                             seed=a.sample_seed, data_dir=a.data_dir, out=a.out, outlier_frac=a.outlier_frac,
+                             sample=a.sample, bos=a.bos, model_name=a.model, progress=not a.json)
+    suffix = "" if a.outlier_frac == 0.01 else f",outlier_frac={a.outlier_frac}"
+    rows = [{"bits": c.bits, "id": c.id, "spec": f"kvquantc:bits={c.bits},calib={c.id}{suffix}"} for c in cals]
+    print(json.dumps(rows) if a.json else "\n".join(r["spec"] for r in rows))
     return 0
 
 
@@ -218,6 +232,15 @@ def main(argv=None) -> int:
     p.add_argument("--shard", default=None, help="'i/n': run every n-th config from i (job arrays, GPUs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap CIs")
     p.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("calibrate", help="fit kvquantc calibrations (pre-RoPE K thresholds, codebooks) on a "
+                       "calibration split; prints the spec of each")
+    _common(p)
+    p.set_defaults(fn=cmd_calibrate, corpus="wikitext-2-v1", ctx=2048, windows=16, sample="spread")
+    p.add_argument("--split", default="valid", help="split of --corpus to calibrate on (default valid)")
+    p.add_argument("--bits", type=int, nargs="+", default=[3], help="one calibration per value (2, 3, 4)")
+    p.add_argument("--outlier-frac", type=float, default=0.01)
+    p.add_argument("--out", default=None, help="folder of the files (default $KVLAB_CALIBRATION_DIR or "
+                   "data/calibration)")
     p = sub.add_parser("schemes", help="every scheme with its parameters and bits per value")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_schemes)

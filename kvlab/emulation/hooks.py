@@ -247,8 +247,9 @@ def _versions(state: _State, layer: int, which: str, x: torch.Tensor, n_query: i
         xq = _roundtrip(quantizers[0], x, which, state, cos_sin).to(x.dtype)
     else:
         xq = torch.empty_like(x)
-        for heads in groups.values():
-            xq[:, heads] = _roundtrip(quantizers[heads[0]], x[:, heads], which, state, cos_sin).to(x.dtype)
+        for heads in groups.values():  # a subset of the layer's heads: the scheme's tables for those heads
+            q = quantizers[heads[0]].for_heads(heads)
+            xq[:, heads] = _roundtrip(q, x[:, heads], which, state, cos_sin).to(x.dtype)
     versions = [x.to(torch.float16).to(x.dtype), xq]
     old = policy.old_quantizer(which)
     aged = [old is not None and not policy.kept(layer, h, which, state.n_layers) for h in range(n_heads)]

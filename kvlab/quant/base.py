@@ -255,6 +255,20 @@ class Quantizer(abc.ABC):
             return dataclasses.replace(self, tensor=which)
         return self
 
+    def for_layer(self, layer: int) -> Quantizer:
+        """The quantizer for one layer (``Policy.quantizer`` calls it). Schemes with per-layer tables (a
+        calibration) return a copy holding that layer's, for every kv head; others return self."""
+        return self
+
+    def for_heads(self, heads) -> Quantizer:
+        """The quantizer for tensors that hold only the kv heads ``heads`` (indices into the heads the
+        quantizer covers), for callers that give one scheme a subset of a layer's heads. Schemes with
+        per-head tables slice them; others return self."""
+        return self
+
+    def check_geometry(self, n_layers: int, n_kv_heads: int, head_dim: int | None = None) -> None:  # noqa: B027
+        """Raise ValueError if the scheme's tables do not fit the model (a calibration of another model)."""
+
     def quantize_all(self, x: torch.Tensor) -> Packed:
         """Quantize every token of x (B, H, T, D), ignoring fp16 windows and sinks: what a cache stores
         for tokens as they leave its window. Schemes with windows or sinks override this."""

@@ -89,6 +89,8 @@ class Policy:
     def check_model(self, n_layers: int, n_kv_heads: int, head_dim: int | None = None) -> None:
         """Raise ValueError if a listed layer or head does not exist in the model, or (given ``head_dim``)
         if a scheme cannot hold the model's head_dim (a group that does not divide it, a rotation)."""
+        for q in self._quantizers.values():  # per-layer tables (a calibration) against the model
+            q.check_geometry(n_layers, n_kv_heads, head_dim)
         if head_dim is not None:
             for q in self._quantizers.values():
                 if q.rotate == "hadamard" and head_dim & (head_dim - 1):
@@ -111,8 +113,17 @@ class Policy:
         return (layer, head) in (self.keep_k_heads if which == "k" else self.keep_v_heads)
 
     def quantizer(self, layer: int, head: int, which: str, n_layers: int) -> Quantizer:
-        """The quantizer for K (``which="k"``) or V of one (layer, kv head)."""
-        return self._quantizers[("keep_" if self.kept(layer, head, which, n_layers) else "") + which]
+        """The quantizer for K (``which="k"``) or V of one (layer, kv head): the scheme's
+        :meth:`~kvlab.quant.base.Quantizer.for_layer` of that layer (it covers every kv head of the layer)."""
+        name = ("keep_" if self.kept(layer, head, which, n_layers) else "") + which
+        key = (name, layer)
+        if key not in self._layer_quantizers:
+            self._layer_quantizers[key] = self._quantizers[name].for_layer(layer)
+        return self._layer_quantizers[key]
+
+    @cached_property
+    def _layer_quantizers(self) -> dict:  # (name, layer) -> quantizer of that layer
+        return {}
 
     def old_quantizer(self, which: str) -> Quantizer | None:
         return self._quantizers.get(f"old_{which}")

@@ -39,8 +39,9 @@ the layer drops it from its storage).
 Refused up front with a ValueError (they would be silently wrong): layer types other than full, sliding
 and chunked attention, chunked layers and logit soft-capping (Gemma 2) with ``fused=True``, recency policies
 (``recent=``/``old=``),
-schemes that are not causal (their stored values depend on later tokens) and schemes that quantize K
-before RoPE.
+schemes that are not causal (their stored values depend on later tokens), and schemes that quantize K
+before RoPE unless the cache is given the model's rotary embedding (``rope=model``: such a K stream undoes
+RoPE on the tokens it quantizes and re-applies it when it reads; full-attention models only).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from kvlab.storage.layers import (
     CompressedLayer,
     CompressedSlidingLayer,
     PaddedRowsLayer,
+    RopeTable,
     layers_nbytes,
     left_padding,
     read_packed,
@@ -114,7 +116,7 @@ def _layer_windows(text_config) -> list[int | None]:
     return windows
 
 
-def _check_scheme(q: Quantizer, which: str) -> None:
+def _check_scheme(q: Quantizer, which: str, rope: bool = False) -> None:
     if not q.causal:
         raise ValueError(f"CompressedCache: scheme {q.spec} for {which.upper()} is not causal (its scales see the "
                          "whole sequence), so a cache that quantizes tokens as they arrive cannot store it; "
@@ -124,9 +126,10 @@ def _check_scheme(q: Quantizer, which: str) -> None:
                          "computes with (an emulation of another engine's compute path, e.g. compute=llama.cpp), "
                          "which a cache that stores K/V cannot do; allowed: the scheme without that option "
                          "(emulate it with kvlab.compress)")
-    if which == "k" and q.prerope:
-        raise ValueError(f"CompressedCache: scheme {q.spec} quantizes K before RoPE; the cache holds post-RoPE K "
-                         "(use kvlab.emulation.hooks.compress to emulate it)")
+    if which == "k" and q.prerope and not rope:
+        raise ValueError(f"CompressedCache: scheme {q.spec} quantizes K before RoPE; the cache receives post-RoPE K, "
+                         "so it needs the model's rotary embedding to undo and redo it: pass rope=model (or emulate "
+                         "it with kvlab.emulation.hooks.compress)")
 
 
 class CompressedCache(Cache):
@@ -142,9 +145,12 @@ class CompressedCache(Cache):
     (:mod:`kvlab.fused_cache`); other layers stay as here. Needs the model's attention implementation set
     to ``"kvlab_fused"`` first (``kvlab.storage.fused.use_fused_attention(model)``); ``max_len`` preallocates
     that many tokens (else the buffers grow).
+
+    ``rope``: the model (anything :func:`kvlab.model.rope.rope_cos_sin` reads its rotary module from), needed
+    by K schemes that quantize before RoPE (``kvquantc``); their runs are stored pre-RoPE.
     """
 
-    def __init__(self, policy, config=None, *, fused: bool = False, max_len: int | None = None):
+    def __init__(self, policy, config=None, *, fused: bool = False, max_len: int | None = None, rope=None):
         self.policy = parse_policy(policy)
         if self.policy.recent:
             raise ValueError(f"CompressedCache: recency policies (recent={self.policy.recent}, old=...) are not "
@@ -152,7 +158,9 @@ class CompressedCache(Cache):
                              "to emulate them)")
         for which in ("k", "v"):
             for spec in (getattr(self.policy, which), self.policy.keep):
-                _check_scheme(quant.get(spec).for_tensor(which), which)
+                _check_scheme(quant.get(spec).for_tensor(which), which, rope is not None)
+        prerope = any(quant.get(spec).for_tensor("k").prerope for spec in (self.policy.k, self.policy.keep))
+        self._rope = RopeTable(rope) if prerope else None
         self.n_layers = None
         self._windows: list[int | None] = []  # per layer: its sliding window (or chunk), None for full attention
         self._types: list[str] = []  # per layer: its attention type (full_attention, sliding_attention, ...)
@@ -170,6 +178,11 @@ class CompressedCache(Cache):
             self._types = _layer_types(text)
             self.n_layers = text.num_hidden_layers
             self.policy.check_model(self.n_layers, getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+            if self._rope is not None and set(self._types) != {"full_attention"}:
+                raise ValueError("CompressedCache: a K scheme that quantizes before RoPE on a model with "
+                                 f"{', '.join(sorted(set(self._types) - {'full_attention'}))} layers, whose rotary "
+                                 "embedding may differ by layer type and whose eviction the pre-RoPE runs do not "
+                                 "follow; allowed: models of full-attention layers only")
         elif self.policy.keep_last:
             raise ValueError("CompressedCache: a policy with keep_last needs the model's layer count; pass "
                              "config=model.config")
@@ -211,10 +224,10 @@ class CompressedCache(Cache):
                                  f"{'fused' if self.fused else 'sliding-window'} layer, which is not stored per row; "
                                  "allowed: an unpadded batch, or fused=False on full-attention layers")
             return PaddedRowsLayer(self.policy, idx, n, self._splits, self._pads,
-                                   lambda: CompressedLayer(self.policy, idx, n, self._splits))
+                                   lambda: CompressedLayer(self.policy, idx, n, self._splits, self._rope))
         if window is not None:
             return CompressedSlidingLayer(self.policy, idx, n, self._splits, sliding_window=window)
-        return CompressedLayer(self.policy, idx, n, self._splits)
+        return CompressedLayer(self.policy, idx, n, self._splits, self._rope)
 
     def _check_update(self, key_states, value_states, layer_idx: int) -> None:
         """The model's K/V against the config the cache was built for (a wrong config would move keep_last

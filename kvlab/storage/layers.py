@@ -11,11 +11,12 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from kvlab.kernels import cpu as cpu_kernels
+from kvlab.model.rope import apply_rope, invert_rope
 from kvlab.quant import Packed, Quantizer
 from kvlab.quant.policy import Policy
 
-__all__ = ["CompressedLayer", "CompressedSlidingLayer", "PackedBatchOps", "PaddedRowsLayer", "layers_nbytes", "left_padding",
-           "read_packed", "stored_input"]
+__all__ = ["CompressedLayer", "CompressedSlidingLayer", "PackedBatchOps", "PaddedRowsLayer", "RopeTable", "layers_nbytes",
+           "left_padding", "read_packed", "stored_input"]
 
 _CODE_NAMES = ("codes", "qh")
 _CHUNK_SEARCH = 4096  # how many lengths ahead a sliding layer's evict looks for a scheme's next chunks
@@ -276,11 +277,35 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.untyped_storage().nbytes() > 2 * t.numel() * t.element_size() else t
 
 
-class _Stream:
-    """K or V of some kv heads of one layer under one quantizer."""
+class RopeTable:
+    """(cos, sin) of a model's rotary embedding by position, for K schemes that quantize before RoPE: the
+    cache receives post-RoPE K, so such a stream undoes RoPE before quantizing and re-applies it when it reads
+    (as :mod:`kvlab.emulation.hooks` does). Computed by the model's own rotary module for positions
+    ``0..n-1`` (each angle is one product position x frequency, so a table of n positions holds the values a
+    forward over fewer positions gives), and grown by doubling."""
 
-    def __init__(self, q: Quantizer, heads: list[int], splits: dict):
+    def __init__(self, model):
+        self.model = model
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, start: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (1, end - start, R) of positions [start, end), in ``like``'s dtype and device."""
+        from kvlab.model.rope import rope_cos_sin
+
+        t = self._table
+        if t is None or t[0].shape[1] < end or t[0].dtype != like.dtype or t[0].device != like.device:
+            n = max(end, 2 * (t[0].shape[1] if t is not None else 0), 64)
+            self._table = t = rope_cos_sin(self.model, like, torch.arange(n, device=like.device).unsqueeze(0))
+        return t[0][:, start:end], t[1][:, start:end]
+
+
+class _Stream:
+    """K or V of some kv heads of one layer under one quantizer. With ``rope`` (a :class:`RopeTable`), the
+    quantized runs hold pre-RoPE values (sinks and window stay post-RoPE fp16, as they arrived)."""
+
+    def __init__(self, q: Quantizer, heads: list[int], splits: dict, rope: RopeTable | None = None):
         self.q, self.heads = q, heads
+        self.rope = rope
         self.spec = q.spec
         self.splits = splits  # (spec, L) -> (sinks, quantized), shared by the cache's streams
         self.length = 0
@@ -337,7 +362,13 @@ class _Stream:
         return chunk
 
     def quantize(self, chunk: torch.Tensor) -> Packed:
-        """The scheme's storage of ``chunk`` (fp16 values, as admitted), decoding to the model's dtype."""
+        """The scheme's storage of ``chunk`` (fp16 values, as admitted), decoding to the model's dtype. With
+        ``rope``, ``chunk`` holds the last tokens taken from the window: RoPE is undone first."""
+        if self.rope is not None:
+            x = chunk.to(self.dtype)
+            start = self.n_sinks + self.n_quantized - chunk.shape[2]
+            cos, sin = self.rope(start, start + chunk.shape[2], x)
+            return dataclasses.replace(self.q.quantize_all(invert_rope(x, cos, sin)), dtype=self.dtype)
         fast = _quantize_cpu(self.q, chunk)
         if fast is not None:
             return Packed(fast, tuple(chunk.shape), self.dtype)
@@ -362,6 +393,7 @@ class _Stream:
             out[:, :, : part.shape[2]].copy_(part)
             at = part.shape[2]
         skip = max(0, skip - (0 if self.sinks is None else self.sinks.shape[2]))
+        pos = self.n_sinks  # position of the first run's first token (streams with rope)
         for p in self.runs.packs():
             n = p.shape[2]
             if skip >= n:
@@ -373,7 +405,10 @@ class _Stream:
                 out[:, :, at : at + n - skip].copy_(tmp[:, :, skip:])
             else:
                 read_packed(self.q, p, out[:, :, at : at + n])
-            at, skip = at + n - skip, 0
+                if self.rope is not None:  # runs hold pre-RoPE K (a stream with rope never evicts: skip is 0)
+                    cos, sin = self.rope(pos, pos + n, out)
+                    out[:, :, at : at + n] = apply_rope(out[:, :, at : at + n], cos, sin)
+            at, skip, pos = at + n - skip, 0, pos + n
         if self.window is not None and self.window.shape[2]:
             out[:, :, at:].copy_(self.window[:, :, skip:])
 
@@ -450,9 +485,11 @@ class CompressedLayer(PackedBatchOps, DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, policy: Policy, layer_idx: int, n_layers: int, splits: dict | None = None):
+    def __init__(self, policy: Policy, layer_idx: int, n_layers: int, splits: dict | None = None,
+                 rope: RopeTable | None = None):
         super().__init__()
         self.policy, self.layer_idx, self.n_layers = policy, layer_idx, n_layers
+        self.rope = rope  # for K schemes that quantize before RoPE
         self.splits = {} if splits is None else splits
         self.streams: dict[str, list[_Stream]] = {}
         self.cumulative_length = 0
@@ -464,13 +501,14 @@ class CompressedLayer(PackedBatchOps, DynamicLayer):
         self.values = torch.tensor([], dtype=value_states.dtype, device=self.device)
         n_heads = key_states.shape[1]
         for which in ("k", "v"):
-            groups: dict[str, _Stream] = {}
+            groups: dict[str, tuple[Quantizer, list[int]]] = {}
             for h in range(n_heads):
                 q = self.policy.quantizer(self.layer_idx, h, which, self.n_layers)
-                if q.spec not in groups:
-                    groups[q.spec] = _Stream(q, [], self.splits)
-                groups[q.spec].heads.append(h)
-            self.streams[which] = list(groups.values())
+                groups.setdefault(q.spec, (q, []))[1].append(h)
+            # a stream of a subset of the layer's heads gets the scheme's tables for those heads
+            self.streams[which] = [_Stream(q if len(heads) == n_heads else q.for_heads(heads), heads, self.splits,
+                                           self.rope if which == "k" and q.prerope else None)
+                                   for q, heads in groups.values()]
         self.is_initialized = True
 
     def _update_one(self, which: str, x: torch.Tensor) -> torch.Tensor:  # x (B, H, t, D)
@@ -498,7 +536,8 @@ class CompressedLayer(PackedBatchOps, DynamicLayer):
         self.cumulative_length += key_states.shape[-2]
         self._visible = self._visible_length(key_states.shape[-2])
         (ks, *k_rest), (vs, *v_rest) = self.streams["k"], self.streams["v"]
-        if not k_rest and not v_rest and ks.spec == vs.spec and len(ks.heads) == key_states.shape[1]:
+        if (not k_rest and not v_rest and ks.spec == vs.spec and len(ks.heads) == key_states.shape[1]
+                and ks.rope is None):
             self._update_pair(ks, vs, key_states, value_states)
             return self._read_one("k", key_states), self._read_one("v", value_states)
         return self._update_one("k", key_states), self._update_one("v", value_states)

@@ -54,6 +54,8 @@ SPECS = [
     "kvquant:bits=3,sinks=4",
     "kvquant:bits=4,outlier_frac=0.05",
     "kvquant:bits=2,rotate=hadamard",
+    "kvquantc:bits=3",  # calibrated by make() on tensors of the drawn geometry
+    "kvquantc:bits=2,sinks=0,outlier_frac=0.05",
     "turboquant:bits=1",
     "turboquant:bits=3",
     "turboquant:bits=2,qjl=true",
@@ -94,8 +96,16 @@ _CALIB_X = torch.randn(1, 2, 96, 64, generator=torch.Generator().manual_seed(0))
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def make(spec: str, which: str, calibrated: bool) -> kq.Quantizer:
+def make(spec: str, which: str, calibrated: bool, x: torch.Tensor | None = None) -> kq.Quantizer:
     q = kq.get(spec).for_tensor(which)
+    if q.name == "kvquantc":  # an offline calibration of one layer with x's kv heads and head_dim
+        from kvlab.quant.kvquantc import fit_calibration
+
+        H, D = (2, 64) if x is None else x.shape[1:2] + x.shape[3:]
+        g = torch.Generator().manual_seed(H * 1000 + D)
+        k = torch.randn(H, 96, D, generator=g) * (torch.rand(H, 1, D, generator=g) * 3 + 0.1) + torch.randn(H, 1, D, generator=g)
+        cal = fit_calibration([k], [torch.randn(H, 96, D, generator=g)], q.bits, q.outlier_frac)
+        return q.with_calibration(cal).for_layer(0)
     return q.calibrate(_CALIB_X) if calibrated else q
 
 
@@ -144,7 +154,7 @@ def _held_bytes(packed: kq.Packed) -> int:
 @settings(max_examples=25, deadline=None)
 @given(x=kv_tensors())
 def test_contract(spec, which, calibrated, x):
-    q = make(spec, which, calibrated)
+    q = make(spec, which, calibrated, x)
     x_before = x.clone()
     packed = q.quantize(x)
     y = q.dequantize(packed)
@@ -229,7 +239,7 @@ def test_error_does_not_grow_with_bits(family, which, x):
 def test_runs_join(spec, which, calibrated, x, cut):
     """The cache's path: ``quantize_all`` quantizes every token of a run; ``concat`` joins consecutive
     runs (or says it cannot), and decoding the joined runs equals decoding each."""
-    q = make(spec, which, calibrated)
+    q = make(spec, which, calibrated, x)
     if q.name == "kivi" and which == "k":  # K leaves KIVI's window in whole groups: two runs of one group
         x = x.repeat(1, 1, -(-2 * q.group // x.shape[-2]), 1)[..., : 2 * q.group, :]
         t = q.group

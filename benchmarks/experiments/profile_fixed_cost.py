@@ -57,19 +57,41 @@ def kernel_spans(fn, replays: int = 30) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--points", default="1:4096,8:1024,8:4096,8:32768", help="B:T,... (default: run s8-5's)")
+    ap.add_argument("--tunes", default=None,
+                    help="folded-kernel tunings (kivi_cuda.TUNES names, e.g. b2s2,loads) for int4 and int2 instead of "
+                         "s8-5's variants (registers int4, folded int4 / int2)")
+    ap.add_argument("--splits", default="auto", help="with --tunes: splits per (sequence, kv head), auto or a number, ...")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_fixed_cost: no CUDA device")
         return 0
     rows = []
     print(f"{torch.cuda.get_device_name()}; KVLAB_CUDA_CFLAGS={os.environ.get('KVLAB_CUDA_CFLAGS', '')!r}")
-    for B, T in ((1, 4096), (8, 1024), (8, 4096), (8, 32768)):
+    from kvlab.kernels import kivi_cuda
+
+    points = [tuple(int(x) for x in pt.split(":")) for pt in args.points.split(",")]
+    if args.tunes:
+        combos = [(bits, "folded", tune, splits) for bits in (4, 2) for tune in args.tunes.split(",")
+                  for splits in [None if x == "auto" else int(x) for x in args.splits.split(",")]
+                  if bits == 2 or tune not in kivi_cuda.INT2_ONLY_TUNES]
+    else:
+        combos = [(4, "registers", None, None), (4, "folded", None, None), (2, "folded", None, None)]
+    for B, T in points:
         k, v, q, lengths = bd.random_inputs(B, T, 6)
-        for bits, variant in ((4, "registers"), (4, "folded"), (2, "folded")):
+        for bits, variant, tune, splits in combos:
             c = bd.kivi_cache(k, v, bits)
-            run = functools.partial(bd.fused_kivi, q, c, lengths, T, bits, backend="cuda", cuda_variant=variant)
-            r = dict(B=B, T=T, bits=bits, variant=variant, us=bd.bench(run), graph_us=bd.bench_graph(run),
-                     **kernel_spans(run))
+            if tune is None:
+                run = functools.partial(bd.fused_kivi, q, c, lengths, T, bits, backend="cuda", cuda_variant=variant)
+            else:
+                def run(c=c, bits=bits, tune=tune, T=T, q=q, lengths=lengths, splits=splits):
+                    return kivi_cuda.kivi_decode_attention_cuda(
+                        q, *bd.kivi_args(c), lengths, bits=bits, group=bd.GROUP, residual=bd.RESIDUAL,
+                        qk_scale=bd.D**-0.5 * 1.4426950408889634, out=torch.empty_like(q), max_len=T, variant="folded",
+                        chosen=True, tune=tune, num_splits=splits)
+            label = variant if tune is None else f"folded:{tune}" + (f"/splits={splits}" if splits else "")
+            r = dict(B=B, T=T, bits=bits, variant=label,
+                     us=bd.bench(run), graph_us=bd.bench_graph(run), **kernel_spans(run))
             rows.append(r)
             print("  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
             del c

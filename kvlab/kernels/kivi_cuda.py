@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from kvlab.kernels._common import num_sms
 from kvlab.kernels.splitk import plan_splits
 
 __all__ = ["enabled", "ops", "reset", "unsupported", "staged_unsupported", "folded_unsupported", "misaligned",
@@ -46,15 +47,19 @@ SOURCES = ("kivi_binding.cpp", "kivi_attention_cuda.cu", "kivi_attention_folded.
 # "loads" (every block's loads, no arithmetic) and "compute" (the arithmetic over the first block's data, no
 # further loads). "m-" (V codes staged in ldmatrix's layout, the K and V code operands read by ldmatrix) and
 # "mk-" (the K code operands by ldmatrix, V codes into registers): int2 (v13) and int4 (v14); for int2 only (v13):
-# "ca-" (the K codes copied through L1, cp.async.ca; "ca-loads": its loads alone) and "mca-" ("m-" and "ca-").
+# "ca-" (the K codes copied through L1, cp.async.ca; "ca-loads": its loads alone) and "mca-" ("m-" and "ca-");
+# "m-loads": the "m-" layout's loads alone, "m-loads-notail": the same without the window units after the main blocks
+# (v15: what the tail costs a call); "m-b2s3": the "m-" layout with 3 stages (int2 only: int4's would need more
+# shared memory than 2 CTAs an SM have).
 # The benchmark's --cuda-tunes times them (benchmarks/KERNEL_NOTES.md, v11, v13, v14); the public API runs the
 # default (TUNES["b2s2"] = 0), which at head_dim 128 is the "m-" layout for int2 since run s14-1 and for int4 at
 # groups of 32 or more since s16-1; "r-b2s2" is v11's layout (V codes into registers, no ldmatrix), the default
 # before, and the other tunings keep its V codes (in registers, or staged without ldmatrix).
 TUNES = {"b2s2": 0, "r-b2s2": 8220, "b3s2": 320, "b2s3": 230, "loads": 221, "compute": 222, "v-b2s2": 1220,
          "v-b2s3": 1230, "v-b3s2": 1320, "v-loads": 1221, "m-b2s2": 2220, "mk-b2s2": 3220, "ca-b2s2": 4220,
-         "mca-b2s2": 6220, "ca-loads": 4221}
-INT2_ONLY_TUNES = frozenset(name for name, tune in TUNES.items() if (tune // 1000) & 4)
+         "mca-b2s2": 6220, "ca-loads": 4221, "m-loads": 2221, "m-loads-notail": 2223,
+         "m-b2s3": 2230}
+INT2_ONLY_TUNES = frozenset(name for name, tune in TUNES.items() if (tune // 1000) & 4) | {"m-b2s3"}
 COMPUTES_ATTENTION = {name: tune % 10 == 0 for name, tune in TUNES.items()}
 # What "auto" tries, in order, for each bit width (the first that can serve the call). On an H100 at B=8, T=32k
 # (Llama-3-8B heads, benchmarks/KERNEL_NOTES.md, v8) int2 took 92.9 us folded, 103.7 staged, 115.5 registers
@@ -211,9 +216,15 @@ def plan(batch_heads: int, max_len: int, residual: int, device: torch.device, re
     """(CTAs per (sequence, kv head) along the sequence, tokens of the quantized region per CTA). The region
     is the full ``BLOCK``s before the last ``residual`` tokens of the longest sequence; the CTAs also share
     the tokens after it. Automatic: one full wave (``resident`` CTAs per SM) and at least two blocks per warp;
-    a CTA's tokens are a multiple of ``WARPS * BLOCK``."""
+    a CTA's tokens are a multiple of ``WARPS * BLOCK``. Where that wave leaves room for one more CTA per (sequence,
+    kv head) and each warp has at least 4 blocks, one more split with no main block takes the tokens after the region
+    (the window units; the kernel gives them to the splits with no block of a sequence: ``tail_units``), so that no
+    warp carries them on top of its blocks (KERNEL_NOTES.md, v15)."""
     region = max(0, (max_len - residual) // BLOCK * BLOCK)
-    return plan_splits(batch_heads, region, WARPS * BLOCK, device, num_splits, resident, min_blocks=2)
+    n, split_len = plan_splits(batch_heads, region, WARPS * BLOCK, device, num_splits, resident, min_blocks=2)
+    if num_splits is None and split_len >= 4 * WARPS * BLOCK and (n + 1) * batch_heads <= num_sms(device) * resident:
+        n += 1
+    return n, split_len
 
 
 def choose_variant(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits: int, group: int,

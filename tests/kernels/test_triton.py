@@ -153,17 +153,24 @@ def test_kivi_decode_attention_group_vs_block(group, block_n, residual, D, backe
 
 
 def test_kivi_cuda_plan():
-    """The CUDA kernel's split plan covers the quantized region in whole warp-blocks, one wave at most."""
+    """The CUDA kernel's split plan covers the quantized region in whole warp-blocks, one wave at most; one more
+    split without a block (for the window units) exactly where the wave has room and each warp >= 4 blocks."""
     from kvlab.kernels.kivi_cuda import BLOCK, WARPS, plan
 
     step = WARPS * BLOCK
+    extra = 0
     for bh, L, R, resident in [(64, 32768, 128, 2), (8, 32768, 128, 2), (1, 300, 128, 3), (4, 100, 128, 2),
-                               (2, 5000, 64, 1)]:
+                               (2, 5000, 64, 1), (1, 7168, 128, 2), (1, 4224, 128, 2)]:
         n, split_len = plan(bh, L, R, torch.device("cpu"), resident)
         region = max(0, (L - R) // BLOCK * BLOCK)
         assert n >= 1 and split_len % step == 0 and n * split_len >= region
-        assert (n - 1) * split_len < max(region, 1)  # no CTA without a block of its own (but the first)
+        # no CTA without a block of its own (but the first), except one window-units split where it fits
+        blocks = -(-max(region, 1) // split_len)
+        room = split_len >= 4 * step and (blocks + 1) * bh <= 4 * resident
+        assert n == blocks + room, (bh, L, n, split_len)
+        extra += room
         assert n <= max(1, 4 * resident // bh)  # 4 SMs stand for a CPU device
+    assert extra == 1  # (1, 7168): 7 splits of 1024 tokens and the window split; (1, 4224): 8 of 512, no room
     assert plan(64, 32768, 128, torch.device("cpu"), 2, num_splits=3)[0] == 3
     with pytest.raises(ValueError, match="num_splits"):
         plan(64, 32768, 128, torch.device("cpu"), 2, num_splits=0)
@@ -920,14 +927,15 @@ def test_kivi_auto_backend_takes_cuda_and_refuses_misaligned_gpu(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("tune", ["r-b2s2", "b3s2", "b2s3", "loads", "compute", "v-b2s2", "v-b2s3", "v-b3s2", "v-loads",
-                                  "m-b2s2", "mk-b2s2", "ca-b2s2", "mca-b2s2", "ca-loads"])
+                                  "m-b2s2", "mk-b2s2", "ca-b2s2", "mca-b2s2", "ca-loads", "m-loads", "m-loads-notail", "m-b2s3"])
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_kivi_cuda_folded_tunes_gpu(bits, group, tune):
     """The folded kernel's experimental tunings (kivi_cuda.TUNES: CTAs per SM, cp.async stages, ldmatrix operands)
     compute the same attention as the default one within the same tolerance against the fp32 reference, over many
     blocks, warps and splits of long unequal sequences; the loads-only and compute-only modes (timing
-    experiments, no attention) launch and write every output row; the int2-only tunings refuse int4."""
+    experiments, no attention) launch and write every output row (the one without window units: launch); the
+    int2-only tunings refuse int4."""
     from kvlab.kernels import kivi_cuda
     from kvlab.kernels.kivi_attention import LOG2E
 
@@ -955,7 +963,7 @@ def test_kivi_cuda_folded_tunes_gpu(bits, group, tune):
         torch.cuda.synchronize()
         if kivi_cuda.COMPUTES_ATTENTION[tune]:
             assert_close(out, K.kivi_decode_attention_ref(*args, **kw), torch.float16)
-        else:
+        elif tune != "m-loads-notail":  # without the window units a sequence of 129 tokens sees no token at all
             assert not torch.isnan(out).all(dim=-1).any(), "an output row was not written"
     with pytest.raises(ValueError, match="tune='b9s9' is not allowed"):
         kivi_cuda.kivi_decode_attention_cuda(*args, **kw, qk_scale=D**-0.5 * LOG2E, out=out, max_len=4096,
@@ -964,12 +972,12 @@ def test_kivi_cuda_folded_tunes_gpu(bits, group, tune):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("tune", ["m-b2s2", "mk-b2s2", "ca-b2s2", "mca-b2s2"])
+@pytest.mark.parametrize("tune", ["m-b2s2", "mk-b2s2", "ca-b2s2", "mca-b2s2", "m-b2s3"])
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_kivi_cuda_folded_ldsm_tunes_gqa_gpu(bits, group, tune):
-    """The tunings of v13 and v14 (K and V code operands read by ldmatrix from a permuted stage layout, int2 and
-    int4; K codes copied through L1, int2) against the fp32 reference on fresh random caches for every query-row
+    """The tunings of v13, v14 and v15 (K and V code operands read by ldmatrix from a permuted stage layout, int2 and
+    int4; K codes copied through L1, int2; 3 stages, int2) against the fp32 reference on fresh random caches for every query-row
     shape the folded variant takes at this group (GQA 1, 2, 4, 8 where the column slots allow, 2 query tokens),
     unequal lengths (inside the residual window, across block and group boundaries, long), poisoned outputs,
     automatic and forced splits."""

@@ -39,7 +39,8 @@ cudaError_t launch(const KiviParams& p, int variant, int bh, int out_rows, __hal
   }
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  kivi_merge_kernel<D><<<out_rows, D, 0, stream>>>(p.o_part, p.lse_part, out, p.n_main);
+  kivi_merge_kernel<D><<<out_rows, D * KIVI_MERGE_PARTS, p.n_main * sizeof(float), stream>>>(p.o_part, p.lse_part, out,
+                                                                                            p.n_main);
   return cudaGetLastError();
 }
 

@@ -400,7 +400,13 @@ __device__ void tail_units(const KiviParams& p, int b, int h, int main_end, cons
   const char* kw = static_cast<const char*>(p.kw) + (b * p.skw_b + h * p.skw_h) * kwsz;
   const char* vw = static_cast<const char*>(p.vw) + (b * p.svw_b + h * p.svw_h) * vwsz;
   uint8_t* vt = tile + T::KT;
-  for (int u = blockIdx.y * C::WARPS + warp; u < nu; u += p.n_main * C::WARPS) {
+  // Which warps take the units: those of the splits with no main block of this sequence (from s0 on), where there
+  // are such splits (the plan adds one where the wave has room: kivi_cuda.plan), else those of every split. A unit on
+  // top of a warp's main blocks made that warp, and so the call, ~3.5 us longer (KERNEL_NOTES.md, v15).
+  const int first_empty = (main_end + p.split_len - 1) / p.split_len;
+  const int s0 = first_empty < p.n_main ? first_empty : 0;
+  const int y = static_cast<int>(blockIdx.y) - s0;
+  for (int u = y < 0 ? nu : y * C::WARPS + warp; u < nu; u += (p.n_main - s0) * C::WARPS) {
     const int u0 = main_end + u * T::UT;
     __syncwarp();  // the previous unit (or the main path) is done with the tiles and P
     // ---- stage this lane's CPL channels of the unit's tokens
@@ -750,23 +756,38 @@ __global__ void __launch_bounds__(128, KVLAB_KIVI_MIN_BLOCKS) kivi_decode_kernel
   write_split<D, ROWS>(p, sm, b, h, rows, blockIdx.y, p.n_main);
 }
 
-// out[row, :] = sum_s w_s o_part[row, s, :], w = softmax over s of lse (base 2); one block per row.
+// out[row, :] = sum_s w_s o_part[row, s, :], w = softmax over s of lse (base 2); one block of D x KIVI_MERGE_PARTS
+// threads per row (dynamic shared memory: splits floats). The lse of every split goes into shared memory by one
+// load each; thread (d, part) sums the splits part, part + PARTS, .. of channel d (independent loads, unrolled), and
+// the partial sums meet in shared memory. (v15: with one thread per channel looping over all splits, the loads were a
+// chain of L2 round trips: 3.6 us a call at 33 splits, B=1, against 2.2 at 4 splits.)
+constexpr int KIVI_MERGE_PARTS = 4;
 template <int D>
-__global__ void kivi_merge_kernel(const float* __restrict__ o_part, const float* __restrict__ lse_part,
-                                  __half* __restrict__ out, int splits) {
+__global__ void __launch_bounds__(D * KIVI_MERGE_PARTS) kivi_merge_kernel(const float* __restrict__ o_part,
+                                                                          const float* __restrict__ lse_part,
+                                                                          __half* __restrict__ out, int splits) {
+  constexpr int PARTS = KIVI_MERGE_PARTS;
+  extern __shared__ float lse_s[];
+  __shared__ float part_o[PARTS][D];
   const int64_t row = blockIdx.x;
-  const int d = threadIdx.x;
+  const int d = threadIdx.x % D, part = threadIdx.x / D;
+  for (int s = threadIdx.x; s < splits; s += D * PARTS) lse_s[s] = lse_part[row * splits + s];
+  __syncthreads();
   float mx = -INFINITY;
-  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, lse_part[row * splits + s]);
+  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, lse_s[s]);
   float o = 0.f, w = 0.f;
   if (mx != -INFINITY) {
-    for (int s = 0; s < splits; ++s) {
-      const float a = fast_exp2(lse_part[row * splits + s] - mx);
-      o += a * o_part[(row * splits + s) * D + d];
-      w += a;
-    }
+    for (int s = 0; s < splits; ++s) w += fast_exp2(lse_s[s] - mx);
+#pragma unroll 8
+    for (int s = part; s < splits; s += PARTS) o += fast_exp2(lse_s[s] - mx) * o_part[(row * splits + s) * D + d];
   }
-  out[row * D + d] = __float2half_rn(w > 0.f ? o / w : 0.f);
+  part_o[part][d] = o;
+  __syncthreads();
+  if (part == 0) {
+#pragma unroll
+    for (int i = 1; i < PARTS; ++i) o += part_o[i][d];
+    out[row * D + d] = __float2half_rn(w > 0.f ? o / w : 0.f);
+  }
 }
 
 }  // namespace kvlab

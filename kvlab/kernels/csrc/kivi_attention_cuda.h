@@ -51,6 +51,9 @@ constexpr int KIVI_VARIANT_FOLDED = 8;
 constexpr int KIVI_MODE_FULL = 0;
 constexpr int KIVI_MODE_LOADS = 1;
 constexpr int KIVI_MODE_COMPUTE = 2;
+// The loads of every block as KIVI_MODE_LOADS, without the window units (the tail after the main blocks): with it,
+// what the tail costs a call (KERNEL_NOTES.md, v15).
+constexpr int KIVI_MODE_LOADS_NOTAIL = 3;
 
 // Tunings of the folded kernel that the launcher instantiates (``tune`` argument of kivi_launch and
 // kivi_occupancy: min_blocks * 100 + stages * 10 + mode; 0 = the default, KIVI_TUNE_DEFAULT). Experimental

@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
   };
 
   staged_blocks<NSTAGE, MODE>(lo + warp * BN, hi, W * BN, stages, stage_bytes, issue, load_v, [&](const uint8_t* sst) {
-    if constexpr (MODE == KIVI_MODE_LOADS) {  // consume the V codes and a word of the stage, nothing else
+    if constexpr (MODE == KIVI_MODE_LOADS || MODE == KIVI_MODE_LOADS_NOTAIL) {  // consume the V codes and a word of the stage
       uint32_t x = *reinterpret_cast<const uint32_t*>(sst + 4 * lane);
       if constexpr (VSTG) {
         x ^= *reinterpret_cast<const uint32_t*>(sst + vc0 + 4 * lane);
@@ -561,7 +561,7 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
     float tm[1][2], tl[1][2];
     float to[D / 16][1][4];
     init_main<BITS, D, 1>(p, b, h, qf, tm, tl, to);
-    tail_units<BITS, D, 1>(p, b, h, main_end, qf, tm, tl, to, ps, stages);
+    if constexpr (MODE != KIVI_MODE_LOADS_NOTAIL) tail_units<BITS, D, 1>(p, b, h, main_end, qf, tm, tl, to, ps, stages);
     store_state(sm, W + warp, tm, tl, to);  // synchronises the CTA before writing
   }
 #pragma unroll

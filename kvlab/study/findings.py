@@ -397,8 +397,10 @@ def fused_bullet(path: Path = ROOT / "benchmarks" / "results" / "fused_cache_h20
 
 
 def kernels_bullet(path: Path = ROOT / "benchmarks" / "results" / "decode_attention_h200.json",
-                   history: Path = ROOT / "benchmarks" / "results" / "decode_attention_h100.json") -> str:
-    """The decode-attention kernels against fp16 SDPA and FlashInfer, each against its byte floor."""
+                   history: Path = ROOT / "benchmarks" / "results" / "decode_attention_h100.json",
+                   study: dict | None = None) -> str:
+    """The decode-attention kernels against fp16 SDPA and FlashInfer, each against its byte floor; ``study``
+    (notebook 03's metrics) gives each KIVI group's perplexity cost."""
     df = kt.load_results(path)
     B, T = kt.GOALS["point"]
     at = df[(df.B == B) & (df["T"] == T) & (df.timing == "eager")].set_index("kernel")
@@ -448,12 +450,19 @@ def kernels_bullet(path: Path = ROOT / "benchmarks" / "results" / "decode_attent
             text += (f" and from CUDA graphs {x(graph.at[(b, t, 'cuda-int4'), 'speedup'])} / "
                      f"{x(graph.at[(b, t, 'cuda-int2'), 'speedup'])}")
     text += "."
+    q = kt.group_quality(path, study)
     for grp in wide:
         r4, r2 = g.loc[(grp, 4)], g.loc[(grp, 2)]
         text += (f" KIVI at group {grp} ({r4['bits/value']:.2f} / {r2['bits/value']:.2f} bits per value) takes "
                  f"{r4.us:.0f} us (int4, {x(r4.x)}, {pc(r4['of floor'])} of its {x(r4['floor x'])} floor) and "
-                 f"{r2.us:.0f} us (int2, {x(r2.x)}, {pc(r2['of floor'])} of {x(r2['floor x'])}); its perplexity cost "
-                 "is not in the saved study results.")
+                 f"{r2.us:.0f} us (int2, {x(r2.x)}, {pc(r2['of floor'])} of {x(r2['floor x'])})")
+        d = {b: (q.loc[(grp, b), "delta PPL"], q.loc[(32, b), "delta PPL"] if (32, b) in q.index else float("nan"))
+             for b in (4, 2)}
+        if all(v == v for pair in d.values() for v in pair):
+            text += (f"; in the study (notebook 03, ctx {study['ctx']}) it costs delta PPL {d[4][0]:+.2f} (int4) and "
+                     f"{d[2][0]:+.2f} (int2) against {d[4][1]:+.2f} / {d[2][1]:+.2f} at group 32.")
+        else:
+            text += "; its perplexity cost is not in the saved study results."
     triton = [eager.at[(b, t, k), "speedup"] for b, t in [(B, T)] + others for k in ("kivi-int4", "kivi-int2")]
     text += (f" The Triton KIVI kernel {'is slower than' if max(triton) < 1 else 'reaches'} SDPA on this card "
              f"({span(triton, x)} at B>={B}).")
@@ -487,7 +496,8 @@ def findings_block(metrics: dict[str, dict] | None = None, results_dir: Path = R
     metrics = load_metrics() if metrics is None else metrics
     bullets = [fn(metrics[name]) for name, fn in NOTEBOOK_BULLETS.items() if name in metrics]
     sweep = sweep_bullet(results_dir)
-    bullets += [b for b in (sweep,) if b] + [cache_cpu_bullet(), fused_bullet(), kernels_bullet()]
+    bullets += [b for b in (sweep,) if b] + [cache_cpu_bullet(), fused_bullet(),
+                                             kernels_bullet(study=metrics.get("03_cosine_vs_perplexity"))]
     return "\n".join(f"- {b}" for b in bullets)
 
 

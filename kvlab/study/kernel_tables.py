@@ -357,6 +357,41 @@ def group_markdown(path: str | Path, point_df: pd.DataFrame | None = None) -> st
     return text
 
 
+def kivi_spec(group: int, bits: int, default_group: int = 32) -> str:
+    """The study's spec of KIVI at ``bits`` and ``group`` (the default group is written without it)."""
+    return f"kivi:bits={bits}" + ("" if group == default_group else f",group={group}")
+
+
+def group_quality(path: str | Path, study: dict | None) -> pd.DataFrame:
+    """:func:`group_table` beside each layout's perplexity cost from the study: ``study`` is notebook 03's saved
+    metrics (``delta_ppl`` and ``delta_ppl_ci`` per config, its model's ``ctx``), looked up by
+    :func:`kivi_spec`; ``delta PPL`` / ``ci lo`` / ``ci hi`` are NaN where the study has no such config (or
+    ``study`` is None). The speed is the benchmark's geometry (head_dim 128), the quality the study's model."""
+    g = group_table(path)
+    d = (study or {}).get("delta_ppl", {})
+    ci = (study or {}).get("delta_ppl_ci", {})
+    specs = [kivi_spec(group, bits) for group, bits in g.index]
+    nan = float("nan")
+    out = g.assign(study=specs, **{"delta PPL": [d.get(s, nan) for s in specs],
+                                   "ci lo": [ci.get(s, [nan, nan])[0] for s in specs],
+                                   "ci hi": [ci.get(s, [nan, nan])[1] for s in specs]})
+    out.attrs.update(g.attrs)
+    return out
+
+
+def group_quality_markdown(q: pd.DataFrame, study: dict | None) -> str:
+    """The speed and the perplexity cost of each KIVI group in a sentence, or why the cost is missing."""
+    have = q.dropna(subset=["delta PPL"])
+    if have.empty:
+        return ("The study's saved results (notebook 03) hold no KIVI config at these groups, so their perplexity "
+                "cost is not shown.")
+    parts = [f"int{bits} at group {group}: {r.us:.1f} us ({r.x:.2f}x SDPA) for delta PPL {r['delta PPL']:+.3f} "
+             f"[{r['ci lo']:+.3f}, {r['ci hi']:+.3f}]" for (group, bits), r in have.iterrows()]
+    return (f"Speed and quality side by side (perplexity from notebook 03: {study.get('corpus')}, ctx {study.get('ctx')}"
+            f" x {study.get('windows')} windows, on the study's model, whose head_dim caps KIVI's V groups at its "
+            "head_dim): " + "; ".join(parts) + ".")
+
+
 def fused_graph_table(path: str | Path) -> pd.DataFrame:
     """The saved ``bench_fused_cache.py`` run's decode steps from CUDA graphs beside the eager ones, one row per
     (T, cache): ``eager ms/step``, ``graph ms/step`` with its 10th-90th percentile, ``cache MiB``, ``graph x

@@ -459,7 +459,8 @@ def kernels_bullet(path: Path = ROOT / "benchmarks" / "results" / "decode_attent
         d = {b: (q.loc[(grp, b), "delta PPL"], q.loc[(32, b), "delta PPL"] if (32, b) in q.index else float("nan"))
              for b in (4, 2)}
         if all(v == v for pair in d.values() for v in pair):
-            text += (f"; in the study (notebook 03, ctx {study['ctx']}) it costs delta PPL {d[4][0]:+.2f} (int4) and "
+            text += (f"; in the study (notebook 03, ctx {study['ctx']}, V's group capped at its model's head_dim) it "
+                     f"costs delta PPL {d[4][0]:+.2f} (int4) and "
                      f"{d[2][0]:+.2f} (int2) against {d[4][1]:+.2f} / {d[2][1]:+.2f} at group 32.")
         else:
             text += "; its perplexity cost is not in the saved study results."

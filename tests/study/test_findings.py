@@ -51,7 +51,7 @@ def test_committed_metrics_match_the_rendered_notebooks(metrics):
 
 @pytest.mark.parametrize("name, path, value, old, new", [
     ("01_dump_tensors", ("outlier_ratio_k_pre",), 77.7, "K pre-RoPE 10.3", "K pre-RoPE 77.7"),
-    ("02_error_heatmaps", ("mixed_delta_ppl",), 12.5, "to +983.6", "to +12.5"),
+    ("02_error_heatmaps", ("mixed_delta_ppl",), 12.5, "to +839.0", "to +12.5"),
     ("03_cosine_vs_perplexity", ("discordance", "1 - V cosine", "discordant"), 7, "V cosine 17 of 374",
      "V cosine 7 of 374"),
     ("04_negative_result", ("rival_better",), 5, "in 12 of 14", "in 5 of 14"),
@@ -101,12 +101,12 @@ def test_each_kivi_group_gets_the_studys_perplexity_cost():
     assert "perplexity cost is not in the saved study results" in F.kernels_bullet(path, study=None)
     study = {"corpus": "wikitext-2-v1", "ctx": 2048, "windows": 24,
              "delta_ppl": {"kivi:bits=4": 0.03, "kivi:bits=2": 3.7, "kivi:bits=4,group=128": 0.25,
-                           "kivi:bits=2,group=128": 9.5},
-             "delta_ppl_ci": {"kivi:bits=2,group=128": [8.0, 11.0]}}
+                           "k=kivi:bits=2,group=128;v=kivi:bits=2,group=64": 9.5},
+             "delta_ppl_ci": {"k=kivi:bits=2,group=128;v=kivi:bits=2,group=64": [8.0, 11.0]}}
     assert "it costs delta PPL +0.25 (int4) and +9.50 (int2) against +0.03 / +3.70 at group 32" in \
         F.kernels_bullet(path, study=study)
     q = kt.group_quality(path, study)
-    assert q.loc[(128, 2), "study"] == "kivi:bits=2,group=128" and q.loc[(128, 2), "ci hi"] == 11.0
+    assert q.loc[(128, 2), "study"] == "k=kivi:bits=2,group=128;v=kivi:bits=2,group=64" and q.loc[(128, 2), "ci hi"] == 11.0
     assert q.loc[(32, 4), "ci lo"] != q.loc[(32, 4), "ci lo"]  # no CI saved: NaN, not a made-up figure
     assert "for delta PPL +9.500 [+8.000, +11.000]" in kt.group_quality_markdown(q, study)
     assert "not shown" in kt.group_quality_markdown(kt.group_quality(path, None), None)

@@ -8,6 +8,7 @@ Notebook 05 calls it for the H200 runs and for the H100 runs kept as history.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -357,9 +358,18 @@ def group_markdown(path: str | Path, point_df: pd.DataFrame | None = None) -> st
     return text
 
 
-def kivi_spec(group: int, bits: int, default_group: int = 32) -> str:
-    """The study's spec of KIVI at ``bits`` and ``group`` (the default group is written without it)."""
-    return f"kivi:bits={bits}" + ("" if group == default_group else f",group={group}")
+def kivi_spec(group: int, bits: int, configs=(), default_group: int = 32) -> str:
+    """The study's config of KIVI at ``bits`` and ``group``: ``kivi:bits=B`` at the default group, else
+    ``kivi:bits=B,group=G``, or, where the study's model has a head_dim below ``group`` (V is grouped along
+    head_dim), the policy of ``configs`` with K at that group and V at the widest group the study ran."""
+    if group == default_group:
+        return f"kivi:bits={bits}"
+    plain = f"kivi:bits={bits},group={group}"
+    if plain in configs:
+        return plain
+    pat = re.compile(rf"^k=kivi:bits={bits},group={group};v=kivi:bits={bits},group=(\d+)$")
+    split = sorted((int(m.group(1)), c) for c in configs if (m := pat.match(c)))
+    return split[-1][1] if split else plain
 
 
 def group_quality(path: str | Path, study: dict | None) -> pd.DataFrame:
@@ -370,7 +380,7 @@ def group_quality(path: str | Path, study: dict | None) -> pd.DataFrame:
     g = group_table(path)
     d = (study or {}).get("delta_ppl", {})
     ci = (study or {}).get("delta_ppl_ci", {})
-    specs = [kivi_spec(group, bits) for group, bits in g.index]
+    specs = [kivi_spec(group, bits, list(d)) for group, bits in g.index]
     nan = float("nan")
     out = g.assign(study=specs, **{"delta PPL": [d.get(s, nan) for s in specs],
                                    "ci lo": [ci.get(s, [nan, nan])[0] for s in specs],

@@ -16,7 +16,9 @@ def smoke(tmp_path_factory, data_dir):
     params = {"smoke": True, "data_dir": data_dir, "fig_dir": str(out / "figures"),
               "results_dir": str(out / "results"), "out_dir": str(out / "metrics")}
     paths = run_notebooks(out_dir=out / "executed", parameters=params, progress=False)
-    return out, paths
+    with pytest.MonkeyPatch.context() as mp:  # the notebooks calibrate kvquantc beside their results folder
+        mp.setenv("KVLAB_CALIBRATION_DIR", str(out / "calibration"))
+        yield out, paths
 
 
 def _stored_summary(out, m):

@@ -116,8 +116,7 @@ def cmd_calibrate(a) -> int:
     cals = calibrate_kvquant(model, tok, a.bits, corpus=a.corpus, split=a.split, ctx=a.ctx, windows=a.windows,
                              seed=a.sample_seed, data_dir=a.data_dir, out=a.out, outlier_frac=a.outlier_frac,
                              sample=a.sample, bos=a.bos, model_name=a.model, progress=not a.json)
-    suffix = "" if a.outlier_frac == 0.01 else f",outlier_frac={a.outlier_frac}"
-    rows = [{"bits": c.bits, "id": c.id, "spec": f"kvquantc:bits={c.bits},calib={c.id}{suffix}"} for c in cals]
+    rows = [{"bits": c.bits, "id": c.id, "spec": c.spec} for c in cals]
     print(json.dumps(rows) if a.json else "\n".join(r["spec"] for r in rows))
     return 0
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from kvlab.evaluation.corpus import load_corpus
 from kvlab.evaluation.ppl import SAMPLES, make_windows, resolve_bos, tokenize, tokens_sha256
-from kvlab.quant.kvquantc import Calibration, KVQuantC, fit_calibration
+from kvlab.quant.kvquantc import DEFAULT_OUTLIER_FRAC, Calibration, KVQuantC, fit_calibration
 
 __all__ = ["calibrate_kvquant", "calibration_windows", "kvquantc_specs", "outlier_report"]
 
@@ -60,21 +60,27 @@ def _capture_kv(model, windows: torch.Tensor, skip_first: int, progress: bool):
 
 def calibrate_kvquant(model, tokenizer, bits=3, corpus: str = "wikitext-2-v1", split: str = "valid",
                       ctx: int = 2048, windows: int = 16, seed: int = 0, data_dir=None, out=None,
-                      outlier_frac: float = 0.01, sample: str = "spread", bos: str = "auto", skip_first: int = 1,
-                      model_name: str | None = None, progress: bool = True) -> list[Calibration]:
+                      outlier_frac: float = DEFAULT_OUTLIER_FRAC, sample: str = "spread", bos: str = "auto",
+                      skip_first: int = 1, model_name: str | None = None, progress: bool = True) -> list[Calibration]:
     """Fit and save one ``kvquantc`` calibration per entry of ``bits`` (an int or a sequence: one forward pass
     serves them all) on ``windows`` windows of ``ctx`` tokens of ``split`` of ``corpus`` (drawn as ``sample``
     with ``seed``). Files go to ``out`` (default :func:`kvlab.quant.kvquantc.calibration_dir`), named by their
     content id; returns the calibrations (``cal.id`` is what ``kvquantc:bits=B,calib=<id>`` names).
     Deterministic given the model, the text and the seed."""
-    bits_list = [bits] if isinstance(bits, int) else list(bits)
-    for b in bits_list:
-        KVQuantC(bits=b, outlier_frac=outlier_frac)  # validate before the forward passes
-    if not isinstance(skip_first, int) or not 0 <= skip_first < ctx:
-        raise ValueError(f"skip_first={skip_first!r} is not allowed; allowed: an integer in [0, ctx)")
+    bits_list = _checked_bits(bits, outlier_frac, skip_first, ctx)
     w = calibration_windows(tokenizer, corpus, split, ctx, windows, data_dir, bos=bos, sample=sample, seed=seed)
     meta = _metadata(model, tokenizer, w, corpus, split, sample, seed, bos, skip_first, model_name)
     return _fit_and_save(model, w, meta, bits_list, outlier_frac, skip_first, out, progress)
+
+
+def _checked_bits(bits, outlier_frac, skip_first, ctx) -> list[int]:
+    """``bits`` as a list, every setting validated before any forward pass (the scheme's own checks)."""
+    bits_list = [bits] if isinstance(bits, int) else list(bits)
+    for b in bits_list:
+        KVQuantC(bits=b, outlier_frac=outlier_frac)
+    if not isinstance(skip_first, int) or not 0 <= skip_first < ctx:
+        raise ValueError(f"skip_first={skip_first!r} is not allowed; allowed: an integer in [0, ctx)")
+    return bits_list
 
 
 def _metadata(model, tokenizer, w, corpus, split, sample, seed, bos, skip_first, model_name) -> dict:
@@ -95,14 +101,14 @@ def _fit_and_save(model, w, meta, bits_list, outlier_frac, skip_first, out, prog
         cal = fit_calibration(k_pre, v, b, outlier_frac, meta)
         path = cal.save(out)
         if progress:
-            print(f"kvlab calibrate: bits={b} -> {path} (spec kvquantc:bits={b},calib={cal.id}"
-                  + (f",outlier_frac={outlier_frac}" if outlier_frac != 0.01 else "") + ")", file=sys.stderr)
+            print(f"kvlab calibrate: bits={b} -> {path} (spec {cal.spec})", file=sys.stderr)
         cals.append(cal)
     return cals
 
 
 def kvquantc_specs(model, tokenizer, bits=(3, 4), corpus: str = "auto", split: str = "valid", ctx: int = 2048,
-                   windows: int = 16, seed: int = 0, data_dir=None, folder=None, outlier_frac: float = 0.01,
+                   windows: int = 16, seed: int = 0, data_dir=None, folder=None,
+                   outlier_frac: float = DEFAULT_OUTLIER_FRAC,
                    sample: str = "spread", bos: str = "auto", skip_first: int = 1, model_name: str | None = None,
                    progress: bool = True) -> list[str]:
     """The ``kvquantc`` spec of each entry of ``bits`` for ``model`` (what a notebook puts in its grid),
@@ -117,7 +123,7 @@ def kvquantc_specs(model, tokenizer, bits=(3, 4), corpus: str = "auto", split: s
     from kvlab.evaluation.evaluate import resolve_corpus
     from kvlab.quant.kvquantc import calibration_dir
 
-    bits_list = [bits] if isinstance(bits, int) else list(bits)
+    bits_list = _checked_bits(bits, outlier_frac, skip_first, ctx)
     if not bits_list:
         return []
     name = resolve_corpus(corpus, data_dir)[0] if corpus == "auto" else corpus
@@ -125,8 +131,6 @@ def kvquantc_specs(model, tokenizer, bits=(3, 4), corpus: str = "auto", split: s
         warnings.warn("kvquantc_specs: corpus 'pydoc' has no calibration split apart from its evaluation text; "
                       "kvquantc left out (give WikiText-2 through data_dir or another corpus)", stacklevel=2)
         return []
-    for b in bits_list:
-        KVQuantC(bits=b, outlier_frac=outlier_frac)
     w = calibration_windows(tokenizer, name, split, ctx, windows, data_dir, bos=bos, sample=sample, seed=seed)
     meta = {k: str(v) for k, v in _metadata(model, tokenizer, w, name, split, sample, seed, bos, skip_first,
                                             model_name).items()}
@@ -142,8 +146,7 @@ def kvquantc_specs(model, tokenizer, bits=(3, 4), corpus: str = "auto", split: s
     if todo:
         for cal in _fit_and_save(model, w, meta, todo, outlier_frac, skip_first, folder, progress):
             found[cal.bits] = cal
-    suffix = "" if outlier_frac == 0.01 else f",outlier_frac={outlier_frac}"
-    return [f"kvquantc:bits={b},calib={found[b].register().id}{suffix}" for b in bits_list]
+    return [found[b].register().spec for b in bits_list]
 
 
 def outlier_report(model, windows: torch.Tensor, spec: str, progress: bool = True) -> dict[str, dict[str, int]]:

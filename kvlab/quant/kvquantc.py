@@ -53,6 +53,7 @@ from kvlab.quant.registry import register
 __all__ = ["CALIBRATION_DIR_ENV", "Calibration", "KVQuantC", "calibration_dir", "fit_calibration"]
 
 CALIBRATION_DIR_ENV = "KVLAB_CALIBRATION_DIR"
+DEFAULT_OUTLIER_FRAC = 0.01
 _TENSORS = ("k_lo", "k_hi", "k_codebook", "v_codebook")
 
 
@@ -104,6 +105,12 @@ class Calibration:
     @property
     def outlier_frac(self) -> float:
         return float(self.metadata["outlier_frac"])
+
+    @property
+    def spec(self) -> str:
+        """The scheme spec naming this calibration (``outlier_frac`` written only when not the default)."""
+        extra = "" if self.outlier_frac == DEFAULT_OUTLIER_FRAC else f",outlier_frac={self.outlier_frac}"
+        return f"kvquantc:bits={self.bits},calib={self.id}{extra}"
 
     @property
     def geometry(self) -> tuple[int, int, int]:
@@ -183,9 +190,7 @@ def fit_calibration(k_pre: list[torch.Tensor], v: list[torch.Tensor], bits: int,
     ``outlier_frac / 2`` and ``1 - outlier_frac / 2`` (lower order statistics, no interpolation); codebooks:
     1-D k-means on every normalized inlier of the layer (K: within the thresholds; V: each token without its
     own ``ceil(outlier_frac * D)`` largest values). Deterministic."""
-    check_choice("kvquantc", "bits", bits, KVQuantC.choices["bits"])
-    if not 0 <= outlier_frac < 1:
-        raise ValueError(f"kvquantc: outlier_frac={outlier_frac!r} is not allowed; allowed: a number in [0, 1)")
+    KVQuantC(bits=bits, outlier_frac=outlier_frac)  # the scheme's own checks of both
     if len(k_pre) != len(v) or not k_pre:
         raise ValueError(f"fit_calibration: {len(k_pre)} K and {len(v)} V layers; allowed: the same number, >= 1")
     los, his, kcb, vcb = [], [], [], []
@@ -223,7 +228,7 @@ class KVQuantC(Quantizer):
     bits: int = 3
     calib: str = ""
     tensor: str = "k"
-    outlier_frac: float = 0.01
+    outlier_frac: float = DEFAULT_OUTLIER_FRAC
     sinks: int = 1
     #: set by for_layer / for_heads / with_calibration: not part of the spec (the calibration id is)
     layer: int | None = field(default=None, init=False, compare=False)

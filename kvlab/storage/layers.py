@@ -11,7 +11,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from kvlab.kernels import cpu as cpu_kernels
-from kvlab.model.rope import apply_rope, invert_rope
+from kvlab.model.rope import apply_rope, invert_rope, rope_cos_sin
 from kvlab.quant import Packed, Quantizer
 from kvlab.quant.policy import Policy
 
@@ -290,8 +290,6 @@ class RopeTable:
 
     def __call__(self, start: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (1, end - start, R) of positions [start, end), in ``like``'s dtype and device."""
-        from kvlab.model.rope import rope_cos_sin
-
         t = self._table
         if t is None or t[0].shape[1] < end or t[0].dtype != like.dtype or t[0].device != like.device:
             n = max(end, 2 * (t[0].shape[1] if t is not None else 0), 64)

@@ -12,6 +12,7 @@ decided per model by a stated rule on that model's paired tests, then compared a
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 
@@ -19,7 +20,7 @@ from kvlab.study import claims
 from kvlab.study.analysis import PROXIES, causal_only_rows, discordance, matched_bits, rank_correlations
 
 __all__ = ["common_configs", "side_by_side", "ranking_agreement", "proxy_agreement", "discordance_by_model",
-           "finding_rows", "findings_verdict"]
+           "finding_rows", "findings_verdict", "holds_everywhere"]
 
 
 def common_configs(summaries: dict[str, pd.DataFrame]) -> list[str]:
@@ -214,11 +215,18 @@ def finding_rows(summaries: dict, ppls: dict, tables: dict, k_only: str = "k=q4_
     return pd.DataFrame(rows, columns=["finding", "rule", *labels, "across models"])
 
 
+def holds_everywhere(verdict: str) -> str | None:
+    """The note after a finding's across-models label when it holds on every model ("holds on both" / "holds
+    on all"; "" without a note, e.g. " (logits KL)" for the proxies two models share at the top), else None."""
+    m = re.match(r"holds on (both|all)\b(.*)$", verdict)
+    return m.group(2) if m else None
+
+
 def findings_verdict(findings: pd.DataFrame) -> str:
     """Markdown: which findings hold on both models and which do not, from :func:`finding_rows`."""
-    holds = findings["across models"].str.match(r"holds on (both|all)\b")
-    both = [f"{r['finding']}{r['across models'][len('holds on both'):]}" for r in findings[holds].to_dict("records")]
-    other = findings[~holds]
+    notes = findings["across models"].map(holds_everywhere)
+    both = [f"{f}{n}" for f, n in zip(findings["finding"], notes) if n is not None]
+    other = findings[notes.isna()]
     text = []
     if both:
         text.append("**Hold on both models:** " + "; ".join(both) + ".")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from kvlab._io import atomic_write_bytes
+from kvlab.study import families
 from kvlab.study import kernel_tables as kt
 from kvlab.study.runner import NOTEBOOK_DIR, parameter_defaults
 
@@ -262,9 +263,9 @@ def nb07(m: dict) -> str:
     """Notebook 07: the same configs on two model families, and which findings hold on both."""
     a, b = m["labels"][:2]
     rows = m["findings"]
-    holds = [r["across models"].startswith("holds on both") for r in rows]
-    both = [r["finding"] + r["across models"][len("holds on both"):] for r, h in zip(rows, holds) if h]
-    other = [f"{r['finding']} ({r['across models']})" for r, h in zip(rows, holds) if not h]
+    notes = [families.holds_everywhere(r["across models"]) for r in rows]
+    both = [r["finding"] + n for r, n in zip(rows, notes) if n is not None]
+    other = [f"{r['finding']} ({r['across models']})" for r, n in zip(rows, notes) if n is None]
     fp = m["fp16_ppl"]
     text = (f"the {len(m['configs']) - 1} quantized configs on {a} (fp16 PPL {_f(fp[a])}) and {b} (fp16 PPL "
             f"{_f(fp[b])}), ctx {m['ctx']} x {m['windows']} windows each: the two models order them with Spearman "

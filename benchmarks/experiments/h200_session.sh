@@ -4,7 +4,10 @@
 #   final: the GPU tests of the tree (tests/kernels, tests/storage), then the decode-attention benchmark.
 # Wheels under .whl/ (carried: FlashInfer and its apache-tvm-ffi, which the device image lacks) are installed
 # first; FlashInfer's JIT builds its decode kernels on the CPU while the GPU tests run.
-#   tests: the GPU tests only (final without the benchmark);
+#   tests: the GPU tests only, without FlashInfer's JIT beside them (s18-1: the proof of the tree in its own call);
+#   bench: FlashInfer's JIT, then the benchmark, then (TUNES set) the folded kernel's tunings at B=8, T=32k under
+#     $OUT/tunes, then (REPEAT, default 1) the B=8, T=32k point of SDPA and the CUDA kernel again under $OUT/repeat
+#     (a second reading of the eager int2 figure, disturbed in s17-6); run it on the warm machine right after `tests`;
 #   e2e: bench_fused_cache.py (DynamicCache, StaticCache, FusedCache kivi-4 / kivi-2; also after final with E2E=1).
 # Usage (on the device): bash benchmarks/experiments/h200_session.sh sweep|final|tests|e2e; logs and results under $OUT.
 # final with E2E=1 writes 10 files under $OUT and the device tool returns 8 (s15-4 lost its GPU test log): run e2e as
@@ -40,6 +43,30 @@ elif [ "$mode" = sweep ]; then
     ${VARIANTS:+--cuda-sweep --cuda-variants $VARIANTS --cuda-splits auto,8} --groups "" 2>&1 | tee "$OUT/sweep.log"
   timeout 200 python3 -m pytest -n 8 -q tests/kernels/test_triton.py tests/kernels/test_cpu.py \
     -k "${PYTEST_K:-cuda or gpu or shape_mismatches}" 2>&1 | tail -25 | tee "$OUT/pytest_cuda.log"
+elif [ "$mode" = tests ]; then
+  { echo "tree: ${TREE:-?} (this session's working tree of kvlab/kernels, tests, benchmarks), pytest -n 8"; date;
+    KVLAB_ALLOW_NO_MODEL=1 timeout ${PYTEST_TIMEOUT:-420} python3 -m pytest -n 8 -q -rs -p no:cacheprovider \
+      tests/kernels tests/storage; echo "pytest rc=$?"; date; } 2>&1 | grep -v -e PytestBenchmarkWarning -e "warner(Pytest" \
+    | tee "$OUT/gpu_pytest_h200.log" | tail -15
+elif [ "$mode" = bench ]; then
+  python3 -c "
+import sys, torch; sys.path.insert(0, 'benchmarks'); import bench_decode_attention as b
+q = torch.randn(1, b.HQ, 1, b.D, device='cuda', dtype=torch.float16)
+k = torch.randn(1, b.HKV, 256, b.D, device='cuda', dtype=torch.float16)
+for dt in (torch.float16, torch.float8_e4m3fn):
+    print(dt, 'built' if b.flashinfer_decode(q, k, k, dt) else b.FI.get('error'))
+" 2>&1 | tail -5 | tee -a "$OUT/build_$mode.log"
+  echo "flashinfer jit: $(( $(date +%s) - t0 )) s since start" | tee -a "$OUT/build_$mode.log"
+  python3 benchmarks/bench_decode_attention.py --out "$OUT" --points 8:32768,8:131072,32:32768,1:32768 \
+    --groups 32,128 --no-append 2>&1 | tee "$OUT/bench.log" | tail -45
+  if [ -n "${TUNES:-}" ]; then
+    python3 benchmarks/bench_decode_attention.py --out "$OUT/tunes" --cuda-tunes "$TUNES" --cuda-sweep-only --groups "" \
+      2>&1 | tee "$OUT/tunes.log" | tail -25
+  fi
+  if [ "${REPEAT:-1}" = 1 ]; then
+    python3 benchmarks/bench_decode_attention.py --out "$OUT/repeat" --points 8:32768 --kernels cuda-int4,cuda-int2 \
+      --groups "" --no-append 2>&1 | tail -14 | tee "$OUT/repeat.log"
+  fi
 else
   # FlashInfer's JIT build of its fp16 and fp8 decode kernels (CPU work; tiny GPU calls), beside the tests
   ( python3 -c "

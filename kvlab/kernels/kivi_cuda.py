@@ -50,7 +50,8 @@ SOURCES = ("kivi_binding.cpp", "kivi_attention_cuda.cu", "kivi_attention_folded.
 # "ca-" (the K codes copied through L1, cp.async.ca; "ca-loads": its loads alone) and "mca-" ("m-" and "ca-");
 # "m-loads": the "m-" layout's loads alone, "m-loads-notail": the same without the window units after the main blocks
 # (v15: what the tail costs a call); "m-b2s3": the "m-" layout with 3 stages (int2 only: int4's would need more
-# shared memory than 2 CTAs an SM have).
+# shared memory than 2 CTAs an SM have); "m-compute": the "m-" layout's arithmetic alone (v16: what the overlap of
+# loads and arithmetic could buy).
 # The benchmark's --cuda-tunes times them (benchmarks/KERNEL_NOTES.md, v11, v13, v14); the public API runs the
 # default (TUNES["b2s2"] = 0), which at head_dim 128 is the "m-" layout for int2 since run s14-1 and for int4 at
 # groups of 32 or more since s16-1; "r-b2s2" is v11's layout (V codes into registers, no ldmatrix), the default
@@ -58,7 +59,7 @@ SOURCES = ("kivi_binding.cpp", "kivi_attention_cuda.cu", "kivi_attention_folded.
 TUNES = {"b2s2": 0, "r-b2s2": 8220, "b3s2": 320, "b2s3": 230, "loads": 221, "compute": 222, "v-b2s2": 1220,
          "v-b2s3": 1230, "v-b3s2": 1320, "v-loads": 1221, "m-b2s2": 2220, "mk-b2s2": 3220, "ca-b2s2": 4220,
          "mca-b2s2": 6220, "ca-loads": 4221, "m-loads": 2221, "m-loads-notail": 2223,
-         "m-b2s3": 2230}
+         "m-b2s3": 2230, "m-compute": 2222}
 INT2_ONLY_TUNES = frozenset(name for name, tune in TUNES.items() if (tune // 1000) & 4) | {"m-b2s3"}
 COMPUTES_ATTENTION = {name: tune % 10 == 0 for name, tune in TUNES.items()}
 # What "auto" tries, in order, for each bit width (the first that can serve the call). On an H100 at B=8, T=32k

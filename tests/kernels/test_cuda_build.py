@@ -26,8 +26,8 @@ UNITS = ("kivi_attention_cuda.cu", "kivi_attention_folded.cu", "kivi_attention_t
          "kivi_attention_tuned_int4.cu")
 # experimental tunings of the folded kernel (kivi_attention_launch.cuh): (V codes staged, min blocks, stages, mode)
 TUNES = [(8, 2, 2, 0), (0, 3, 2, 0), (0, 2, 3, 0), (0, 2, 2, 1), (0, 2, 2, 2), (1, 2, 2, 0), (1, 2, 3, 0), (1, 3, 2, 0), (1, 2, 2, 1)]
-TUNES_INT2 = [(2, 2, 2, 0), (3, 2, 2, 0), (4, 2, 2, 0), (6, 2, 2, 0), (4, 2, 2, 1), (2, 2, 2, 1), (2, 2, 2, 3), (2, 2, 3, 0)]  # ldmatrix operands, K via L1 (v13); loads, 3 stages (v15)
-TUNES_INT4 = [(2, 2, 2, 0), (3, 2, 2, 0), (2, 2, 2, 1), (2, 2, 2, 3)]  # ldmatrix operands (v14); loads alone (v15)
+TUNES_INT2 = [(2, 2, 2, 0), (3, 2, 2, 0), (4, 2, 2, 0), (6, 2, 2, 0), (4, 2, 2, 1), (2, 2, 2, 1), (2, 2, 2, 3), (2, 2, 3, 0), (2, 2, 2, 2)]  # ldmatrix operands, K via L1 (v13); loads, 3 stages (v15); compute (v16)
+TUNES_INT4 = [(2, 2, 2, 0), (3, 2, 2, 0), (2, 2, 2, 1), (2, 2, 2, 3), (2, 2, 2, 2)]  # ldmatrix operands (v14); loads alone (v15); compute (v16)
 VSTAGE_DEFAULT = 0  # KVLAB_KIVI_FOLDED_VSTAGE; int2 at D = 128, int4 at D = 128 and groups >= 32: 2 (folded_default_vst, v13, v14)
 
 

@@ -927,7 +927,8 @@ def test_kivi_auto_backend_takes_cuda_and_refuses_misaligned_gpu(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("tune", ["r-b2s2", "b3s2", "b2s3", "loads", "compute", "v-b2s2", "v-b2s3", "v-b3s2", "v-loads",
-                                  "m-b2s2", "mk-b2s2", "ca-b2s2", "mca-b2s2", "ca-loads", "m-loads", "m-loads-notail", "m-b2s3"])
+                                  "m-b2s2", "mk-b2s2", "ca-b2s2", "mca-b2s2", "ca-loads", "m-loads", "m-loads-notail", "m-b2s3",
+                                  "m-compute"])
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_kivi_cuda_folded_tunes_gpu(bits, group, tune):

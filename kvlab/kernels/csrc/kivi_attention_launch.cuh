@@ -127,9 +127,10 @@ cudaError_t tuned_launch_int4(const KiviParams& p, int tune, dim3 grid, cudaStre
   X(8, 2, 2, 0) X(0, 3, 2, 0) X(0, 2, 3, 0) X(0, 2, 2, 1) X(0, 2, 2, 2) X(1, 2, 2, 0) X(1, 2, 3, 0) X(1, 3, 2, 0) X(1, 2, 2, 1)
 // The tunings with code operands read by ldmatrix (VST 2: K and V, the V codes staged; 3: K only), for int2 (v13)
 // and int4 (v14), and for int2 only VST + 4: the K codes copied through L1 (KERNEL_NOTES.md, v13); the default
-// layout's loads alone (mode 1) and its loads without the window units (mode 3), and for int2 its 3 stages (v15).
-#define KVLAB_KIVI_TUNES_INT2(X) X(2, 2, 2, 0) X(3, 2, 2, 0) X(4, 2, 2, 0) X(6, 2, 2, 0) X(4, 2, 2, 1) X(2, 2, 2, 1) X(2, 2, 2, 3) X(2, 2, 3, 0)
-#define KVLAB_KIVI_TUNES_INT4(X) X(2, 2, 2, 0) X(3, 2, 2, 0) X(2, 2, 2, 1) X(2, 2, 2, 3)
+// layout's loads alone (mode 1) and its loads without the window units (mode 3), and for int2 its 3 stages (v15);
+// the default layout's arithmetic alone (mode 2: the first block's stage computed over and over, v16).
+#define KVLAB_KIVI_TUNES_INT2(X) X(2, 2, 2, 0) X(3, 2, 2, 0) X(4, 2, 2, 0) X(6, 2, 2, 0) X(4, 2, 2, 1) X(2, 2, 2, 1) X(2, 2, 2, 3) X(2, 2, 3, 0) X(2, 2, 2, 2)
+#define KVLAB_KIVI_TUNES_INT4(X) X(2, 2, 2, 0) X(3, 2, 2, 0) X(2, 2, 2, 1) X(2, 2, 2, 3) X(2, 2, 2, 2)
 
 // The body of kivi_attention_tuned_int{BITS}.cu: occupancy and launch of the tunings for D = 128, where the
 // instance exists (group 32 or 128: DG 4 or 1); -1 / cudaErrorInvalidValue otherwise.

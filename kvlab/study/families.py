@@ -17,10 +17,18 @@ import re
 import pandas as pd
 
 from kvlab.study import claims
-from kvlab.study.analysis import PROXIES, causal_only_rows, discordance, matched_bits, rank_correlations
+from kvlab.study.analysis import (
+    PROXIES,
+    causal_only_rows,
+    discordance,
+    head_means,
+    matched_bits,
+    rank_correlations,
+)
 
 __all__ = ["common_configs", "side_by_side", "ranking_agreement", "proxy_agreement", "discordance_by_model",
-           "finding_rows", "findings_verdict", "holds_everywhere"]
+           "finding_rows", "findings_verdict", "holds_everywhere", "model_claims", "claims_by_model",
+           "passkey_side", "greedy_side"]
 
 
 def common_configs(summaries: dict[str, pd.DataFrame]) -> list[str]:
@@ -234,3 +242,94 @@ def findings_verdict(findings: pd.DataFrame) -> str:
         text.append("**Do not hold on both (or are not decided):** "
                     + "; ".join(f"{r['finding']} ({r['across models']})" for r in other.to_dict("records")) + ".")
     return "\n\n".join(text)
+
+
+# ---- end metrics and the seeds' claims, per model -------------------------------------------------------------
+
+
+def passkey_side(passkeys: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per (policy, length) that any model ran, from each model's
+    :func:`kvlab.evaluation.retrieval.passkey_summary`: per model the keys retrieved, the trials and the accuracy
+    with its binomial 95% CI (NaN where that model did not run the pair)."""
+    out = None
+    for label, p in passkeys.items():
+        t = p[["policy", "length", "correct", "trials", "accuracy", "ci_lo", "ci_hi"]].rename(
+            columns={c: f"{label} {c}" for c in ("correct", "trials", "accuracy", "ci_lo", "ci_hi")})
+        out = t if out is None else out.merge(t, on=["policy", "length"], how="outer", sort=False)
+    if out is None:
+        raise ValueError("passkey_side needs at least one model's passkey summary; got none")
+    order = list(dict.fromkeys(pd.concat([p["policy"] for p in passkeys.values()])))
+    out["_o"] = out["policy"].map(order.index)
+    return out.sort_values(["_o", "length"]).drop(columns="_o").reset_index(drop=True)
+
+
+def greedy_side(greedies: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per policy, from each model's :func:`kvlab.evaluation.retrieval.greedy_summary`: per model the
+    mean number of greedy tokens equal to the reference before the first divergence, with its bootstrap 95% CI."""
+    out = None
+    for label, g in greedies.items():
+        t = g[["policy", "mean_agree", "ci_lo", "ci_hi"]].rename(
+            columns={c: f"{label} {c}" for c in ("mean_agree", "ci_lo", "ci_hi")})
+        out = t if out is None else out.merge(t, on="policy", how="outer", sort=False)
+    if out is None:
+        raise ValueError("greedy_side needs at least one model's greedy summary; got none")
+    return out.reset_index(drop=True)
+
+
+def model_claims(summary: pd.DataFrame, ppl: pd.DataFrame, errors: pd.DataFrame, passkey=None, greedy=None, *,
+                 k_only: str = "k=q4_0;v=fp16", v_only: str = "k=fp16;v=q4_0", base: str = "q4_0",
+                 worst_share: float = 0.067, recency: str | None = None, uniform: str | None = None,
+                 small_loss_config: str = "kivi:bits=2", small: float = 0.02, challenger: str = "signmag",
+                 excluded=("int (truncate)", "fp16"), seed: int = 0, block: int = 1) -> list[dict]:
+    """The seeds' claims that one model's runs of notebook 07 can decide (:mod:`kvlab.study.claims` rows, in
+    notebook 04's order): kvmix's K/V split at ``base``'s bits and its head concentration relative to fp16
+    casting (the worst ``worst_share`` of the model's (layer, kv head) pairs, at least one), KVQuant's recency
+    allocation (when ``recency`` and ``uniform`` ran), KIVI's small loss (with ``passkey`` / ``greedy``
+    summaries where given) and kv-compressor's matched-bits claim over the configs of ``summary`` (pass the
+    common configs so every model is judged on the same rivals). A claim whose configs did not run is left out."""
+    if not 0 < worst_share <= 1:
+        raise ValueError(f"worst_share={worst_share!r} is not allowed; allowed: a fraction in (0, 1]")
+    have = set(summary["config"])
+    rows = []
+    with_errors = base in set(errors["config"])
+    if {k_only, v_only} <= have and with_errors:
+        rows.append(claims.kv_split(summary, ppl, errors, k_only, v_only, base, seed=seed, block=block))
+    if with_errors and "fp16" in set(errors["config"]):
+        n = max(1, round(worst_share * len(head_means(errors, base))))
+        rows.append(claims.head_concentration(errors, base, n))
+    if recency and uniform and {recency, uniform} <= have:
+        rows.append(claims.recency_allocation(summary, ppl, recency, uniform, seed=seed, block=block))
+    if small_loss_config in have:
+        extra = claims.end_metrics_text(passkey, greedy, small_loss_config) if passkey is not None and \
+            greedy is not None else ""
+        rows.append(claims.small_loss(summary, small_loss_config, small=small, extra=extra))
+    rivals = [f for f in summary.family.unique() if f not in (challenger, *excluded)]
+    rows.append(claims.matched_bits_claim(matched_bits(summary, challenger, rivals)))
+    return rows
+
+
+def claims_by_model(rows: dict[str, list[dict]]) -> pd.DataFrame:
+    """:func:`model_claims` of each model side by side: one row per (seed, claim) any model decided, with each
+    model's verdict and measured figures, and ``across models``: "<verdict> on both" (or "on all") when every
+    model reached the same verdict, else "differs" (a claim one model did not run: "not run on <model>")."""
+    labels = list(rows)
+    keys = list(dict.fromkeys((r["seed"], r["claim"]) for rs in rows.values() for r in rs))
+    by = {m: {(r["seed"], r["claim"]): r for r in rs} for m, rs in rows.items()}
+    out = []
+    for key in keys:
+        row = {"seed": key[0], "claim": key[1]}
+        for m in labels:
+            r = by[m].get(key)
+            row[f"{m} verdict"] = r["verdict"] if r else "not run"
+            row[f"{m} measured"] = r["measured"] if r else ""
+        verdicts = [row[f"{m} verdict"] for m in labels]
+        missing = [m for m, v in zip(labels, verdicts) if v == "not run"]
+        if missing:
+            row["across models"] = "not run on " + ", ".join(missing)
+        elif len(set(verdicts)) == 1:
+            row["across models"] = f"{verdicts[0]} on {'both' if len(labels) == 2 else 'all'}"
+        else:
+            row["across models"] = "differs"
+        out.append(row)
+    cols = ["seed", "claim", *[f"{m} {c}" for m in labels for c in ("verdict", "measured")], "across models"]
+    return pd.DataFrame(out, columns=cols)

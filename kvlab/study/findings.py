@@ -274,7 +274,22 @@ def nb07(m: dict) -> str:
         text += " Holds on both: " + "; ".join(both) + "."
     if other:
         text += " Not on both: " + "; ".join(other) + "."
-    return f"**07** (two families): {text} ![](figures/07_families.png)"
+    for label in m["labels"] if m.get("passkey") else []:
+        by = {}
+        for r in m["passkey"][label]:
+            by.setdefault(r["policy"], []).append(f"{r['correct']}/{r['trials']} at {r['length']}")
+        g = sorted((r for r in m["greedy"][label] if r["policy"] != "fp16"), key=lambda r: -r["mean_agree"])
+        text += (f" {label} end metrics: passkey " + "; ".join(f"`{p}` {', '.join(v)}" for p, v in by.items())
+                 + (f"; greedy tokens equal to fp16's (of {g[0]['new_tokens']}) " +
+                    ", ".join(f"`{r['policy']}` {r['mean_agree']:.1f}" for r in g) if g else "") + ".")
+    if m.get("claims"):
+        text += " Seed claims per model: " + "; ".join(
+            f"{c['seed']}, {c['claim']}: " + (c["across models"] if c["across models"] != "differs" else
+                                             "differs (" + ", ".join(f"{label} {c[label + ' verdict']}"
+                                                                     for label in m["labels"]) + ")")
+            for c in m["claims"]) + "."
+    figs = " ![](figures/07_end_metrics.png)" if m.get("passkey") else ""
+    return f"**07** (two families): {text} ![](figures/07_families.png){figs}"
 
 
 NOTEBOOK_BULLETS = {"01_dump_tensors": nb01, "02_error_heatmaps": nb02, "06_lossless": nb06,

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-__all__ = ["channel_magnitudes", "end_metrics_plot", "error_heatmaps", "families_plot", "family_styles", "lossless_by_codec", "lossless_by_layer",
+__all__ = ["channel_magnitudes", "end_metrics_plot", "error_heatmaps", "families_end_metrics_plot", "families_plot", "family_styles", "lossless_by_codec", "lossless_by_layer",
            "mixed_ratio_vs_ppl", "pareto_plot", "place_labels", "proxy_scatter", "stats_by_layer",
            "value_histograms"]
 
@@ -378,11 +378,8 @@ def mixed_ratio_vs_ppl(res: pd.DataFrame, title: str):
     return fig
 
 
-def end_metrics_plot(passkey: pd.DataFrame, greedy: pd.DataFrame):
-    """Left: passkey accuracy per policy, one bar group per haystack length, with the binomial CI
-    (:func:`kvlab.evaluation.retrieval.passkey_summary`). Right: mean greedy tokens agreed with the reference
-    before the first divergence, with its bootstrap CI (:func:`kvlab.evaluation.retrieval.greedy_summary`)."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.1, 1]})
+def _passkey_axes(a, passkey: pd.DataFrame, title: str = "Passkey retrieval") -> None:
+    """Passkey accuracy per policy on ``a``, one bar group per haystack length, with the binomial CI."""
     lengths = sorted(passkey["length"].unique())
     policies = list(dict.fromkeys(passkey["policy"]))
     width = 0.8 / max(len(lengths), 1)
@@ -397,8 +394,12 @@ def end_metrics_plot(passkey: pd.DataFrame, greedy: pd.DataFrame):
     a.set_xticks(range(len(policies)), policies, rotation=20, ha="right", fontsize=9)
     a.set_ylim(0, 1.05)
     a.set_ylabel("passkey accuracy (95% CI)")
-    a.set_title("Passkey retrieval")
+    a.set_title(title)
     a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=len(lengths), frameon=False)
+
+
+def _greedy_axes(b, greedy: pd.DataFrame, title: str | None = None) -> None:
+    """Mean greedy tokens agreed with the reference before the first divergence on ``b``, with its CI."""
     g = greedy.sort_values("mean_agree")
     y = np.arange(len(g))
     b.barh(y, g["mean_agree"], xerr=np.vstack([g["mean_agree"] - g["ci_lo"], g["ci_hi"] - g["mean_agree"]]),
@@ -406,7 +407,29 @@ def end_metrics_plot(passkey: pd.DataFrame, greedy: pd.DataFrame):
     b.set_yticks(y, g["policy"], fontsize=9)
     b.set_xlim(0, float(g["new_tokens"].max()) * 1.05)
     b.set_xlabel(f"greedy tokens equal to the reference before the first divergence (of {int(g['new_tokens'].max())})")
-    b.set_title(f"Greedy agreement ({int(g['prompts'].max())} prompts, mean and 95% CI)")
+    b.set_title(title or f"Greedy agreement ({int(g['prompts'].max())} prompts, mean and 95% CI)")
+
+
+def end_metrics_plot(passkey: pd.DataFrame, greedy: pd.DataFrame):
+    """Left: passkey accuracy per policy, one bar group per haystack length, with the binomial CI
+    (:func:`kvlab.evaluation.retrieval.passkey_summary`). Right: mean greedy tokens agreed with the reference
+    before the first divergence, with its bootstrap CI (:func:`kvlab.evaluation.retrieval.greedy_summary`)."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.1, 1]})
+    _passkey_axes(a, passkey)
+    _greedy_axes(b, greedy)
+    fig.tight_layout()
+    return fig
+
+
+def families_end_metrics_plot(passkeys: dict[str, pd.DataFrame], greedies: dict[str, pd.DataFrame]):
+    """:func:`end_metrics_plot` for each model, one row per model (same axes limits), titled by the model."""
+    labels = list(passkeys)
+    fig, axes = plt.subplots(len(labels), 2, figsize=(12, 4.4 * len(labels)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.1, 1]})
+    for (a, b), label in zip(axes, labels):
+        _passkey_axes(a, passkeys[label], title=f"{label}: passkey retrieval")
+        g = greedies[label]
+        _greedy_axes(b, g, title=f"{label}: greedy agreement ({int(g['prompts'].max())} prompts, 95% CI)")
     fig.tight_layout()
     return fig
 

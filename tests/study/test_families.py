@@ -121,3 +121,73 @@ def test_families_plot_draws_both_panels(two):
     assert "one" in ax.get_xlabel() and "two" in ax.get_ylabel() and len(ax2.lines) + len(ax2.collections) > 0
     with pytest.raises(ValueError, match="fp16 row"):
         plots.families_plot(side[side.config != "fp16"], ["one", "two"])
+
+
+def _head_errors(configs: dict[str, list[float]]) -> pd.DataFrame:
+    """Per-window head errors (2 windows, 3 kv heads a layer): config -> K MSE per head; V a tenth of it."""
+    return pd.DataFrame([{"config": c, "window": w, "layer": h // 3, "head": h % 3, "k_mse": k, "v_mse": k / 10,
+                          "k_nmse": k, "v_nmse": k / 2} for c, ks in configs.items() for w in range(2)
+                         for h, k in enumerate(ks)])
+
+
+def test_model_claims_decide_each_claim_that_ran(two):
+    summaries, ppls, _ = two
+    s, p = summaries["one"], ppls["one"]
+    peaked = [10.0] + [0.1] * 14  # under q4_0 one head of 15 holds most of the K error
+    e = _head_errors({"fp16": [1.0] * 15, "q4_0": peaked})
+    rows = families.model_claims(s, p, e, worst_share=0.1)  # 10% of 15 heads: the worst 2
+    got = {r["claim"]: r for r in rows}
+    assert [r["seed"] for r in rows] == ["kvmix", "kvmix", "KIVI", "kv-compressor"]  # no recency: not run
+    kv = got["V is ~50x more compressible than K (`q4_0`)"]
+    assert kv["verdict"] == "refuted" and "paired p = " in kv["measured"]  # K worse, but ~7x, not 50x
+    heads = got["a few heads carry most of the K error (`q4_0`)"]
+    assert heads["verdict"] == "confirmed" and heads["measured"].startswith("worst 2 of 15 heads")
+    assert got["`kivi:bits=2` with small loss"]["verdict"] == "refuted"
+    assert got["sign+magnitude is a competitive KV compressor at its bits"]["measured"].startswith("rival better in 2 of 3")
+    flat = families.model_claims(s, p, _head_errors({"fp16": peaked, "q4_0": peaked}), worst_share=0.1)
+    assert [r["verdict"] for r in flat if r["claim"].startswith("a few heads")] == ["refuted"]  # as fp16 casting
+    with pytest.raises(ValueError, match="worst_share=0"):
+        families.model_claims(s, p, e, worst_share=0)
+    no_errors = families.model_claims(s, p, e[e.config == "fp16"])
+    assert [r["seed"] for r in no_errors] == ["KIVI", "kv-compressor"]
+
+
+def test_claims_by_model_labels_agreement_and_missing(two):
+    summaries, ppls, _ = two
+    e = _head_errors({"fp16": [1.0] * 6, "q4_0": [1.0] * 6})
+    rows = {m: families.model_claims(summaries[m], ppls[m], e) for m in ("one", "two")}
+    rows["two"] = [r for r in rows["two"] if r["seed"] != "KIVI"]
+    t = families.claims_by_model(rows).set_index("claim")
+    assert list(t.columns[:2]) == ["seed", "one verdict"]
+    assert t.at["a few heads carry most of the K error (`q4_0`)", "across models"] == "refuted on both"
+    assert t.at["`kivi:bits=2` with small loss", "across models"] == "not run on two"
+    assert t.at["`kivi:bits=2` with small loss", "two verdict"] == "not run"
+    kv = t.loc["V is ~50x more compressible than K (`q4_0`)"]  # model two: V the more sensitive; both refuted
+    assert kv["across models"] == "refuted on both" and kv["one measured"] != kv["two measured"]
+
+
+def test_end_metrics_side_by_side():
+    pk = {"one": pd.DataFrame({"policy": ["fp16", "fp16", "q4_0"], "length": [1024, 2048, 1024],
+                               "correct": [20, 19, 12], "trials": [20] * 3, "accuracy": [1.0, 0.95, 0.6],
+                               "ci_lo": [0.8, 0.7, 0.4], "ci_hi": [1.0, 1.0, 0.8]}),
+          "two": pd.DataFrame({"policy": ["fp16", "q4_0"], "length": [1024, 1024], "correct": [18, 3],
+                               "trials": [20, 20], "accuracy": [0.9, 0.15], "ci_lo": [0.7, 0.03],
+                               "ci_hi": [1.0, 0.4]})}
+    side = families.passkey_side(pk)
+    assert list(zip(side.policy, side.length)) == [("fp16", 1024), ("fp16", 2048), ("q4_0", 1024)]
+    assert side["two correct"].tolist()[0] == 18 and np.isnan(side["two correct"].iloc[1])
+    gr = {m: pd.DataFrame({"policy": ["fp16", "q4_0"], "mean_agree": [64.0, a], "ci_lo": [64.0, a - 1],
+                           "ci_hi": [64.0, a + 1], "prompts": [4, 4], "new_tokens": [64, 64]})
+          for m, a in (("one", 5.0), ("two", 9.0))}
+    g = families.greedy_side(gr).set_index("policy")
+    assert g.at["q4_0", "one mean_agree"] == 5.0 and g.at["q4_0", "two mean_agree"] == 9.0
+    with pytest.raises(ValueError, match="at least one model"):
+        families.passkey_side({})
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from kvlab.study import plots
+
+    fig = plots.families_end_metrics_plot(pk, gr)
+    assert len(fig.axes) == 4 and fig.axes[2].get_title().startswith("two: passkey")

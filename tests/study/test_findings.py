@@ -151,3 +151,24 @@ def test_03_04_use_the_keys_their_notebooks_may_add(metrics):
     for s in ("against `int:bits=2,group=32` (PPL 1068, 38.7x fp16's)", "+26.4 [+20.9, +35.7]",
               "data only partly support the thesis", "(`signmag:v=2,outliers=8`)"):
         assert s in t4, s
+
+
+def test_07_bullet_names_each_models_end_metrics_and_claims():
+    from kvlab.study.findings import nb07
+
+    row = {"finding": "K costs more perplexity than V at equal bits", "across models": "holds on both"}
+    m = {"labels": ["A", "B"], "configs": ["fp16", "q4_0"], "fp16_ppl": {"A": 10.0, "B": 20.0}, "ctx": 2048,
+         "windows": 24, "ranking_spearman": 1.0, "ranking_p": 0.01, "ranking_configs": 5, "findings": [row]}
+    assert "end metrics" not in nb07(m) and "07_end_metrics" not in nb07(m)  # metrics saved before the section
+    m["passkey"] = {lab: [{"policy": "fp16", "length": 1024, "correct": c, "trials": 20}] for lab, c in (("A", 19), ("B", 15))}
+    m["greedy"] = {lab: [{"policy": "fp16", "mean_agree": 64.0, "new_tokens": 64},
+                         {"policy": "q4_0", "mean_agree": a, "new_tokens": 64}] for lab, a in (("A", 4.6), ("B", 7.25))}
+    m["claims"] = [{"seed": "KIVI", "claim": "`kivi:bits=2` with small loss", "A verdict": "refuted",
+                    "B verdict": "refuted", "across models": "refuted on both"},
+                   {"seed": "KVQuant", "claim": "recency", "A verdict": "confirmed", "B verdict": "refuted",
+                    "across models": "differs"}]
+    text = nb07(m)
+    assert "A end metrics: passkey `fp16` 19/20 at 1024; greedy tokens equal to fp16's (of 64) `q4_0` 4.6." in text
+    assert "B end metrics: passkey `fp16` 15/20 at 1024; greedy tokens equal to fp16's (of 64) `q4_0` 7.2" in text
+    assert "KIVI, `kivi:bits=2` with small loss: refuted on both; KVQuant, recency: differs (A confirmed, B refuted)." in text
+    assert text.endswith("![](figures/07_end_metrics.png)")

@@ -209,7 +209,9 @@ def passkey(model, tokenizer, policies=("fp16",), lengths=(1024,), trials: int =
 
 def passkey_summary(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     """Per (policy, length): trials, correct, accuracy with an exact (Clopper-Pearson) binomial CI
-    (scipy.stats.binomtest), and the mean seconds per trial."""
+    (scipy.stats.binomtest), ``token_accuracy`` (the mean share of a trial's answer tokens that are the argmax:
+    a trial missed by one token, e.g. a word before the key, scores high here and 0 in ``accuracy``), and the
+    mean seconds per trial."""
     from scipy.stats import binomtest
 
     rows = []
@@ -218,6 +220,7 @@ def passkey_summary(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
         ci = binomtest(k, n).proportion_ci(confidence, method="exact")
         rows.append({"policy": policy, "length": length, "trials": n,
                      "correct": k, "accuracy": k / n, "ci_lo": float(ci.low), "ci_hi": float(ci.high),
+                     "token_accuracy": float((g["tokens_correct"] / g["n_answer_tokens"]).mean()),
                      "seconds_per_trial": float(g["seconds"].mean())})
     return pd.DataFrame(rows)
 

@@ -28,7 +28,23 @@ from kvlab.study.analysis import (
 
 __all__ = ["common_configs", "side_by_side", "ranking_agreement", "proxy_agreement", "discordance_by_model",
            "finding_rows", "findings_verdict", "holds_everywhere", "model_claims", "claims_by_model",
-           "passkey_side", "greedy_side"]
+           "passkey_side", "greedy_side", "shared_name", "shared_names"]
+
+
+_CALIB = re.compile(r",calib=[0-9a-f]{16}")
+
+
+def shared_name(config: str) -> str:
+    """The name a config shares across models: a scheme calibrated per model (``kvquantc:...,calib=<id>``, the
+    id naming one model's calibration file) without its calibration id, so each model's own calibration of the
+    same scheme lines up in the side-by-side tables; every other config as it is."""
+    return _CALIB.sub("", config)
+
+
+def shared_names(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` (per-window perplexity or error rows) with ``config`` mapped by :func:`shared_name` (``policy``
+    and ``key`` keep the full spec, so each row still names its calibration)."""
+    return rows.assign(config=rows["config"].map(shared_name))
 
 
 def common_configs(summaries: dict[str, pd.DataFrame]) -> list[str]:
@@ -249,12 +265,12 @@ def findings_verdict(findings: pd.DataFrame) -> str:
 
 def passkey_side(passkeys: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per (policy, length) that any model ran, from each model's
-    :func:`kvlab.evaluation.retrieval.passkey_summary`: per model the keys retrieved, the trials and the accuracy
-    with its binomial 95% CI (NaN where that model did not run the pair)."""
+    :func:`kvlab.evaluation.retrieval.passkey_summary`: per model the keys retrieved, the trials, the accuracy
+    with its binomial 95% CI and the share of answer tokens right (NaN where that model did not run the pair)."""
     out = None
     for label, p in passkeys.items():
-        t = p[["policy", "length", "correct", "trials", "accuracy", "ci_lo", "ci_hi"]].rename(
-            columns={c: f"{label} {c}" for c in ("correct", "trials", "accuracy", "ci_lo", "ci_hi")})
+        cols = ("correct", "trials", "accuracy", "ci_lo", "ci_hi", "token_accuracy")
+        t = p[["policy", "length", *[c for c in cols if c in p]]].rename(columns={c: f"{label} {c}" for c in cols})
         out = t if out is None else out.merge(t, on=["policy", "length"], how="outer", sort=False)
     if out is None:
         raise ValueError("passkey_side needs at least one model's passkey summary; got none")

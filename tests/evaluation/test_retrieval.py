@@ -31,10 +31,11 @@ def test_passkey_trials_are_seeded_exact_length_and_place_the_key(tokenizer):
 
 def test_summaries_give_binomial_and_bootstrap_cis():
     df = pd.DataFrame({"policy": ["a"] * 20 + ["b"] * 20, "length": 1024, "correct": [True] * 20 + [True, False] * 10,
-                       "seconds": 1.0})
+                       "tokens_correct": [6] * 20 + [6, 5] * 10, "n_answer_tokens": 6, "seconds": 1.0})
     s = retrieval.passkey_summary(df).set_index("policy")
     assert s.at["a", "accuracy"] == 1 and s.at["a", "ci_hi"] == 1 and 0.8 < s.at["a", "ci_lo"] < 0.9
     assert s.at["b", "accuracy"] == 0.5 and s.at["b", "ci_lo"] < 0.5 < s.at["b", "ci_hi"]
+    assert s.at["a", "token_accuracy"] == 1 and s.at["b", "token_accuracy"] == pytest.approx(11 / 12)  # one token off
     g = pd.DataFrame({"policy": ["a"] * 4, "agree": [2, 4, 6, 64], "censored": [False] * 3 + [True], "new_tokens": 64})
     s = retrieval.greedy_summary(g, n_resamples=500)
     assert s["mean_agree"].iloc[0] == 19 and s["median_agree"].iloc[0] == 5 and s["never_diverged"].iloc[0] == 0.25

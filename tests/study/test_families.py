@@ -191,3 +191,13 @@ def test_end_metrics_side_by_side():
 
     fig = plots.families_end_metrics_plot(pk, gr)
     assert len(fig.axes) == 4 and fig.axes[2].get_title().startswith("two: passkey")
+
+
+def test_shared_names_line_up_per_model_calibrations():
+    a, b = "kvquantc:bits=3,calib=afbc119959918a8e", "kvquantc:bits=3,calib=5329f3585f95ec39,outlier_frac=0.02"
+    assert families.shared_name(a) == "kvquantc:bits=3" and families.shared_name(b) == "kvquantc:bits=3,outlier_frac=0.02"
+    assert families.shared_name("kv=q4_0;recent=8;old=q8_0") == "kv=q4_0;recent=8;old=q8_0"
+    rows = pd.DataFrame({"config": [a, "q4_0"], "policy": [a, "q4_0"]})
+    out = families.shared_names(rows)
+    assert out.config.tolist() == ["kvquantc:bits=3", "q4_0"] and out.policy.iloc[0] == a and rows.config.iloc[0] == a
+    assert not study.is_oracle("kvquantc:bits=3")  # the shared name still parses as the causal scheme

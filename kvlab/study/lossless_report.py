@@ -7,8 +7,9 @@ from __future__ import annotations
 import pandas as pd
 
 from kvlab import quant
+from kvlab.evaluation.lossless import mixed_bits_per_value
 
-__all__ = ["TENSORS", "best_codecs", "findings_markdown", "metrics", "mixed_markdown"]
+__all__ = ["TENSORS", "best_codecs", "findings_markdown", "metrics", "mixed_markdown", "mixed_policies"]
 
 TENSORS = ("k_pre", "k_post", "v")
 
@@ -82,6 +83,28 @@ def findings_markdown(table: pd.DataFrame, summary: pd.DataFrame, summary_deep: 
 '''
 
 
+def mixed_policies(summary: pd.DataFrame, policies, lossless: dict[tuple[int, str], float], n_layers: int,
+                   n_kv_heads: int, n_tokens: int, head_dim: int, baseline: str = "fp16",
+                   unmeasured: float | None = None) -> pd.DataFrame:
+    """The mixed lossless/lossy ``policies`` priced at the measured lossless ratios: one row per policy (the
+    ``baseline``, the all-lossless cache, first) with its storage (:func:`~kvlab.evaluation.lossless.
+    mixed_bits_per_value` at ``n_tokens``, and the ratio 16 / bits) beside the perplexity, delta PPL and paired
+    95% CI of ``summary`` (:func:`kvlab.study.analysis.summarize` of the sweep's per-window rows), the same
+    columns as :func:`~kvlab.evaluation.lossless.evaluate_policies` gives without its ``window_nll``."""
+    s = summary.set_index("config")
+    order = [baseline] + [p for p in policies if p != baseline]
+    missing = [p for p in order if p not in s.index]
+    if missing:
+        raise ValueError(f"policies {missing} have no row in the summary; it has {sorted(s.index)}")
+    rows = []
+    for p in order:
+        bpv = mixed_bits_per_value(p, lossless, n_layers, n_kv_heads, n_tokens, head_dim, unmeasured)
+        rows.append({"policy": p, "bits_per_value": bpv, "ratio": 16 / bpv, "ppl": float(s.at[p, "ppl"]),
+                     "delta_ppl": float(s.at[p, "delta_ppl"]), "ci_lo": float(s.at[p, "ci_lo"]),
+                     "ci_hi": float(s.at[p, "ci_hi"]), "windows": int(s.at[p, "windows"])})
+    return pd.DataFrame(rows)
+
+
 def mixed_markdown(res: pd.DataFrame, n_windows: int, n_tokens: int, head_dim: int) -> str:
     """The mixed lossless/lossy policies of :func:`~kvlab.evaluation.lossless.evaluate_policies` (first row: the
     all-lossless ``fp16`` baseline) in prose: ratio, bits per value, delta PPL with its CI."""
@@ -91,6 +114,12 @@ def mixed_markdown(res: pd.DataFrame, n_windows: int, n_tokens: int, head_dim: i
         f"[{p.ci_lo:+.4f}, {p.ci_hi:+.4f}]" for p in res.iloc[1:].itertuples())
     within = ", ".join(f"`{p}`" for p in res.policy[(res.ci_lo <= 0) & (res.ci_hi >= 0)][1:]) or "none"
     fpmant_bits = quant.get("fpmant:mantissa=4").bits_per_value(n_tokens, head_dim)
+    ci_note = (f"The CIs are paired bootstraps over {n_windows} windows of {n_tokens} tokens, each drawn from its own "
+               "stratum of the split (the resampling unit of notebooks 03 and 04), against `fp16` on the same "
+               "windows." if n_windows >= 8 else
+               f"The CIs come from {n_windows} window(s) of {n_tokens} tokens: a percentile bootstrap over so few "
+               "windows under-covers (one window gives no interval), so read small deltas of either sign as "
+               "unresolved rather than as gains.")
     return f'''
 The all-lossless cache (`fp16` policy, best codec per tensor) stores {base.bits_per_value:.2f} bits per value:
 {base.ratio:.3f}x, at fp16 perplexity {base.ppl:.4f}. The mixed policies:
@@ -98,9 +127,7 @@ The all-lossless cache (`fp16` policy, best codec per tensor) stores {base.bits_
 {lines}
 
 Policies whose 95% CI includes 0: {within}.
-The CIs come from {n_windows} window(s) of {n_tokens} tokens: a percentile bootstrap over so few windows
-under-covers (one window gives no interval), so read small deltas of either sign as unresolved rather than as
-gains. A losslessly held layer costs {base.bits_per_value:.1f} bits per value on average against
+{ci_note} A losslessly held layer costs {base.bits_per_value:.1f} bits per value on average against
 {fpmant_bits:g} for `fpmant:mantissa=4`, so each layer moved to the lossless side costs ratio and buys exactness. The lossy
 layers are priced as stored, without entropy coding on top.
 '''

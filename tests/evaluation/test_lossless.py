@@ -335,3 +335,27 @@ def test_notebook_06_report_and_figures(tiny_model, tiny_dump):
     assert figs[0].axes[-1].get_yscale() == "linear" and len(figs[2].axes[0].texts) == 2
     for f in figs:
         plt.close(f)
+
+
+def test_mixed_policies_price_a_sweep_summary_like_evaluate_policies(tiny_dump):
+    """06 takes the perplexity of its mixed policies from the sweep engine's summary; the storage is priced as
+    evaluate_policies prices it, and the CI sentence follows the number of windows."""
+    import pandas as pd
+
+    import kvlab.study.lossless_report as LR
+
+    ratios = L.layer_ratios(L.ratio_table(tiny_dump))
+    policies = ["kv=fpmant:mantissa=4;keep_first=1;keep=fp16", "fpmant:mantissa=4"]
+    summary = pd.DataFrame({"config": ["fpmant:mantissa=4", "fp16", policies[0]], "ppl": [10.1, 10.0, 10.05],
+                            "delta_ppl": [0.1, 0.0, 0.05], "ci_lo": [0.05, 0.0, -0.01], "ci_hi": [0.15, 0.0, 0.1],
+                            "windows": [24, 24, 24]})
+    res = LR.mixed_policies(summary, policies, ratios, 3, 2, 16, 16)
+    assert list(res.policy) == ["fp16", *policies] and res.windows.tolist() == [24] * 3
+    for r in res.itertuples():
+        assert r.bits_per_value == pytest.approx(L.mixed_bits_per_value(r.policy, ratios, 3, 2, 16, 16))
+        assert r.ratio == pytest.approx(16 / r.bits_per_value)
+    assert res.iloc[2].delta_ppl == 0.1 and res.iloc[1].ci_lo == -0.01
+    with pytest.raises(ValueError, match=r"\['int:bits=8'\] have no row"):
+        LR.mixed_policies(summary, ["int:bits=8"], ratios, 3, 2, 16, 16)
+    assert "paired bootstraps over 24 windows" in LR.mixed_markdown(res, 24, 16, 16)
+    assert "under-covers" in LR.mixed_markdown(res, 2, 16, 16)

@@ -172,3 +172,12 @@ def test_07_bullet_names_each_models_end_metrics_and_claims():
     assert "B end metrics: passkey `fp16` 15/20 at 1024; greedy tokens equal to fp16's (of 64) `q4_0` 7.2" in text
     assert "KIVI, `kivi:bits=2` with small loss: refuted on both; KVQuant, recency: differs (A confirmed, B refuted)." in text
     assert text.endswith("![](figures/07_end_metrics.png)")
+
+
+def test_sweep_bullet_is_the_studys_protocol():
+    """The README's sweep table comes from the committed rows at the study's shape (ctx 2048, 24 spread windows),
+    and its fp16 PPL is notebook 03's."""
+    text = F.sweep_bullet()
+    assert text is not None and "ctx 2048 x 24 windows" in text and "--sample spread" in text
+    m3 = F.load_metrics()["03_cosine_vs_perplexity"]
+    assert m3["ctx"] == 2048 and f"(PPL {m3['fp16_ppl']:.3f})" in text

@@ -5,9 +5,10 @@
 # Wheels under .whl/ (carried: FlashInfer and its apache-tvm-ffi, which the device image lacks) are installed
 # first; FlashInfer's JIT builds its decode kernels on the CPU while the GPU tests run.
 #   tests: the GPU tests only, without FlashInfer's JIT beside them (s18-1: the proof of the tree in its own call);
-#   bench: FlashInfer's JIT, then the benchmark, then (TUNES set) the folded kernel's tunings at B=8, T=32k under
-#     $OUT/tunes, then (REPEAT, default 1) the B=8, T=32k point of SDPA and the CUDA kernel again under $OUT/repeat
-#     (a second reading of the eager int2 figure, disturbed in s17-6); run it on the warm machine right after `tests`;
+#   bench: FlashInfer's JIT, then the benchmark, then (TUNES set) the folded kernel's tunings at B=8, T=32k
+#     ($OUT/tunes.log), then (REPEAT, default 1) the B=8, T=32k point of SDPA and the CUDA kernel again
+#     ($OUT/repeat_decode_attention_h200.txt: a second reading of the eager int2 figure, disturbed in s17-6); 7 files
+#     under $OUT; run it on the warm machine right after `tests`;
 #   e2e: bench_fused_cache.py (DynamicCache, StaticCache, FusedCache kivi-4 / kivi-2; also after final with E2E=1).
 # Usage (on the device): bash benchmarks/experiments/h200_session.sh sweep|final|tests|e2e; logs and results under $OUT.
 # final with E2E=1 writes 10 files under $OUT and the device tool returns 8 (s15-4 lost its GPU test log): run e2e as
@@ -59,13 +60,14 @@ for dt in (torch.float16, torch.float8_e4m3fn):
   echo "flashinfer jit: $(( $(date +%s) - t0 )) s since start" | tee -a "$OUT/build_$mode.log"
   python3 benchmarks/bench_decode_attention.py --out "$OUT" --points 8:32768,8:131072,32:32768,1:32768 \
     --groups 32,128 --no-append 2>&1 | tee "$OUT/bench.log" | tail -45
-  if [ -n "${TUNES:-}" ]; then
-    python3 benchmarks/bench_decode_attention.py --out "$OUT/tunes" --cuda-tunes "$TUNES" --cuda-sweep-only --groups "" \
+  if [ -n "${TUNES:-}" ]; then  # the table in tunes.log; its json stays on the device (the tool returns 8 files)
+    python3 benchmarks/bench_decode_attention.py --out /tmp/tunes --cuda-tunes "$TUNES" --cuda-sweep-only --groups "" \
       2>&1 | tee "$OUT/tunes.log" | tail -25
   fi
   if [ "${REPEAT:-1}" = 1 ]; then
-    python3 benchmarks/bench_decode_attention.py --out "$OUT/repeat" --points 8:32768 --kernels cuda-int4,cuda-int2 \
-      --groups "" --no-append 2>&1 | tail -14 | tee "$OUT/repeat.log"
+    python3 benchmarks/bench_decode_attention.py --out /tmp/repeat --points 8:32768 --kernels cuda-int4,cuda-int2 \
+      --groups "" --no-append 2>&1 | tail -14
+    cp /tmp/repeat/decode_attention_*.txt "$OUT/repeat_decode_attention_h200.txt"
   fi
 else
   # FlashInfer's JIT build of its fp16 and fp8 decode kernels (CPU work; tiny GPU calls), beside the tests

@@ -9,6 +9,9 @@
 #     ($OUT/tunes.log), then (REPEAT, default 1) the B=8, T=32k point of SDPA and the CUDA kernel again
 #     ($OUT/repeat_decode_attention_h200.txt: a second reading of the eager int2 figure, disturbed in s17-6); 7 files
 #     under $OUT; run it on the warm machine right after `tests`;
+#   ws: v16's warp-specialised prototype, built apart (TORCH_CUDA_ARCH_LIST=9.0a, -DKVLAB_KIVI_WS=1, its own
+#     TORCH_EXTENSIONS_DIR): its GPU tests (a timeout: a wrong mbarrier phase would hang), then WS_TUNES (default
+#     ws-b2s2,ws-b2s3) timed beside `auto` of the same sm_90a build at B=8, T=32k;
 #   e2e: bench_fused_cache.py (DynamicCache, StaticCache, FusedCache kivi-4 / kivi-2; also after final with E2E=1).
 # Usage (on the device): bash benchmarks/experiments/h200_session.sh sweep|final|tests|e2e; logs and results under $OUT.
 # final with E2E=1 writes 10 files under $OUT and the device tool returns 8 (s15-4 lost its GPU test log): run e2e as
@@ -28,9 +31,11 @@ nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,utilization.gpu
   >> "$OUT/smi_$mode.txt" &
 smi=$!
 t0=$(date +%s)
-python3 -c "import kvlab.kernels.kivi_cuda as k; assert k.ops() is not None; print('extension built')" \
-  2>&1 | tee "$OUT/build_$mode.log"
-echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build_$mode.log"
+if [ "$mode" != ws ]; then  # ws builds its own
+  python3 -c "import kvlab.kernels.kivi_cuda as k; assert k.ops() is not None; print('extension built')" \
+    2>&1 | tee "$OUT/build_$mode.log"
+  echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build_$mode.log"
+fi
 e2e() {  # the decode step end to end in generate()'s loop, eager and from CUDA graphs (issue 20)
   python3 benchmarks/bench_fused_cache.py --lengths ${E2E_LENGTHS:-4096 32768} --no-unfused \
     --caches "DynamicCache,StaticCache,FusedCache kivi-4,FusedCache kivi-2" --out "$OUT/fused_cache_h200.txt" \
@@ -38,6 +43,16 @@ e2e() {  # the decode step end to end in generate()'s loop, eager and from CUDA 
 }
 if [ "$mode" = e2e ]; then
   e2e
+elif [ "$mode" = ws ]; then
+  export TORCH_EXTENSIONS_DIR=/tmp/ext_ws TORCH_CUDA_ARCH_LIST=9.0a KVLAB_CUDA_CFLAGS="-DKVLAB_KIVI_WS=1 ${KVLAB_CUDA_CFLAGS:-}"
+  t1=$(date +%s)
+  python3 -c "import kvlab.kernels.kivi_cuda as k; assert k.ops() is not None and k.WS_BUILT; print('ws extension built')" \
+    2>&1 | tee -a "$OUT/build_$mode.log"
+  echo "ws build: $(( $(date +%s) - t1 )) s" | tee -a "$OUT/build_$mode.log"
+  timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/kernels/test_triton.py -k "ws-b2s" 2>&1 \
+    | grep -v -e PytestBenchmarkWarning -e "warner(Pytest" | tail -15 | tee "$OUT/ws_pytest.log"
+  timeout 240 python3 benchmarks/bench_decode_attention.py --out /tmp/ws --cuda-tunes "${WS_TUNES:-ws-b2s2,ws-b2s3}" \
+    --cuda-sweep-only --groups "" 2>&1 | tee "$OUT/ws_tunes.log" | tail -20
 elif [ "$mode" = sweep ]; then
   # s10-1: TUNES=all, VARIANTS=registers,staged,folded; s10-2: the staged-V tunings, no variant sweep
   python3 benchmarks/bench_decode_attention.py --out "$OUT" --cuda-tunes "${TUNES:-all}" --cuda-sweep-only \

@@ -60,7 +60,15 @@ TUNES = {"b2s2": 0, "r-b2s2": 8220, "b3s2": 320, "b2s3": 230, "loads": 221, "com
          "v-b2s3": 1230, "v-b3s2": 1320, "v-loads": 1221, "m-b2s2": 2220, "mk-b2s2": 3220, "ca-b2s2": 4220,
          "mca-b2s2": 6220, "ca-loads": 4221, "m-loads": 2221, "m-loads-notail": 2223,
          "m-b2s3": 2230, "m-compute": 2222}
-INT2_ONLY_TUNES = frozenset(name for name, tune in TUNES.items() if (tune // 1000) & 4) | {"m-b2s3"}
+# v16's warp-specialised prototype of the "m-" layout (int2; 8 warps a CTA, 4 of them copying): built only with
+# KVLAB_CUDA_CFLAGS=-DKVLAB_KIVI_WS=1, and fast only for sm_90a (TORCH_CUDA_ARCH_LIST=9.0a: setmaxnreg); not yet run
+# on a GPU (benchmarks/KERNEL_NOTES.md, v16).
+WS_BUILT = "-DKVLAB_KIVI_WS=1" in os.environ.get("KVLAB_CUDA_CFLAGS", "").split()
+WS_TUNES = {"ws-b2s2": 34220, "ws-b2s3": 34230}
+if WS_BUILT:
+    TUNES.update(WS_TUNES)
+INT2_ONLY_TUNES = (frozenset(name for name, tune in TUNES.items() if (tune // 1000) & 4) | {"m-b2s3"}
+                   | frozenset(WS_TUNES))
 COMPUTES_ATTENTION = {name: tune % 10 == 0 for name, tune in TUNES.items()}
 # What "auto" tries, in order, for each bit width (the first that can serve the call). On an H100 at B=8, T=32k
 # (Llama-3-8B heads, benchmarks/KERNEL_NOTES.md, v8) int2 took 92.9 us folded, 103.7 staged, 115.5 registers

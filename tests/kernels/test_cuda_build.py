@@ -71,3 +71,24 @@ def test_cuda_kivi_kernels_compile_without_spills(tmp_path):
                 print(f"tuned folded<{bits}, 128, {dg}, {minb}, {stages}, {mode}, {vst}>: {regs} registers, "
                       f"{spill} B spilled")
                 assert regs <= 65536 // (128 * minb), f"tuned folded {minb} CTAs: {regs} registers"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA compiler nvcc")
+def test_cuda_kivi_ws_prototype_compiles_for_sm90a(tmp_path):
+    """v16's warp-specialised prototype (-DKVLAB_KIVI_WS=1, int2 unit) builds for sm_90a, where setmaxnreg hands the
+    producer warps' registers to the consumers: 128 registers at entry (256 threads, 2 CTAs an SM) and almost no
+    spills (the default instance, 4 warps, needs ~224); for plain sm_90 it would spill hundreds of bytes."""
+    unit = "kivi_attention_tuned_int2.cu"
+    cmd = ["nvcc", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-DKVLAB_KIVI_WS=1", "-c", "-Xptxas",
+           "-v", "-I", str(CSRC), "-o", str(tmp_path / (unit + ".o")), str(CSRC / unit)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    entries = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores.*?Used (\d+) registers",
+                         run.stdout + run.stderr, flags=re.S)
+    found = {name: (int(spill), int(regs)) for name, spill, regs in entries}
+    for dg in (4, 1):
+        for stages in (2, 3):
+            spill, regs = found[folded_name(2, 128, dg, 2, stages, 0, 34)]
+            print(f"ws folded<2, 128, {dg}, 2, {stages}, 0, 34> (sm_90a): {regs} registers, {spill} B spilled")
+            assert regs == 128, f"ws prototype: {regs} registers at entry (256 threads x 2 CTAs: 128)"
+            assert spill <= 16, f"ws prototype spills {spill} bytes: setmaxnreg did not take"

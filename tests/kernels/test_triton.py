@@ -928,7 +928,7 @@ def test_kivi_auto_backend_takes_cuda_and_refuses_misaligned_gpu(monkeypatch):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("tune", ["r-b2s2", "b3s2", "b2s3", "loads", "compute", "v-b2s2", "v-b2s3", "v-b3s2", "v-loads",
                                   "m-b2s2", "mk-b2s2", "ca-b2s2", "mca-b2s2", "ca-loads", "m-loads", "m-loads-notail", "m-b2s3",
-                                  "m-compute"])
+                                  "m-compute", "ws-b2s2", "ws-b2s3"])
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_kivi_cuda_folded_tunes_gpu(bits, group, tune):
@@ -940,6 +940,8 @@ def test_kivi_cuda_folded_tunes_gpu(bits, group, tune):
     from kvlab.kernels import kivi_cuda
     from kvlab.kernels.kivi_attention import LOG2E
 
+    if tune in kivi_cuda.WS_TUNES and not kivi_cuda.WS_BUILT:
+        pytest.skip("v16's warp-specialised prototype: built with KVLAB_CUDA_CFLAGS=-DKVLAB_KIVI_WS=1 only")
     g = gen(fresh_seed())
     if tune in kivi_cuda.INT2_ONLY_TUNES and bits != 2:
         B, H, D, residual, cap = 1, 2, 128, 128, 1024
@@ -973,7 +975,7 @@ def test_kivi_cuda_folded_tunes_gpu(bits, group, tune):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("tune", ["m-b2s2", "mk-b2s2", "ca-b2s2", "mca-b2s2", "m-b2s3"])
+@pytest.mark.parametrize("tune", ["m-b2s2", "mk-b2s2", "ca-b2s2", "mca-b2s2", "m-b2s3", "ws-b2s2", "ws-b2s3"])
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_kivi_cuda_folded_ldsm_tunes_gqa_gpu(bits, group, tune):
@@ -985,6 +987,8 @@ def test_kivi_cuda_folded_ldsm_tunes_gqa_gpu(bits, group, tune):
     from kvlab.kernels import kivi_cuda
     from kvlab.kernels.kivi_attention import LOG2E
 
+    if tune in kivi_cuda.WS_TUNES and not kivi_cuda.WS_BUILT:
+        pytest.skip("v16's warp-specialised prototype: built with KVLAB_CUDA_CFLAGS=-DKVLAB_KIVI_WS=1 only")
     if tune in kivi_cuda.INT2_ONLY_TUNES and bits != 2:
         pytest.skip(f"{tune} exists for int2 only")
     slots = min(group, 64) // 8

@@ -167,12 +167,14 @@ struct KiviSmem {
   float l[NS][ROWS];
 };
 
-// Merge the NS online-softmax states (in shared memory) and write this CTA's split.
-template <int D, int ROWS, int NS = 4>
+// Merge the NS online-softmax states (in shared memory) and write this CTA's split; by the first NTHR threads (0: all
+// of the CTA's), though every thread of the CTA takes the barrier.
+template <int D, int ROWS, int NS = 4, int NTHR = 0>
 __device__ void write_split(const KiviParams& p, KiviSmem<D, ROWS, NS>& sm, int b, int h, int rows, int split,
                             int splits) {
   __syncthreads();
-  for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
+  const int nthr = NTHR ? NTHR : blockDim.x;
+  for (int idx = threadIdx.x; idx < rows * D; idx += nthr) {
     const int r = idx / D, d = idx % D;
     float mx = -INFINITY;
 #pragma unroll

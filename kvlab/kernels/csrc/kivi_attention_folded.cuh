@@ -110,6 +110,44 @@ __host__ __device__ constexpr bool folded_kldsm(int vst) { return (vst & 3) == 2
 __host__ __device__ constexpr bool folded_vldsm(int vst) { return (vst & 3) == 2; }
 __host__ __device__ constexpr bool folded_kca(int vst) { return (vst & 4) != 0; }
 
+// VST + 32 (v16, a prototype: compiled only with -DKVLAB_KIVI_WS=1, timed and tested on no GPU yet): warp-specialised.
+// 8 warps a CTA: warps 0-3 compute as the default does, warp 4 + w copies warp w's blocks into warp w's stages (the
+// same cp.async, NSTAGE blocks ahead instead of NSTAGE - 1), each stage guarded by two mbarriers (full: the producer's
+// 32 lanes arrive as their copies land, cp.async.mbarrier.arrive.noinc; empty: the consumer's lane 0 arrives once
+// the warp has read it). On sm_90a the producers give their registers to the consumers (setmaxnreg: 32 and 224 of
+// the 128 at entry, 2 CTAs an SM); on plain sm_90 the instance still builds, at 128 registers with spills.
+__host__ __device__ constexpr bool folded_ws(int vst) { return (vst & 32) != 0; }
+__host__ __device__ constexpr int folded_threads(int vst) { return folded_ws(vst) ? 256 : 128; }
+constexpr int kFoldedWsConsumerRegs = 224, kFoldedWsProducerRegs = 32;  // 128 x (224 + 32) = half the register file
+
+__device__ __forceinline__ void mbar_init(uint32_t a, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity) {
+  asm volatile(
+      "{\n .reg .pred P1;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n @P1 bra DONE;\n"
+      " bra WAIT;\n DONE:\n }\n" ::"r"(a), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t a) {
+  asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n }\n" ::"r"(a) : "memory");
+}
+// The mbarrier at a gets one arrival from this thread once all of its earlier cp.async have landed.
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t a) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(a) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void regs_grow() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+template <int N>
+__device__ __forceinline__ void regs_shrink() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+
 // The V mode of the default instances: 2 (ldmatrix operands, V codes staged) for int2 at D a multiple of 128, which
 // took int2 at B=8, T=32k on an H200 from 89.4 to 75.3 us at group 32 and from 80.9 to 69.2 at group 128 (run
 // s14-1, KERNEL_NOTES.md, v13), and for int4 at D = 128 and groups of 32 or more: from 100.8 to 98.4 us at group 32
@@ -154,7 +192,9 @@ __host__ __device__ constexpr int folded_vtok(int t) {
 
 template <int BITS, int D, int NSTAGE, int VST>
 __host__ __device__ constexpr int folded_smem_bytes(int group) {
-  return staged_smem_bytes<BITS, D, 1, 8, NSTAGE, folded_vstaged(VST) ? folded_vcode_bytes<BITS, D>() : 0>(group);
+  // WS: the 2 x 4 x NSTAGE mbarriers after everything else (16-byte aligned)
+  const int base = staged_smem_bytes<BITS, D, 1, 8, NSTAGE, folded_vstaged(VST) ? folded_vcode_bytes<BITS, D>() : 0>(group);
+  return folded_ws(VST) ? (base + 15) / 16 * 16 + 64 * NSTAGE : base;
 }
 
 // Needs (checked by the caller): what the staged variant needs (group = D / DG, DG in 1, 2, 4, 8; aligned K rows
@@ -170,7 +210,7 @@ __host__ __device__ constexpr int folded_smem_bytes(int group) {
 // instead of 4 or 8 16-bit loads and 2 or 4 byte permutes), 3: the K code operands by ldmatrix only.
 template <int BITS, int D, int DG, int MINB = KVLAB_KIVI_FOLDED_MIN_BLOCKS, int NSTAGE = 2, int MODE = KIVI_MODE_FULL,
           int VST = folded_default_vst(BITS, D, D / DG)>
-__global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const KiviParams p) {
+__global__ void __launch_bounds__(folded_threads(VST), MINB) kivi_decode_folded_kernel(const KiviParams p) {
   using C = KiviCfg<BITS, D, 1>;
   using S = StagedCfg<BITS, D>;
   constexpr bool VSTG = folded_vstaged(VST), KLDSM = folded_kldsm(VST), VLDSM = folded_vldsm(VST);
@@ -204,7 +244,13 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
   const bool use[2] = {(2 * c) / RS == slot, (2 * c + 1) / RS == slot};  // C columns 2c, 2c+1 are this lane's
   __half* ps = reinterpret_cast<__half*>(smem_dyn) + warp * ROWS * C::PST;  // P rows 0 .. RS - 1 are read
   constexpr int area = NSTAGE * stage_bytes > TailCfg<D>::BYTES ? NSTAGE * stage_bytes : TailCfg<D>::BYTES;
-  uint8_t* stages = smem_dyn + PBYTES + warp * area;
+  constexpr bool WS = folded_ws(VST);
+  static_assert(!WS || (VSTG && MODE == KIVI_MODE_FULL), "warp-specialised: V codes staged, full mode");
+  const int cw = WS ? warp & (W - 1) : warp;  // WS: the consumer warp whose stages this warp fills (warps W ..) or reads
+  uint8_t* stages = smem_dyn + PBYTES + cw * area;
+  // WS: full[w][s] at bars + 8 (w NSTAGE + s), empty[w][s] 8 W NSTAGE bytes after
+  [[maybe_unused]] const uint32_t bars = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dyn)) +
+                                         folded_smem_bytes<BITS, D, NSTAGE, VST>(G) - 64 * NSTAGE;
 
   float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
   // O^T m-tile i of set s in oacc[4s + i]: rows = channels 64s + 8g + 2i, + 1, in units of that row's
@@ -266,7 +312,26 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
     }
   };
 
-  staged_blocks<NSTAGE, MODE>(lo + warp * BN, hi, W * BN, stages, stage_bytes, issue, load_v, [&](const uint8_t* sst) {
+  if constexpr (WS) {
+    if (threadIdx.x < 2 * W * NSTAGE) mbar_init(bars + 8 * threadIdx.x, threadIdx.x < W * NSTAGE ? 32u : 1u);
+    __syncthreads();  // the mbarriers initialised before anyone uses them
+    if (warp >= W) {  // the producer of warp cw's blocks: stage i % NSTAGE, once warp cw has read what it held
+      regs_shrink<kFoldedWsProducerRegs>();
+      int i = 0;
+      for (int t0 = lo + cw * BN; t0 < hi; t0 += W * BN, ++i) {
+        const int st = i % NSTAGE;
+        if (i >= NSTAGE) mbar_wait(bars + 8 * (W * NSTAGE + cw * NSTAGE + st), (i / NSTAGE - 1) & 1);
+        issue(st, t0);
+        cp_async_mbar_arrive(bars + 8 * (cw * NSTAGE + st));
+      }
+      cp_async_wait<0>();
+      __syncthreads();  // store_state's: the stages are reused for the merge states
+      __syncthreads();  // write_split's (the consumers merge and write)
+      return;
+    }
+    regs_grow<kFoldedWsConsumerRegs>();
+  }
+  auto body = [&](const uint8_t* sst) {
     if constexpr (MODE == KIVI_MODE_LOADS || MODE == KIVI_MODE_LOADS_NOTAIL) {  // consume the V codes and a word of the stage
       uint32_t x = *reinterpret_cast<const uint32_t*>(sst + 4 * lane);
       if constexpr (VSTG) {
@@ -532,7 +597,19 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
           oacc[4 * s + i][j] = fmaf(bvj, fold_unit<BITS>(2 * i), oacc[4 * s + i][j]);
           oacc[4 * s + i][2 + j] = fmaf(bvj, fold_unit<BITS>(2 * i + 1), oacc[4 * s + i][2 + j]);
         }
-  });
+  };
+  if constexpr (WS) {
+    int i = 0;
+    for (int t0 = lo + warp * BN; t0 < hi; t0 += W * BN, ++i) {
+      const int st = i % NSTAGE;
+      mbar_wait(bars + 8 * (warp * NSTAGE + st), (i / NSTAGE) & 1);  // the producer's copies of this block landed
+      body(stages + st * stage_bytes);
+      __syncwarp();  // every lane is done with the stage
+      if (lane == 0) mbar_arrive(bars + 8 * (W * NSTAGE + warp * NSTAGE + st));
+    }
+  } else {
+    staged_blocks<NSTAGE, MODE>(lo + warp * BN, hi, W * BN, stages, stage_bytes, issue, load_v, body);
+  }
 
   // ---- the main blocks' state: sums over the lanes of a column's query row, outputs in true scale
 #pragma unroll
@@ -584,7 +661,7 @@ __global__ void __launch_bounds__(128, MINB) kivi_decode_folded_kernel(const Kiv
         }
       }
   }
-  write_split<D, ROWS, 2 * W>(p, sm, b, h, rows, blockIdx.y, p.n_main);
+  write_split<D, ROWS, 2 * W, WS ? 32 * W : 0>(p, sm, b, h, rows, blockIdx.y, p.n_main);  // WS: the consumers alone
 }
 
 }  // namespace kvlab

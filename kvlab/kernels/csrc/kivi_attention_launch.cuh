@@ -41,6 +41,7 @@ struct Dynamic {
       return kivi_decode_staged_kernel<BITS, D, 1, DG>;
     }
   }
+  static constexpr int threads() { return VARIANT == KIVI_VARIANT_FOLDED ? folded_threads(VST) : 128; }
   static size_t bytes() {
     return VARIANT == KIVI_VARIANT_FOLDED ? folded_smem_bytes<BITS, D, NSTAGE, VST>(D / DG)
                                           : staged_smem_bytes<BITS, D, 1>(D / DG);
@@ -64,13 +65,13 @@ struct Dynamic {
   static int occupancy() {
     if (prepare() != cudaSuccess) return -1;
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel(), 128, bytes()) != cudaSuccess) return -1;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel(), threads(), bytes()) != cudaSuccess) return -1;
     return n;
   }
   static cudaError_t launch(const KiviParams& p, dim3 grid, cudaStream_t stream) {
     cudaError_t err = prepare();
     if (err != cudaSuccess) return err;
-    kernel()<<<grid, 128, bytes(), stream>>>(p);
+    kernel()<<<grid, threads(), bytes(), stream>>>(p);
     return cudaSuccess;
   }
 };
@@ -129,7 +130,18 @@ cudaError_t tuned_launch_int4(const KiviParams& p, int tune, dim3 grid, cudaStre
 // and int4 (v14), and for int2 only VST + 4: the K codes copied through L1 (KERNEL_NOTES.md, v13); the default
 // layout's loads alone (mode 1) and its loads without the window units (mode 3), and for int2 its 3 stages (v15);
 // the default layout's arithmetic alone (mode 2: the first block's stage computed over and over, v16).
-#define KVLAB_KIVI_TUNES_INT2(X) X(2, 2, 2, 0) X(3, 2, 2, 0) X(4, 2, 2, 0) X(6, 2, 2, 0) X(4, 2, 2, 1) X(2, 2, 2, 1) X(2, 2, 2, 3) X(2, 2, 3, 0) X(2, 2, 2, 2)
+// With -DKVLAB_KIVI_WS=1 (v16's prototype, for sm_90a: TORCH_CUDA_ARCH_LIST=9.0a) also the warp-specialised "m-" layout
+// (VST 34), 2 and 3 stages, int2.
+#ifndef KVLAB_KIVI_WS
+#define KVLAB_KIVI_WS 0
+#endif
+#if KVLAB_KIVI_WS
+#define KVLAB_KIVI_TUNES_WS(X) X(34, 2, 2, 0) X(34, 2, 3, 0)
+#else
+#define KVLAB_KIVI_TUNES_WS(X)
+#endif
+#define KVLAB_KIVI_TUNES_INT2(X) X(2, 2, 2, 0) X(3, 2, 2, 0) X(4, 2, 2, 0) X(6, 2, 2, 0) X(4, 2, 2, 1) X(2, 2, 2, 1) X(2, 2, 2, 3) X(2, 2, 3, 0) X(2, 2, 2, 2) \
+  KVLAB_KIVI_TUNES_WS(X)
 #define KVLAB_KIVI_TUNES_INT4(X) X(2, 2, 2, 0) X(3, 2, 2, 0) X(2, 2, 2, 1) X(2, 2, 2, 3) X(2, 2, 2, 2)
 
 // The body of kivi_attention_tuned_int{BITS}.cu: occupancy and launch of the tunings for D = 128, where the

@@ -13,7 +13,7 @@
 #     TORCH_EXTENSIONS_DIR): its GPU tests (a timeout: a wrong mbarrier phase would hang), then WS_TUNES (default
 #     ws-b2s2,ws-b2s3) timed beside `auto` of the same sm_90a build at B=8, T=32k;
 #   e2e: bench_fused_cache.py (DynamicCache, StaticCache, FusedCache kivi-4 / kivi-2; also after final with E2E=1).
-# Usage (on the device): bash benchmarks/experiments/h200_session.sh sweep|final|tests|e2e; logs and results under $OUT.
+# Usage (on the device): bash benchmarks/experiments/h200_session.sh sweep|final|tests|bench|ws|e2e; logs and results under $OUT.
 # final with E2E=1 writes 10 files under $OUT and the device tool returns 8 (s15-4 lost its GPU test log): run e2e as
 # its own call on the warm machine (the extension's build is then cached, about 7 s).
 # PYTEST_TIMEOUT (default 420 s): s17-6's 300 s stopped the grown GPU suite at 96% while FlashInfer's JIT shared the CPUs.

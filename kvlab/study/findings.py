@@ -255,7 +255,8 @@ def nb06(m: dict) -> str:
         if within:
             w = max(within, key=lambda p: within[p]["ratio"])
             text += f"; the largest whose CI includes 0 is `{w}` at {_f(within[w]['ratio'])}x"
-        text += f", over {m['windows']} windows: small deltas of either sign are unresolved."
+        text += (f", over {m['windows']} windows: small deltas of either sign are unresolved." if m["windows"] < 8 else
+                 f" (paired 95% CIs over {m['windows']} windows spread over the split).")
     return f"**06** ({_ctx(m)}): {text} ![](figures/06_mixed_ratio_vs_ppl.png)"
 
 

@@ -620,6 +620,10 @@ def end_metrics_verdict(passkey: pd.DataFrame, greedy: pd.DataFrame, summary: pd
         f"{int(r.correct)}/{int(r.trials)} trials at {int(r.length)} tokens" for r in ref.itertuples()) + "" +
         (f"; below {reliable:.0%} at {', '.join(map(str, bad))} tokens, so those lengths test the model, not the cache"
          if bad else "") + ".")
+    weak = vs[(vs["policy"] != reference) & vs["length"].isin(bad)]
+    if len(weak):
+        parts.append("At those lengths, for the record: " + ", ".join(
+            f"`{r.policy}` {int(r.correct)}/{int(r.trials)} at {int(r.length)}" for r in weak.itertuples()) + ".")
     others = vs[(vs["policy"] != reference) & vs["length"].isin(ok)].copy()
     others["p_adj"] = adjust_pvalues(others["p"].to_numpy(), "holm") if len(others) else []
     sig = others[(others["p_adj"] < alpha) & (others["lost"] > others["gained"])]

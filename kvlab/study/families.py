@@ -248,9 +248,9 @@ def holds_everywhere(verdict: str) -> str | None:
 
 def findings_verdict(findings: pd.DataFrame) -> str:
     """Markdown: which findings hold on both models and which do not, from :func:`finding_rows`."""
-    notes = findings["across models"].map(holds_everywhere)
+    notes = [holds_everywhere(v) for v in findings["across models"]]  # a list: pandas would turn None into NaN
     both = [f"{f}{n}" for f, n in zip(findings["finding"], notes) if n is not None]
-    other = findings[notes.isna()]
+    other = findings[[n is None for n in notes]]
     text = []
     if both:
         text.append("**Hold on both models:** " + "; ".join(both) + ".")

@@ -201,3 +201,12 @@ def test_shared_names_line_up_per_model_calibrations():
     out = families.shared_names(rows)
     assert out.config.tolist() == ["kvquantc:bits=3", "q4_0"] and out.policy.iloc[0] == a and rows.config.iloc[0] == a
     assert not study.is_oracle("kvquantc:bits=3")  # the shared name still parses as the causal scheme
+
+
+def test_findings_verdict_keeps_a_single_miss_out_of_the_hold_list():
+    f = pd.DataFrame({"finding": ["a", "b", "c"], "across models": ["holds on both", "holds on neither",
+                                                                   "holds on both (logits KL)"]})
+    text = families.findings_verdict(f)
+    held, rest = text.split("\n\n")
+    assert held == "**Hold on both models:** a; c (logits KL)." and "nan" not in text
+    assert rest == "**Do not hold on both (or are not decided):** b (holds on neither)."

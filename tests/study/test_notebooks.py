@@ -21,7 +21,7 @@ def smoke(tmp_path_factory, data_dir):
         yield out, paths
 
 
-def _stored_summary(out, m):
+def _stored_summary(out, m, shared=False):
     """The summary of the stored per-window rows of the windows a notebook's metrics ``m`` came from: the set
     of windows (tokens_sha256) at its ctx that holds every config of its delta_ppl (the shared smoke results
     folder holds other notebooks' windows too)."""
@@ -30,6 +30,10 @@ def _stored_summary(out, m):
     from kvlab.study import analysis as study
 
     ppl = pd.read_csv(out / "results" / "ppl.csv")
+    if shared:  # notebook 07 names a per-model calibrated scheme without its calibration id
+        from kvlab.study.families import shared_names
+
+        ppl = shared_names(ppl)
     ppl = ppl[(ppl.ctx == m["ctx"]) & ppl.config.isin(m["delta_ppl"])]
     tokens = [t for t, g in ppl.groupby("tokens_sha256") if set(m["delta_ppl"]) <= set(g.config)]
     assert tokens, "no stored window set holds every config of the metrics"
@@ -119,11 +123,32 @@ def test_07_metrics(smoke):
     findings carry a label for every finding."""
     m = _metrics(smoke[0], "07_two_families")
     assert len(m["labels"]) == 2 and "fp16" in m["configs"]
+    assert "kvquantc:bits=3" in m["configs"]  # each model's own calibration, one shared row
     for label in m["labels"]:
-        s = _stored_summary(smoke[0], {"ctx": m["ctx"], "delta_ppl": m["delta_ppl"][label]})
+        s = _stored_summary(smoke[0], {"ctx": m["ctx"], "delta_ppl": m["delta_ppl"][label]}, shared=True)
         for c, d in m["delta_ppl"][label].items():
             assert s.at[c, "delta_ppl"] == pytest.approx(d, rel=1e-9, abs=1e-12)
     assert m["ranking_spearman"] == pytest.approx(1.0)  # the same model twice orders the configs alike
     assert all(r["across models"] for r in m["findings"]) and len(m["findings"]) >= 4
     a, b = (m["discordance"][label] for label in m["labels"])  # the same model twice: the same counts
     assert a == b and all(d["discordant"] <= d["compared"] <= d["significant"] <= d["pairs"] for d in a.values())
+    # the end metrics per model are those of the stored rows, and the claims carry a verdict per model
+    import pandas as pd
+
+    from kvlab.evaluation import retrieval
+    from kvlab.study.claims import VERDICTS
+
+    res = smoke[0] / "results"
+    pk = retrieval.passkey_summary(pd.concat([pd.read_csv(f) for f in (res / "passkey").glob("*.csv")]))
+    stored = {(r.policy, r.length, r.correct, r.trials) for r in pk.itertuples()}
+    runs = [pd.read_csv(f) for f in (res / "greedy").glob("*.csv")]
+    g = retrieval.greedy_summary(pd.concat([r for r in runs if "agree" in r]), seed=0).set_index("policy")
+    for label in m["labels"]:
+        assert m["passkey"][label] and {(r["policy"], r["length"], r["correct"], r["trials"])
+                                        for r in m["passkey"][label]} <= stored
+        for r in m["greedy"][label]:
+            assert g.at[r["policy"], "mean_agree"] == pytest.approx(r["mean_agree"])
+    assert len(m["claims"]) >= 4
+    for c in m["claims"]:  # the same model twice: the same verdict on both
+        verdicts = {c[f"{label} verdict"] for label in m["labels"]}
+        assert len(verdicts) == 1 and verdicts <= set(VERDICTS) and c["across models"].endswith(" on both")

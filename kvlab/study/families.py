@@ -263,17 +263,24 @@ def findings_verdict(findings: pd.DataFrame) -> str:
 # ---- end metrics and the seeds' claims, per model -------------------------------------------------------------
 
 
+def _per_model(frames: dict[str, pd.DataFrame], keys: list[str], cols, what: str) -> pd.DataFrame:
+    """``frames`` (one per model label) outer-joined on ``keys``, each model's ``cols`` (those it has) prefixed
+    with its label."""
+    if not frames:
+        raise ValueError(f"{what} needs at least one model's summary; got none")
+    out = None
+    for label, f in frames.items():
+        t = f[[*keys, *[c for c in cols if c in f]]].rename(columns={c: f"{label} {c}" for c in cols})
+        out = t if out is None else out.merge(t, on=keys, how="outer", sort=False)
+    return out.reset_index(drop=True)
+
+
 def passkey_side(passkeys: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per (policy, length) that any model ran, from each model's
     :func:`kvlab.evaluation.retrieval.passkey_summary`: per model the keys retrieved, the trials, the accuracy
     with its binomial 95% CI and the share of answer tokens right (NaN where that model did not run the pair)."""
-    out = None
-    for label, p in passkeys.items():
-        cols = ("correct", "trials", "accuracy", "ci_lo", "ci_hi", "token_accuracy")
-        t = p[["policy", "length", *[c for c in cols if c in p]]].rename(columns={c: f"{label} {c}" for c in cols})
-        out = t if out is None else out.merge(t, on=["policy", "length"], how="outer", sort=False)
-    if out is None:
-        raise ValueError("passkey_side needs at least one model's passkey summary; got none")
+    out = _per_model(passkeys, ["policy", "length"],
+                     ("correct", "trials", "accuracy", "ci_lo", "ci_hi", "token_accuracy"), "passkey_side")
     order = list(dict.fromkeys(pd.concat([p["policy"] for p in passkeys.values()])))
     out["_o"] = out["policy"].map(order.index)
     return out.sort_values(["_o", "length"]).drop(columns="_o").reset_index(drop=True)
@@ -282,14 +289,7 @@ def passkey_side(passkeys: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def greedy_side(greedies: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per policy, from each model's :func:`kvlab.evaluation.retrieval.greedy_summary`: per model the
     mean number of greedy tokens equal to the reference before the first divergence, with its bootstrap 95% CI."""
-    out = None
-    for label, g in greedies.items():
-        t = g[["policy", "mean_agree", "ci_lo", "ci_hi"]].rename(
-            columns={c: f"{label} {c}" for c in ("mean_agree", "ci_lo", "ci_hi")})
-        out = t if out is None else out.merge(t, on="policy", how="outer", sort=False)
-    if out is None:
-        raise ValueError("greedy_side needs at least one model's greedy summary; got none")
-    return out.reset_index(drop=True)
+    return _per_model(greedies, ["policy"], ("mean_agree", "ci_lo", "ci_hi"), "greedy_side")
 
 
 def model_claims(summary: pd.DataFrame, ppl: pd.DataFrame, errors: pd.DataFrame, passkey=None, greedy=None, *,
